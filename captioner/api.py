@@ -1,0 +1,180 @@
+"""The Python API: ``Captioner.from_pretrained(path).caption(images)``."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_pretrained, read_metrics
+from .model import CaptionModel
+from .preprocess import ImageInput, eval_transform, to_tensor
+from .tokenizer import Vocabulary
+from .vqa import VQAInputError, VQAUnavailableError, encode_batch
+
+
+@dataclass
+class Caption:
+    text: str
+    log_prob: float  # sum of token log-probabilities, <eos> included
+    score: float  # the ranking score (length-normalised when length_penalty > 0)
+
+    def to_dict(self) -> dict:
+        return {"caption": self.text, "log_prob": self.log_prob, "score": self.score}
+
+
+@dataclass
+class Answer:
+    index: int  # position of the chosen answer in the given choices
+    text: str  # that choice, as given
+    probs: list[float]  # softmax over the choices, in the given order
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "answer": self.text, "probs": self.probs}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast context for 'fp32' (none), 'bf16' or 'fp16'."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def default_checkpoint() -> Path:
+    return Path(__file__).resolve().parent / "models" / "default"
+
+
+class Captioner:
+    def __init__(self, model: CaptionModel, vocab: Vocabulary, precision: str = "fp32", path: Path | None = None) -> None:
+        self.model = model.eval()
+        self.vocab = vocab
+        self.cfg = model.cfg
+        self.precision = precision
+        self.path = path
+        self.transform = eval_transform(self.cfg.preprocess)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
+                        precision: str = "fp32") -> "Captioner":
+        """Load a checkpoint directory (default: the model shipped in the package) on ``device`` (default: CUDA if any)."""
+        path = Path(path) if path is not None else default_checkpoint()
+        dev = torch.device(device) if device is not None else default_device()
+        model, vocab = load_pretrained(path, dev)
+        return cls(model, vocab, precision, path)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def metrics(self) -> dict | None:
+        return read_metrics(self.path) if self.path else None
+
+    def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        return torch.stack([to_tensor(im, self.cfg.preprocess, self.transform) for im in images])
+
+    @torch.no_grad()
+    def encode(self, batch: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.precision):
+            return self.model.encode(batch.to(self.device, non_blocking=True)).float()
+
+    @torch.no_grad()
+    def caption_batch(self, batch: torch.Tensor | None = None, features: torch.Tensor | None = None, **gen) -> list[list[Caption]]:
+        """Caption a preprocessed batch (B, 3, S, S) or precomputed features (B, D); returns n-best per image."""
+        v = self.encode(batch) if features is None else features.to(self.device)
+        with autocast(self.device, self.precision):
+            hyp = self.model.generate(features=v, **gen)
+        toks, lps, scs = hyp.tokens.tolist(), hyp.log_probs.tolist(), hyp.scores.tolist()
+        return [[Caption(self.vocab.decode(t), lp, s) for t, lp, s in zip(ti, li, si)] for ti, li, si in zip(toks, lps, scs)]
+
+    def caption(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        beam_size: int = 3,
+        max_length: int | None = None,
+        num_captions: int = 1,
+        batch_size: int = 32,
+        **gen,
+    ) -> list[Caption] | list[list[Caption]]:
+        """Caption one image (-> list of captions) or a list of images (-> one list per image).
+
+        Images may be paths, bytes, PIL images or tensors. Extra keywords go to ``CaptionModel.generate``
+        (length_penalty, block_trigrams, do_sample, temperature, top_k).
+        """
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        out: list[list[Caption]] = []
+        for i in range(0, len(items), batch_size):
+            batch = self.preprocess(items[i:i + batch_size])
+            out += self.caption_batch(batch, beam_size=beam_size, max_length=max_length, num_captions=num_captions, **gen)
+        return out[0] if single else out
+
+    # ------------------------------------------------------------------ multiple-choice VQA
+
+    @property
+    def has_vqa(self) -> bool:
+        return self.model.vqa is not None
+
+    @property
+    def tasks(self) -> list[str]:
+        """What the checkpoint was trained for: metrics.json's 'tasks' (e.g. ['vqa'] means the caption decoder is
+        untrained), else ['caption'] (+ 'vqa' when the config has a VQA head)."""
+        m = self.metrics or {}
+        if isinstance(m.get("tasks"), list):
+            return [str(t) for t in m["tasks"]]
+        return ["caption"] + (["vqa"] if self.has_vqa else [])
+
+    def _require_vqa(self) -> None:
+        if not self.has_vqa:
+            where = f" {self.path}" if self.path else ""
+            raise VQAUnavailableError(f"checkpoint{where} has no VQA head; use a model trained with "
+                                      "`captioner train --task vqa` or `--task joint`")
+
+    @torch.no_grad()
+    def answer_batch(self, features: torch.Tensor, questions: Sequence[str],
+                     choices: Sequence[Sequence[str]]) -> list[Answer]:
+        """Answer one multiple-choice question per image from encoded images ``features`` (B, D).
+
+        The choice lists may differ in length (2..cfg.vqa.max_choices). Raises VQAInputError for bad input.
+        """
+        self._require_vqa()
+        q, c, m, _ = encode_batch(self.vocab, self.cfg.vqa, questions, choices)
+        if features.dim() != 2 or features.size(0) != len(questions):
+            raise VQAInputError(f"features must be (B={len(questions)}, D), got {tuple(features.shape)}")
+        dev = self.device
+        with autocast(dev, self.precision):
+            logits = self.model.answer_logits(features.to(dev), q.to(dev), c.to(dev), m.to(dev))
+        probs = logits.float().softmax(-1).cpu()  # padding choices: exactly 0
+        out = []
+        for i, cs in enumerate(choices):
+            p = probs[i, :len(cs)]
+            k = int(p.argmax())
+            out.append(Answer(k, cs[k], p.tolist()))
+        return out
+
+    def answer_many(self, images: Sequence[ImageInput], questions: Sequence[str],
+                    choices_list: Sequence[Sequence[str]], batch_size: int = 32) -> list[Answer]:
+        """One question (with its own choices) per image; images may repeat."""
+        self._require_vqa()
+        if not (len(images) == len(questions) == len(choices_list)):
+            raise VQAInputError(f"got {len(images)} images, {len(questions)} questions and "
+                                f"{len(choices_list)} lists of choices; need one of each per question")
+        encode_batch(self.vocab, self.cfg.vqa, questions, choices_list)  # reject bad text before any image work
+        out: list[Answer] = []
+        for i in range(0, len(images), batch_size):
+            v = self.encode(self.preprocess(images[i:i + batch_size]))
+            out += self.answer_batch(v, questions[i:i + batch_size], choices_list[i:i + batch_size])
+        return out
+
+    def answer(self, image: ImageInput, question: str, choices: Sequence[str]) -> Answer:
+        """Pick one of ``choices`` (2..cfg.vqa.max_choices strings) as the answer to ``question`` about ``image``."""
+        return self.answer_many([image], [question], [choices])[0]

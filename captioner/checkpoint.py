@@ -1,0 +1,120 @@
+"""Checkpoint directories: config.json + vocab.json + model.safetensors (+ metrics.json, README.md).
+
+Loading never unpickles. Writing builds the directory beside the target and swaps it in with renames,
+so a crash leaves either the old checkpoint or the new one, never a mix.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+from .fileio import write_json_atomic  # noqa: F401  (re-exported)
+from .model import CaptionModel
+from .tokenizer import Vocabulary
+
+CONFIG, VOCAB, WEIGHTS, METRICS, CARD = "config.json", "vocab.json", "model.safetensors", "metrics.json", "README.md"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def save_pretrained(
+    model: CaptionModel,
+    vocab: Vocabulary,
+    path: str | Path,
+    metrics: dict | None = None,
+    card: str | None = None,
+    dtype: torch.dtype | None = None,
+    extra_files: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint directory atomically. ``dtype`` (e.g. torch.float16) shrinks float weights on disk;
+    ``extra_files`` maps file names to JSON-able objects (or to a callable(dir) that writes the file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if len(vocab) != model.cfg.vocab_size:
+        raise CheckpointError(f"vocab has {len(vocab)} entries but config.vocab_size is {model.cfg.vocab_size}")
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    old = None
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700: a server running as another user could not read it
+        (tmp / CONFIG).write_text(model.cfg.to_json())
+        vocab.save(tmp / VOCAB)
+        state = {}
+        for k, t in model.state_dict().items():
+            t = t.detach().to("cpu")
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            state[k] = t.contiguous()
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if metrics is not None:
+            (tmp / METRICS).write_text(json.dumps(metrics, indent=2))
+        if card is not None:
+            (tmp / CARD).write_text(card)
+        for name, obj in (extra_files or {}).items():
+            obj(tmp) if callable(obj) else (tmp / name).write_text(json.dumps(obj, indent=2))
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not path.exists():
+            os.replace(old, path)  # the swap failed half-way: put the previous checkpoint back
+        raise
+    return path
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory (expected {CONFIG}, {VOCAB}, {WEIGHTS})")
+    for name in (CONFIG, VOCAB, WEIGHTS):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path}: missing {name}")
+    try:
+        return ModelConfig.from_json((path / CONFIG).read_text())
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / CONFIG}: {e}") from None
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tuple[CaptionModel, Vocabulary]:
+    path = Path(path)
+    cfg = read_config(path)
+    try:
+        vocab = Vocabulary.load(path / VOCAB)
+    except (json.JSONDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path / VOCAB}: {e}") from None
+    if len(vocab) != cfg.vocab_size:
+        raise CheckpointError(f"{path}: vocab.json has {len(vocab)} entries, config.vocab_size is {cfg.vocab_size}")
+    model = CaptionModel(cfg)
+    try:
+        state = load_file(str(path / WEIGHTS), device="cpu")
+    except (SafetensorError, OSError) as e:  # truncated or not a safetensors file
+        raise CheckpointError(f"{path / WEIGHTS}: unreadable safetensors file ({e})") from None
+    own = model.state_dict()
+    bad = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}"
+           for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if bad:  # load_state_dict would raise a bare RuntimeError
+        raise CheckpointError(f"{path / WEIGHTS} does not match config.json: shape mismatch for {bad[:4]}")
+    state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path / WEIGHTS} does not match config.json: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    return model.to(device).eval(), vocab
+
+
+def read_metrics(path: str | Path) -> dict | None:
+    f = Path(path) / METRICS
+    return json.loads(f.read_text()) if f.is_file() else None

@@ -1,0 +1,54 @@
+"""The ``captioner`` command: train, evaluate, caption."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {
+        "train": ("training.train", "train a caption model (--task vqa|joint: a VQA or joint model)"),
+        "evaluate": ("training.evaluate", "caption a dataset split and compute COCO metrics (--task vqa: VQA accuracy)"),
+        "ask": ("captioner.ask_cli", "answer a multiple-choice question about an image"),
+        "caption": ("captioner.caption_cli", "caption images, folders, lists or datasets"),
+        "merge": ("captioner.merge", "join the part files of a sharded caption run"),
+        "serve": ("captioner.serve_cli", "run the REST service (captions, VQA, web page) with dynamic batching"),
+    }
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        p = argparse.ArgumentParser("captioner", description="Image captioning: train, evaluate, caption.")
+        p.add_argument("command", choices=sorted(commands), help="; ".join(f"{k}: {v[1]}" for k, v in commands.items()))
+        p.parse_args(argv[:1])  # prints help or the error and exits
+        return 2
+    import importlib
+
+    module, argv = _route_task(argv, commands[argv[0]][0])
+    mod = importlib.import_module(module)
+    args = mod.get_args_parser().parse_args(argv[1:])
+    result = mod.main(args)
+    return result if isinstance(result, int) else 0
+
+
+# `train`/`evaluate --task vqa|joint` go to the VQA modules; `--task caption` (the default) is dropped for the
+# caption modules, which know no --task.
+_TASK_MODULES = {("train", "vqa"): "training.train_vqa", ("train", "joint"): "training.train_vqa",
+                 ("evaluate", "vqa"): "training.evaluate_vqa"}
+
+
+def _route_task(argv: list[str], module: str) -> tuple[str, list[str]]:
+    if argv[0] not in ("train", "evaluate"):
+        return module, argv
+    for i, a in enumerate(argv[1:], 1):
+        if a == "--task" and i + 1 < len(argv):
+            value, span = argv[i + 1], 2
+        elif a.startswith("--task="):
+            value, span = a.split("=", 1)[1], 1
+        else:
+            continue
+        if value == "caption":
+            return module, argv[:i] + argv[i + span:]
+        if (argv[0], value) not in _TASK_MODULES:
+            known = ["caption"] + [t for c, t in _TASK_MODULES if c == argv[0]]
+            raise SystemExit(f"captioner {argv[0]}: --task must be one of {', '.join(known)}, got {value!r}")
+        return _TASK_MODULES[argv[0], value], argv
+    return module, argv

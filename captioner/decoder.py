@@ -1,0 +1,109 @@
+"""Recurrent caption decoder with the image injected through W_ih·v, written out by hand.
+
+torch's nn.RNN/GRU/LSTM take no per-step side input, so each layer computes its input pre-activation
+W_xh·x for all steps at once, adds W_ih·v (computed once per image), and loops only over W_hh·h:
+
+    rnn:  h_t = tanh(W_xh·x_t + W_hh·h_{t-1} + W_ih·v + b)
+    gru/lstm: the same W_xh·x_t + W_ih·v (+ b) feeds the gates of the standard cells.
+
+Layer 0 reads word embeddings and receives the image; layer l > 0 reads h^(l-1)_t and its own h^(l)_{t-1}.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .config import DecoderConfig
+
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+State = tuple[torch.Tensor, ...]  # (h,) or (h, c), each (L, N, H)
+
+
+class RecurrentLayer(nn.Module):
+    def __init__(self, cell: str, input_dim: int, hidden_dim: int, image_dim: int | None) -> None:
+        super().__init__()
+        g = GATES[cell] * hidden_dim
+        self.cell = cell
+        self.W_xh = nn.Linear(input_dim, g)  # carries b
+        self.W_hh = nn.Linear(hidden_dim, g, bias=cell == "gru")  # GRU keeps b_hn inside r * (W_hn h + b_hn)
+        self.W_ih = nn.Linear(image_dim, g, bias=False) if image_dim else None
+
+    def step(self, xp: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One step from the input pre-activation xp (N, G*H) and the previous state (N, H)."""
+        hp = self.W_hh(h)  # (N, G*H)
+        if self.cell == "rnn":
+            return torch.tanh(xp + hp), None
+        if self.cell == "gru":
+            xr, xz, xn = xp.chunk(3, 1)
+            hr, hz, hn = hp.chunk(3, 1)
+            r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+            n = torch.tanh(xn + r * hn)
+            return n + z * (h - n), None  # = (1 - z) * n + z * h
+        i, f, g, o = (xp + hp).chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig, vocab_size: int, image_dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        H, L = cfg.hidden_dim, cfg.num_layers
+        self.embed = nn.Embedding(vocab_size, cfg.embed_dim, padding_idx=0)
+        self.layers = nn.ModuleList(
+            RecurrentLayer(cfg.cell, cfg.embed_dim if l == 0 else H, H, image_dim if l == 0 else None) for l in range(L)
+        )
+        n_states = 2 if cfg.cell == "lstm" else 1
+        h0 = torch.zeros(n_states, L, H)
+        if cfg.learn_h0:
+            self.h0 = nn.Parameter(h0)
+        else:
+            self.register_buffer("h0", h0)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.W_hy = nn.Linear(H, vocab_size)
+
+    def init_state(self, n: int) -> State:
+        return tuple(s[:, None].expand(-1, n, -1).contiguous() for s in self.h0)  # each (L, N, H)
+
+    def image_proj(self, v: torch.Tensor) -> torch.Tensor:
+        return self.layers[0].W_ih(v)  # (N, G*H), computed once per image
+
+    def _inject(self, xp: torch.Tensor, iv: torch.Tensor, t: int) -> torch.Tensor:
+        return xp + iv if (self.cfg.inject == "every" or t == 0) else xp
+
+    def forward(self, v: torch.Tensor, tokens: torch.Tensor, return_hidden: bool = False) -> torch.Tensor:
+        """Teacher forcing: v (N, D), tokens (N, T) starting with <bos> -> logits (N, T, V)."""
+        N, T = tokens.shape
+        iv = self.image_proj(v)[:, None]  # (N, 1, G*H)
+        state = self.init_state(N)
+        x = self.drop(self.embed(tokens))  # (N, T, E)
+        for l, layer in enumerate(self.layers):
+            xp = layer.W_xh(x)  # (N, T, G*H): all steps in one matmul
+            if l == 0:
+                if self.cfg.inject == "every":
+                    xp = xp + iv
+                else:
+                    xp = torch.cat([xp[:, :1] + iv, xp[:, 1:]], 1)
+            h = state[0][l]
+            c = state[1][l] if len(state) == 2 else None
+            outs = []
+            for t in range(T):
+                h, c = layer.step(xp[:, t], h, c)
+                outs.append(h)
+            x = self.drop(torch.stack(outs, 1))  # (N, T, H)
+        return x if return_hidden else self.W_hy(x)
+
+    def step(self, tokens: torch.Tensor, state: State, iv: torch.Tensor, t: int) -> tuple[torch.Tensor, State]:
+        """One decoding step: tokens (N,), state, iv = image_proj(v) (N, G*H) -> logits (N, V), new state."""
+        x = self.embed(tokens)  # (N, E)
+        hs, cs = [], []
+        for l, layer in enumerate(self.layers):
+            xp = layer.W_xh(x)
+            if l == 0:
+                xp = self._inject(xp, iv, t)
+            h, c = layer.step(xp, state[0][l], state[1][l] if len(state) == 2 else None)
+            hs.append(h)
+            cs.append(c)
+            x = h
+        new_state = (torch.stack(hs),) + ((torch.stack(cs),) if len(state) == 2 else ())
+        return self.W_hy(x), new_state

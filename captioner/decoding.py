@@ -1,0 +1,173 @@
+"""Batched caption search: every image and every beam advance together in one tensor program.
+
+All functions take the decoder and image features v (B, D) and return a ``Hypotheses`` holding
+n candidates per image. Sequences are word ids followed by <eos> and then <pad>.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .decoder import Decoder
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class Hypotheses:
+    tokens: torch.Tensor  # (B, n, T) word ids, <eos>, then <pad>
+    log_probs: torch.Tensor  # (B, n) sum of token log-probabilities, <eos> included
+    scores: torch.Tensor  # (B, n) ranking score (log_probs / length ** length_penalty), best first
+    lengths: torch.Tensor  # (B, n) words + 1 for <eos>
+
+
+def _lengths(seqs: torch.Tensor) -> torch.Tensor:
+    """Tokens up to and including the first <eos> (all tokens if none)."""
+    is_eos = seqs == EOS_ID
+    first = torch.where(is_eos.any(-1), is_eos.float().argmax(-1), torch.full_like(seqs[..., 0], seqs.size(-1) - 1))
+    return first + 1
+
+
+def _mask_specials(logp: torch.Tensor, t: int, max_length: int) -> torch.Tensor:
+    logp[:, PAD_ID] = NEG_INF
+    logp[:, BOS_ID] = NEG_INF
+    if t == max_length:  # out of room: the only move left is <eos>
+        eos = logp[:, EOS_ID].clone()
+        logp.fill_(NEG_INF)
+        logp[:, EOS_ID] = eos
+    return logp
+
+
+def _block_repeated_trigrams(logp: torch.Tensor, seqs: torch.Tensor) -> None:
+    """Forbid any token that would complete a trigram already present in the hypothesis."""
+    if seqs.size(1) < 3:
+        return
+    a, b = seqs[:, -2:-1], seqs[:, -1:]
+    match = (seqs[:, :-2] == a) & (seqs[:, 1:-1] == b)  # (N, t-2): earlier (a, b) bigrams
+    banned = torch.where(match, seqs[:, 2:], torch.full_like(seqs[:, 2:], PAD_ID))  # PAD is already -inf
+    logp.scatter_(1, banned, NEG_INF)
+
+
+@torch.no_grad()
+def greedy_search(decoder: Decoder, v: torch.Tensor, max_length: int) -> Hypotheses:
+    B = v.size(0)
+    iv = decoder.image_proj(v)
+    state = decoder.init_state(B)
+    tok = torch.full((B,), BOS_ID, dtype=torch.long, device=v.device)
+    done = torch.zeros(B, dtype=torch.bool, device=v.device)
+    total = torch.zeros(B, device=v.device)
+    out = []
+    for t in range(max_length + 1):
+        logits, state = decoder.step(tok, state, iv, t)
+        logp = _mask_specials(F.log_softmax(logits.float(), -1), t, max_length)
+        lp, tok = logp.max(-1)
+        tok = tok.masked_fill(done, PAD_ID)
+        total += lp.masked_fill(done, 0.0)
+        out.append(tok)
+        done |= tok == EOS_ID
+        if done.all():
+            break
+    seqs = torch.stack(out, 1)[:, None]  # (B, 1, T)
+    lengths = _lengths(seqs)
+    return Hypotheses(seqs, total[:, None], total[:, None].clone(), lengths)
+
+
+@torch.no_grad()
+def beam_search(
+    decoder: Decoder,
+    v: torch.Tensor,
+    beam_size: int = 3,
+    max_length: int = 20,
+    num_return: int = 1,
+    length_penalty: float = 0.0,
+    block_trigrams: bool = False,
+) -> Hypotheses:
+    """Beam search over all B images at once (B*K rows).
+
+    A beam that emits <eos> stays in its slot with a frozen score (it may only extend with <pad> at
+    no cost), so every image keeps exactly K hypotheses; with K = 1 this is greedy search.
+    The final n-best list is ranked by log_prob / length ** length_penalty.
+    """
+    if not 1 <= num_return <= beam_size:
+        raise ValueError(f"num_return must be in 1..beam_size ({beam_size}), got {num_return}")
+    B, K, dev = v.size(0), beam_size, v.device
+    iv = decoder.image_proj(v).repeat_interleave(K, 0)  # (B*K, G*H)
+    state = decoder.init_state(B * K)
+    tok = torch.full((B * K,), BOS_ID, dtype=torch.long, device=dev)
+    seqs = torch.zeros(B * K, 0, dtype=torch.long, device=dev)
+    beam_lp = torch.full((B, K), NEG_INF, device=dev)
+    beam_lp[:, 0] = 0.0  # all beams start identical: expand only the first
+    done = torch.zeros(B * K, dtype=torch.bool, device=dev)
+    row0 = torch.arange(B, device=dev)[:, None] * K  # (B, 1)
+    for t in range(max_length + 1):
+        logits, state = decoder.step(tok, state, iv, t)
+        logp = _mask_specials(F.log_softmax(logits.float(), -1), t, max_length)  # (B*K, V)
+        if block_trigrams:
+            _block_repeated_trigrams(logp, seqs)
+        logp[done] = NEG_INF
+        logp[done, PAD_ID] = 0.0
+        V = logp.size(1)
+        cand = (beam_lp.view(-1, 1) + logp).view(B, K * V)
+        beam_lp, idx = cand.topk(K, dim=1)  # (B, K)
+        src = (row0 + idx // V).view(-1)  # (B*K,) parent row of each new beam
+        tok = (idx % V).view(-1)
+        seqs = torch.cat([seqs[src], tok[:, None]], 1)
+        state = tuple(s[:, src] for s in state)
+        done = done[src] | (tok == EOS_ID)
+        if done.all():
+            break
+    seqs = seqs.view(B, K, -1)
+    lengths = _lengths(seqs)
+    scores = beam_lp / lengths.float() ** length_penalty if length_penalty else beam_lp.clone()
+    order = scores.argsort(dim=1, descending=True, stable=True)[:, :num_return]
+    pick = lambda x: x.gather(1, order if x.dim() == 2 else order[..., None].expand(-1, -1, x.size(-1)))  # noqa: E731
+    return Hypotheses(pick(seqs), pick(beam_lp), pick(scores), pick(lengths))
+
+
+@torch.no_grad()
+def sample(
+    decoder: Decoder,
+    v: torch.Tensor,
+    num_samples: int = 1,
+    max_length: int = 20,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+) -> Hypotheses:
+    """Ancestral sampling at ``temperature`` from the ``top_k`` most likely words (0 = all).
+
+    log_probs are under the model itself (temperature 1), so samples are comparable; each image's
+    samples come back most likely first.
+    """
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0 (use beam_size=1 for greedy)")
+    B, n, dev = v.size(0), num_samples, v.device
+    iv = decoder.image_proj(v).repeat_interleave(n, 0)
+    state = decoder.init_state(B * n)
+    tok = torch.full((B * n,), BOS_ID, dtype=torch.long, device=dev)
+    done = torch.zeros(B * n, dtype=torch.bool, device=dev)
+    total = torch.zeros(B * n, device=dev)
+    out = []
+    for t in range(max_length + 1):
+        logits, state = decoder.step(tok, state, iv, t)
+        logp = _mask_specials(F.log_softmax(logits.float(), -1), t, max_length)
+        scaled = logp / temperature
+        if top_k and top_k < scaled.size(1):
+            kth = scaled.topk(top_k, dim=1).values[:, -1:]
+            scaled = scaled.masked_fill(scaled < kth, NEG_INF)
+        tok = torch.multinomial(F.softmax(scaled, -1), 1, generator=generator).squeeze(1)
+        total += logp.gather(1, tok[:, None]).squeeze(1).masked_fill(done, 0.0)
+        tok = tok.masked_fill(done, PAD_ID)
+        out.append(tok)
+        done |= tok == EOS_ID
+        if done.all():
+            break
+    seqs = torch.stack(out, 1).view(B, n, -1)
+    total = total.view(B, n)
+    order = total.argsort(dim=1, descending=True, stable=True)
+    seqs = seqs.gather(1, order[..., None].expand_as(seqs))
+    total = total.gather(1, order)
+    return Hypotheses(seqs, total, total.clone(), _lengths(seqs))

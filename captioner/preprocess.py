@@ -1,0 +1,90 @@
+"""Image loading and the one preprocessing definition, driven by the checkpoint's PreprocessConfig."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Union
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+from .config import PreprocessConfig
+
+ImageInput = Union[str, os.PathLike, bytes, bytearray, Image.Image, torch.Tensor]
+
+
+class ImageError(ValueError):
+    """An input that is not a readable image; the message says why."""
+
+
+def load_image(src: ImageInput, max_pixels: int | None = 178_956_970) -> Image.Image:
+    """Open a path, bytes or PIL image as an RGB PIL image, with a clear error for bad input."""
+    if isinstance(src, Image.Image):
+        return src.convert("RGB")
+    if isinstance(src, (bytes, bytearray)):
+        fp, name = io.BytesIO(src), "<bytes>"
+        if not src:
+            raise ImageError("empty image data")
+    elif isinstance(src, (str, os.PathLike)):
+        name = str(src)
+        if not Path(src).is_file():
+            raise ImageError(f"{name}: no such file")
+        fp = name
+    else:
+        raise ImageError(f"unsupported image input type {type(src).__name__}")
+    try:
+        with Image.open(fp) as im:
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise ImageError(f"{name}: {im.width}x{im.height} exceeds the {max_pixels}-pixel limit")
+            return im.convert("RGB")  # forces a full decode, so truncated files fail here
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not a recognised image format") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name}: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{name}: corrupt or truncated image ({e})") from None
+
+
+def _interp(cfg: PreprocessConfig) -> InterpolationMode:
+    return InterpolationMode(cfg.interpolation)
+
+
+def eval_transform(cfg: PreprocessConfig) -> T.Compose:
+    """Resize the shorter side, center-crop, normalise: PIL image -> float tensor (3, S, S)."""
+    return T.Compose([
+        T.Resize(cfg.resize, interpolation=_interp(cfg), antialias=True),
+        T.CenterCrop(cfg.image_size),
+        T.ToTensor(),
+        T.Normalize(cfg.mean, cfg.std),
+    ])
+
+
+def train_transform(cfg: PreprocessConfig) -> T.Compose:
+    """Random crop and horizontal flip around the same resize and normalisation as evaluation."""
+    return T.Compose([
+        T.Resize(cfg.resize, interpolation=_interp(cfg), antialias=True),
+        T.RandomCrop(cfg.image_size),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(cfg.mean, cfg.std),
+    ])
+
+
+def to_tensor(src: ImageInput, cfg: PreprocessConfig, transform=None) -> torch.Tensor:
+    """Any supported input -> a normalised (3, S, S) tensor.
+
+    Tensors are taken as already preprocessed when they have the model's shape (3, S, S);
+    other tensors are treated as image data (uint8 0..255 or float 0..1, CHW) and preprocessed.
+    """
+    if isinstance(src, torch.Tensor):
+        if src.dim() != 3 or src.shape[0] != 3:
+            raise ImageError(f"image tensor must be (3, H, W), got {tuple(src.shape)}")
+        if src.is_floating_point() and src.shape[1:] == (cfg.image_size, cfg.image_size):
+            return src
+        src = T.functional.to_pil_image(src if src.dtype == torch.uint8 else src.clamp(0, 1))
+    return (transform or eval_transform(cfg))(load_image(src))

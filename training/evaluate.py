@@ -1,0 +1,88 @@
+"""``captioner evaluate``: caption a dataset split with a checkpoint (or read a results file) and score it."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from captioner.api import Captioner
+from captioner.checkpoint import write_json_atomic
+
+from .datasets import CaptionDataset, collate, read_dataset
+from .metrics import format_metrics, read_results, score_captions, write_results
+
+log = logging.getLogger("captioner.evaluate")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("captioner evaluate", add_help=add_help, description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", help="checkpoint directory (default: the shipped model)")
+    p.add_argument("--results", help="score this COCO results JSON instead of captioning")
+    p.add_argument("--dataset", choices=["karpathy", "coco"], default="karpathy")
+    p.add_argument("--annotations", required=True)
+    p.add_argument("--images", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--max-images", type=int, default=0)
+    p.add_argument("--beam-size", type=int, default=3)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--length-penalty", type=float, default=0.0)
+    p.add_argument("--block-trigrams", action="store_true")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--out", default="results.json", help="COCO results file to write")
+    p.add_argument("--metrics-out", help="metrics JSON (default: next to --out)")
+    p.add_argument("--no-java", action="store_true", help="Python tokenization, METEOR skipped")
+    return p
+
+
+def caption_records(cap: Captioner, records, batch_size: int, workers: int, **gen) -> dict:
+    """image_id -> best caption for every readable record."""
+    ds = CaptionDataset(records, cap.cfg.preprocess, train=False)
+    dl = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    preds = {}
+    for b in tqdm(dl, desc="captioning", dynamic_ncols=True):
+        for i, msg in b["errors"]:
+            log.warning("skipped %s", msg)
+        if b["images"].size(0):
+            for i, caps in zip(b["indices"].tolist(), cap.caption_batch(b["images"], **gen)):
+                preds[records[i].image_id] = caps[0].text
+    return preds
+
+
+def main(args: argparse.Namespace) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    records = read_dataset(args.dataset, args.annotations, args.images, args.split)
+    records = [r for r in records if r.captions][: args.max_images or None]
+    t0 = time.perf_counter()
+    if args.results:
+        preds = read_results(args.results)
+        known = {r.image_id for r in records}
+        preds = {k: v for k, v in preds.items() if k in known}
+    else:
+        cap = Captioner.from_pretrained(args.checkpoint, device=args.device, precision=args.precision)
+        with torch.inference_mode():
+            preds = caption_records(cap, records, args.batch_size, args.workers, beam_size=args.beam_size,
+                                    max_length=args.max_length, length_penalty=args.length_penalty,
+                                    block_trigrams=args.block_trigrams)
+        write_results(args.out, preds)
+    refs = {r.image_id: r.captions for r in records if r.image_id in preds}
+    if not preds:
+        raise SystemExit("no image could be captioned; nothing to score")
+    metrics = score_captions(preds, refs, use_java=False if args.no_java else None)
+    metrics.update({"split": args.split, "dataset": args.dataset, "annotations": str(args.annotations),
+                    "checkpoint": args.checkpoint, "beam_size": args.beam_size,
+                    "skipped_images": len(records) - len(preds), "seconds": round(time.perf_counter() - t0, 1)})
+    out = Path(args.metrics_out or Path(args.out).with_suffix(".metrics.json"))
+    write_json_atomic(out, metrics)
+    print(format_metrics(metrics))
+    print(f"{len(preds)} images scored ({metrics['skipped_images']} skipped); metrics -> {out}")
+    return metrics

@@ -1,0 +1,414 @@
+"""Caption training: ``captioner train`` or ``torchrun --nproc_per_node=N -m captioner train``.
+
+Teacher-forced cross-entropy, Adam + warmup/cosine, gradient clipping, AMP, DDP, per-epoch validation
+(loss + beam-search COCO metrics), atomic ``last/`` and ``best/`` checkpoints and exact ``--resume``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from tqdm import tqdm
+
+from captioner.checkpoint import load_pretrained, save_pretrained, write_json_atomic
+from captioner.config import preset
+from captioner.model import CaptionModel
+from captioner.tokenizer import PAD_ID, Vocabulary
+
+from .datasets import CaptionDataset, collate, encode_captions, pad_captions, read_dataset
+from .distributed import average_buffers, barrier, cleanup, init_distributed, is_main
+from .features import FeatureDataset, cached_features
+
+log = logging.getLogger("captioner.train")
+STATE = "training_state.pt"
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("captioner train", add_help=add_help, description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=["karpathy", "coco"], default="karpathy")
+    g.add_argument("--annotations", required=True, help="Karpathy split JSON, or COCO captions_train*.json")
+    g.add_argument("--images", required=True, help="image root (Karpathy) or train image folder (COCO)")
+    g.add_argument("--val-annotations", help="COCO: captions_val*.json (Karpathy: same file as --annotations)")
+    g.add_argument("--val-images", help="COCO: val image folder")
+    g.add_argument("--train-split", default="train")
+    g.add_argument("--val-split", default="val")
+    g.add_argument("--max-train-images", type=int, default=0, help="use only the first N training images (0 = all)")
+    g.add_argument("--max-val-images", type=int, default=0, help="validate on the first N images (0 = all)")
+    g.add_argument("--min-count", type=int, default=5, help="words seen fewer times become <unk>")
+    g.add_argument("--max-length", type=int, default=16, help="longest caption in words")
+    g.add_argument("--captions-per-image", type=int, default=5, help="captions drawn per image per step")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="compact", help="compact, vgg11/13/16/19 (optionally _bn)")
+    g.add_argument("--cell", choices=["rnn", "gru", "lstm"], default="rnn")
+    g.add_argument("--inject", choices=["every", "first"], default="every")
+    g.add_argument("--embed-dim", type=int, default=256)
+    g.add_argument("--hidden-dim", type=int, default=512)
+    g.add_argument("--num-layers", type=int, default=1)
+    g.add_argument("--dropout", type=float, default=0.5)
+    g.add_argument("--encoder-layers", help="custom VGG layer list, e.g. '32,M,64,M,128,M' (overrides --arch's)")
+    g.add_argument("--fc-dims", help="encoder FC widths, e.g. '512' or '4096,4096'; the last is v's size")
+    g.add_argument("--image-size", type=int, help="override the preset's crop size")
+    g.add_argument("--encoder-weights", help="'imagenet' (torchvision weights API) or a local .pth state dict")
+    g.add_argument("--freeze-encoder", action="store_true", help="train the decoder only (enables the feature cache)")
+    g.add_argument("--finetune-after", type=int, default=-1,
+                   help="with --freeze-encoder: unfreeze the encoder from this epoch on (-1 = never)")
+    g.add_argument("--feature-cache", default=".cache/features", help="where frozen-encoder features are cached")
+    g.add_argument("--image-blind", action="store_true", help="baseline: v = 0, the decoder never sees the image")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--batch-size", type=int, default=32, help="images per step per process")
+    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--encoder-lr", type=float, help="encoder learning rate (default: --lr)")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    g.add_argument("--warmup-steps", type=int, default=200)
+    g.add_argument("--grad-clip", type=float, default=5.0, help="max gradient norm (0 = off)")
+    g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto")
+    g.add_argument("--channels-last", action="store_true", help="NHWC memory format for the encoder")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("run")
+    g.add_argument("--output", required=True, help="run directory: last/, best/, metrics.jsonl, curves.png")
+    g.add_argument("--resume", action="store_true", help="continue from OUTPUT/last exactly where it stopped")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--eval-beam", type=int, default=3)
+    g.add_argument("--eval-batch-size", type=int, default=64)
+    g.add_argument("--no-java", action="store_true", help="score with Python tokenization, skip METEOR")
+    return p
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def amp_settings(choice: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, use GradScaler)."""
+    if choice == "off":
+        return None, False
+    if choice == "auto":
+        if device.type == "cuda":
+            return (torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True)
+        return (torch.bfloat16, False) if torch.cpu._is_avx512_bf16_supported() else (None, False)
+    dtype = torch.bfloat16 if choice == "bf16" else torch.float16
+    return dtype, dtype == torch.float16 and device.type == "cuda"
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return f
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate((3, tuple(s["python"]), None))
+    if s.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+class CaptionLoss(nn.Module):
+    """Wraps the model so that DDP sees the whole training forward: (images | features) -> loss."""
+
+    def __init__(self, model: CaptionModel, label_smoothing: float, image_blind: bool) -> None:
+        super().__init__()
+        self.model, self.ls, self.blind = model, label_smoothing, image_blind
+
+    def forward(self, x: torch.Tensor, is_features: bool, rep: torch.Tensor, inp: torch.Tensor, tgt: torch.Tensor):
+        if self.blind:
+            v = x.new_zeros(x.size(0), self.model.cfg.encoder.feature_dim)
+        else:
+            v = x if is_features else self.model.encode(x)  # (B, D)
+        logits = self.model.decoder(v[rep], inp)  # (N, T, V)
+        return F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=PAD_ID,
+                               label_smoothing=self.ls)
+
+
+def pick_captions(indices: list[int], caps: list[list[torch.Tensor]], k: int, g: torch.Generator):
+    seqs, rep = [], []
+    for j, i in enumerate(indices):
+        cs = caps[i]
+        for c in torch.randperm(len(cs), generator=g)[: min(k, len(cs))].tolist():
+            seqs.append(cs[c])
+            rep.append(j)
+    return seqs, torch.tensor(rep, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- epoch loops
+
+def train_one_epoch(step_fn, model, optimizer, scheduler, scaler, loader, caps, args, epoch, device, amp_dtype, params):
+    step_fn.train()
+    if args.freeze_encoder_now:
+        model.encoder.eval()  # frozen BatchNorm statistics stay put
+    g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+    total, count, n_img, t0 = 0.0, 0, 0, time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not is_main(), dynamic_ncols=True, leave=False)
+    for batch in bar:
+        if batch["images"].size(0) == 0:
+            continue
+        idx = batch["indices"].tolist()
+        seqs, rep = pick_captions(idx, caps, args.captions_per_image, g)
+        inp, tgt = pad_captions(seqs, args.max_length)
+        x = batch["images"].to(device, non_blocking=True)
+        if not batch.get("is_features") and args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+        with ctx:
+            loss = step_fn(x, bool(batch.get("is_features")), rep.to(device), inp.to(device), tgt.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if args.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        total += loss.item()
+        count += 1
+        n_img += len(idx)
+        bar.set_postfix(loss=f"{total / count:.3f}", img_s=f"{n_img / (time.perf_counter() - t0):.0f}")
+    return {"train_loss": total / max(1, count), "train_images_per_s": n_img / (time.perf_counter() - t0)}
+
+
+@torch.no_grad()
+def evaluate(model: CaptionModel, loader, records, caps, vocab: Vocabulary, args, device, amp_dtype) -> dict:
+    """Validation loss (teacher forcing on every caption) and beam-search caption metrics."""
+    from .metrics import score_captions
+
+    model.eval()
+    total, ntok, preds = 0.0, 0, {}
+    for batch in tqdm(loader, desc="val", disable=not is_main(), dynamic_ncols=True, leave=False):
+        if batch["images"].size(0) == 0:
+            continue
+        idx = batch["indices"].tolist()
+        x = batch["images"].to(device)
+        ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+        with ctx:
+            if args.image_blind:
+                v = x.new_zeros(x.size(0), model.cfg.encoder.feature_dim)
+            else:
+                v = (x if batch.get("is_features") else model.encode(x)).float()
+            seqs, rep = pick_captions(idx, caps, 1_000, torch.Generator().manual_seed(0))
+            inp, tgt = pad_captions(seqs, args.max_length)
+            logits = model.decoder(v[rep.to(device)], inp.to(device))
+            total += F.cross_entropy(logits.flatten(0, 1).float(), tgt.to(device).flatten(), ignore_index=PAD_ID,
+                                     reduction="sum").item()
+            ntok += int((tgt != PAD_ID).sum())
+            hyp = model.generate(features=v, beam_size=args.eval_beam, max_length=args.max_length)
+        for i, t in zip(idx, hyp.tokens[:, 0].tolist()):
+            preds[records[i].image_id] = vocab.decode(t)
+    refs = {r.image_id: r.captions for r in records if r.image_id in preds}
+    metrics = score_captions(preds, refs, use_java=False if args.no_java else None)
+    metrics["val_loss"] = total / max(1, ntok)
+    metrics["examples"] = dict(list(preds.items())[:5])
+    return metrics
+
+
+# ----------------------------------------------------------------------------- main
+
+def _loader(ds, batch_size, shuffle, workers, seed, epoch, world, rank):
+    if world > 1:
+        sampler = DistributedSampler(ds, world, rank, shuffle=shuffle, seed=seed, drop_last=shuffle)
+        sampler.set_epoch(epoch)
+    elif shuffle:
+        sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    else:
+        sampler = SequentialSampler(ds)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      collate_fn=getattr(ds, "collate", collate),
+                      pin_memory=torch.cuda.is_available(), drop_last=False,
+                      generator=torch.Generator().manual_seed(seed * 1000 + epoch + 1),
+                      persistent_workers=False)
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(ep, [r["train_loss"] for r in rows], "o-", label="train")
+    a.plot(ep, [r["val_loss"] for r in rows], "o-", label="val")
+    a.set_xlabel("epoch"), a.set_ylabel("cross-entropy / token"), a.legend()
+    b.plot(ep, [100 * r["CIDEr-D"] for r in rows], "o-", label="CIDEr-D")
+    b.plot(ep, [100 * r["BLEU-4"] for r in rows], "o-", label="BLEU-4")
+    b.set_xlabel("epoch"), b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(args: argparse.Namespace) -> CaptionModel:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank, world, device = init_distributed(args.device)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    out = Path(args.output)
+    last = out / "last"
+    amp_dtype, use_scaler = amp_settings(args.amp, device)
+
+    train_rec = read_dataset(args.dataset, args.annotations, args.images, args.train_split)
+    if args.dataset == "coco":
+        if not (args.val_annotations and args.val_images):
+            raise SystemExit("--dataset coco needs --val-annotations and --val-images")
+        val_rec = read_dataset("coco", args.val_annotations, args.val_images, args.val_split)
+    else:
+        val_rec = read_dataset(args.dataset, args.val_annotations or args.annotations, args.val_images or args.images,
+                               args.val_split)
+    if args.max_train_images:
+        train_rec = train_rec[: args.max_train_images]
+    if args.max_val_images:
+        val_rec = val_rec[: args.max_val_images]
+    val_rec = [r for r in val_rec if r.captions]
+
+    state = None
+    if args.resume:
+        if not (last / STATE).is_file():
+            raise SystemExit(f"--resume: {last / STATE} not found")
+        model, vocab = load_pretrained(last, "cpu")
+        state = torch.load(last / STATE, map_location="cpu", weights_only=True)
+    else:
+        vocab = Vocabulary.build((c for r in train_rec for c in r.captions), min_count=args.min_count)
+        cfg = preset(args.arch, cell=args.cell, inject=args.inject, embed_dim=args.embed_dim,
+                     hidden_dim=args.hidden_dim, num_layers=args.num_layers, dropout=args.dropout)
+        if args.encoder_layers:
+            cfg.encoder.layers = [c if c == "M" else int(c) for c in args.encoder_layers.split(",")]
+        if args.fc_dims:
+            cfg.encoder.fc_dims = [int(d) for d in args.fc_dims.split(",")]
+        if args.image_size:
+            cfg.preprocess.image_size = args.image_size
+            cfg.preprocess.resize = round(args.image_size * 8 / 7)
+        cfg.vocab_size, cfg.max_length = len(vocab), args.max_length
+        cfg.name = out.name
+        model = CaptionModel(cfg)
+        if args.encoder_weights:
+            model.encoder.load_imagenet(args.encoder_weights)
+    cfg = model.cfg
+    model.to(device)
+    if args.channels_last:
+        model.encoder.to(memory_format=torch.channels_last)
+    if is_main():
+        log.info("train %d images, val %d images, vocab %d words, %.1fM parameters, device %s, amp %s, world %d",
+                 len(train_rec), len(val_rec), len(vocab), sum(p.numel() for p in model.parameters()) / 1e6,
+                 device, amp_dtype, world)
+
+    train_caps = encode_captions(train_rec, vocab, args.max_length)
+    val_caps = encode_captions(val_rec, vocab, args.max_length)
+    enc_params = list(model.encoder.parameters())
+    dec_params = list(model.decoder.parameters())
+    optimizer = torch.optim.Adam([
+        {"params": dec_params, "lr": args.lr},
+        {"params": enc_params, "lr": args.encoder_lr or args.lr},
+    ], weight_decay=args.weight_decay)
+    steps_per_epoch = math.ceil(len(train_rec) / (args.batch_size * world))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(args.schedule, args.warmup_steps, steps_per_epoch * args.epochs))
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    start_epoch, best, rows = 0, -1.0, []
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best, rows = state["epoch"] + 1, state["best"], json.loads(state["rows"])
+        set_rng_state(state["rng"])
+        if is_main():
+            log.info("resumed from %s at epoch %d (best CIDEr-D %.3f)", last, start_epoch, best)
+
+    for epoch in range(start_epoch, args.epochs):
+        frozen = args.image_blind or (args.freeze_encoder and not (0 <= args.finetune_after <= epoch))
+        args.freeze_encoder_now = frozen
+        for p_ in enc_params:
+            p_.requires_grad_(not frozen)
+        if args.image_blind:  # the images are never looked at: skip reading them
+            train_ds, val_ds = FeatureDataset.placeholder(len(train_rec)), FeatureDataset.placeholder(len(val_rec))
+        elif frozen:  # no augmentation with a frozen encoder: encode every image once, cached on disk
+            train_ds = FeatureDataset(cached_features(model, train_rec, args.feature_cache, device, amp_dtype,
+                                                      args.eval_batch_size, args.workers))
+            val_ds = FeatureDataset(cached_features(model, val_rec, args.feature_cache, device, amp_dtype,
+                                                    args.eval_batch_size, args.workers))
+        else:
+            train_ds = CaptionDataset(train_rec, cfg.preprocess, train=True)
+            val_ds = CaptionDataset(val_rec, cfg.preprocess, train=False)
+        loss_mod = CaptionLoss(model, args.label_smoothing, args.image_blind)
+        step_fn = DistributedDataParallel(loss_mod) if world > 1 else loss_mod
+        params = [p_ for p_ in model.parameters() if p_.requires_grad]
+        t0 = time.perf_counter()
+        loader = _loader(train_ds, args.batch_size, True, args.workers, args.seed, epoch, world, rank)
+        row = {"epoch": epoch, **train_one_epoch(step_fn, model, optimizer, scheduler, scaler, loader, train_caps, args,
+                                                 epoch, device, amp_dtype, params)}
+        average_buffers(model)
+        row["lr"] = optimizer.param_groups[0]["lr"]
+        row["train_seconds"] = time.perf_counter() - t0
+        if is_main():
+            vl = _loader(val_ds, args.eval_batch_size, False, args.workers, args.seed, epoch, 1, 0)
+            m = evaluate(model, vl, val_rec, val_caps, vocab, args, device, amp_dtype)
+            row.update({k: m[k] for k in ("val_loss", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR",
+                                          "ROUGE-L", "CIDEr-D", "SPICE")})
+            row["examples"] = m["examples"]
+            rows.append(row)
+            log.info("epoch %d: train loss %.3f, val loss %.3f, BLEU-4 %.1f, CIDEr-D %.1f, %.1f img/s", epoch,
+                     row["train_loss"], row["val_loss"], 100 * row["BLEU-4"], 100 * row["CIDEr-D"],
+                     row["train_images_per_s"])
+            metrics = {"epoch": epoch, "split": args.val_split, "beam_size": args.eval_beam,
+                       **{k: v for k, v in row.items() if k != "examples"}, "args": _jsonable(vars(args))}
+            is_best = row["CIDEr-D"] > best
+            best = max(best, row["CIDEr-D"])
+            train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                           "scaler": scaler.state_dict(), "epoch": epoch, "best": best,
+                           "rows": json.dumps(rows), "rng": rng_state()}
+            save_pretrained(model, vocab, last, metrics=metrics,
+                            extra_files={STATE: lambda d: torch.save(train_state, d / STATE)})
+            if is_best:
+                save_pretrained(model, vocab, out / "best", metrics=metrics, card=_card(metrics, cfg))
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({k: v for k, v in row.items()}) + "\n")
+        barrier()
+    if is_main() and rows:
+        _plot(rows, out / "curves.png")
+    cleanup()
+    return model
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool, type(None), list))}
+
+
+def _card(metrics: dict, cfg) -> str:
+    a = metrics["args"]
+    lines = [f"# {cfg.name}", "",
+             f"Caption model: {cfg.encoder.arch} encoder (v = {cfg.encoder.feature_dim}-d), "
+             f"{cfg.decoder.num_layers}-layer {cfg.decoder.cell} decoder, image injected at "
+             f"{'every step' if cfg.decoder.inject == 'every' else 'the first step'}, vocabulary {cfg.vocab_size}.",
+             "", f"Trained on {a.get('dataset')} `{a.get('annotations')}` split `{a.get('train_split')}`, "
+             f"epoch {metrics['epoch']}.", "",
+             f"## Validation ({metrics['split']}, beam {metrics['beam_size']})", "", "| metric | value |", "|---|---|"]
+    for k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE"):
+        v = metrics.get(k)
+        lines.append(f"| {k} | {'n/a' if v is None else f'{100 * v:.1f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
