@@ -56,8 +56,11 @@ def default_checkpoint() -> Path:
 class Captioner:
     def __init__(self, model: CaptionModel, vocab: Vocabulary, precision: str = "fp32", path: Path | None = None) -> None:
         self.model = model.eval()
+        # NHWC convolutions are 1.4-2.2x faster on CPU (bench/encoder.py) and the usual choice on GPU
+        self.model.encoder.to(memory_format=torch.channels_last)
         self.vocab = vocab
         self.cfg = model.cfg
+        autocast(torch.device("cpu"), precision)  # validates precision now rather than at the first call
         self.precision = precision
         self.path = path
         self.transform = eval_transform(self.cfg.preprocess)
@@ -85,7 +88,10 @@ class Captioner:
     @torch.no_grad()
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.precision):
-            return self.model.encode(batch.to(self.device, non_blocking=True)).float()
+            x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            # on CPU, chunks of 8 keep the first block's activations in cache: 1.3-1.6x (bench/encoder.py)
+            chunks = x.split(8) if x.device.type == "cpu" else (x,)
+            return torch.cat([self.model.encode(c).float() for c in chunks])
 
     @torch.no_grad()
     def caption_batch(self, batch: torch.Tensor | None = None, features: torch.Tensor | None = None, **gen) -> list[list[Caption]]:

@@ -56,6 +56,7 @@ def save_pretrained(
                 t = t.to(dtype)
             state[k] = t.contiguous()
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        os.chmod(tmp / WEIGHTS, 0o644)  # safetensors writes 0600; the service may run as another user
         if metrics is not None:
             (tmp / METRICS).write_text(json.dumps(metrics, indent=2))
         if card is not None:

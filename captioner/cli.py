@@ -1,4 +1,4 @@
-"""The ``captioner`` command: train, evaluate, caption."""
+"""The ``captioner`` command: one entry point for training, evaluation, captioning, VQA and serving."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> int:
         "ask": ("captioner.ask_cli", "answer a multiple-choice question about an image"),
         "caption": ("captioner.caption_cli", "caption images, folders, lists or datasets"),
         "merge": ("captioner.merge", "join the part files of a sharded caption run"),
+        "export": ("captioner.export_cli", "write a trained checkpoint as a compact fp16 model directory"),
         "serve": ("captioner.serve_cli", "run the REST service (captions, VQA, web page) with dynamic batching"),
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:

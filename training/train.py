@@ -79,7 +79,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--grad-clip", type=float, default=5.0, help="max gradient norm (0 = off)")
     g.add_argument("--label-smoothing", type=float, default=0.0)
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto")
-    g.add_argument("--channels-last", action="store_true", help="NHWC memory format for the encoder")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="NHWC memory format for the encoder (faster on CPU and GPU)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("run")
     g.add_argument("--output", required=True, help="run directory: last/, best/, metrics.jsonl, curves.png")

@@ -1,0 +1,49 @@
+"""``captioner ask IMAGE --question "..." --choice "..." --choice "..."``: multiple-choice visual question answering.
+
+Prints the choices with their probabilities, the chosen one marked (or one JSON object with --json). Needs a
+checkpoint with a VQA head (trained with ``captioner train --task vqa`` or ``--task joint``). Exit status 2 on bad
+input (unreadable image, fewer than 2 or duplicate choices, empty or over-long text, a model without a VQA head).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .checkpoint import CheckpointError
+from .preprocess import ImageError
+from .vqa import VQAInputError, VQAUnavailableError
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("captioner ask", add_help=add_help, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("image", help="image file")
+    p.add_argument("--question", "-q", required=True)
+    p.add_argument("--choice", "-c", action="append", default=[], help="a candidate answer; repeat for each")
+    p.add_argument("--checkpoint", help="checkpoint directory with a VQA head (default: the shipped model)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA if available)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    from .api import Captioner
+
+    try:
+        cap = Captioner.from_pretrained(args.checkpoint, device=args.device, precision=args.precision)
+        ans = cap.answer(args.image, args.question, args.choice)
+    except (VQAInputError, VQAUnavailableError, ImageError, CheckpointError) as e:
+        print(f"captioner ask: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"image": args.image, "question": args.question, "choices": args.choice, **ans.to_dict()}))
+        return 0
+    if "vqa" not in cap.tasks:
+        print("captioner ask: warning: this checkpoint's metrics do not list 'vqa' as trained", file=sys.stderr)
+    print(f"Q: {' '.join(args.question.split())}")
+    w = max(len(c) for c in args.choice)
+    for i, (c, p) in enumerate(zip(args.choice, ans.probs)):
+        print(f"  {'->' if i == ans.index else '  '} {c:<{w}}  {100 * p:6.2f} %")
+    return 0

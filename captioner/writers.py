@@ -1,0 +1,260 @@
+"""Caption output files: the append-only JSONL record file (the source of truth, resumable), and the COCO results
+JSON and the self-contained HTML gallery rendered from it.
+
+A record is one JSON object per line:
+    {"path": ..., "image_id": ... (when known), "captions": [{"caption", "log_prob", "score"}, ...], "index": n}
+or, for an image that could not be read,
+    {"path": ..., "image_id": ..., "error": "why", "index": n}
+``index`` is the image's position in the expanded input list; ``captioner merge`` orders shards by it.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from .fileio import write_json_atomic
+from .inputs import path_key
+
+FORMATS = ("jsonl", "coco", "html")
+_SUFFIX_FORMAT = {".jsonl": "jsonl", ".json": "coco", ".html": "html", ".htm": "html"}
+
+
+def format_for(out: str, fmt: str | None) -> str:
+    """--format, else the suffix of --out (.jsonl, .json = COCO results, .html/.htm)."""
+    if fmt:
+        if fmt not in FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        return fmt
+    suffix = Path(out).suffix.lower()
+    if suffix not in _SUFFIX_FORMAT:
+        raise ValueError(f"cannot tell the output format from {out!r}: use a .jsonl, .json (COCO results) or "
+                         f".html file name, or pass --format {{{','.join(FORMATS)}}}")
+    return _SUFFIX_FORMAT[suffix]
+
+
+def records_path(out: str, fmt: str, shard: tuple[int, int] | None = None) -> str:
+    """Where a run appends its JSONL records: the output itself (unsharded JSONL), ``OUT.records.jsonl`` beside a
+    COCO/HTML output, or ``OUT.shard{i}-of-{n}.jsonl`` for one shard of a sharded run."""
+    if shard is not None:
+        return f"{out}.shard{shard[0]}-of-{shard[1]}.jsonl"
+    return out if fmt == "jsonl" else f"{out}.records.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class RecordFile:
+    records: list[dict[str, Any]] = field(default_factory=list)  # empty when read with keep=False
+    done: dict[str, bool] = field(default_factory=dict)  # path_key -> whether its record is an error
+    torn_bytes: int = 0  # size of a trailing line without newline (a write cut short by a kill)
+    bad_lines: int = 0  # complete lines that are not JSON objects with a path (should never happen)
+
+
+def read_records(path: str, repair: bool = False, keep: bool = True) -> RecordFile:
+    """Read a JSONL record file. A trailing partial line is ignored, and cut off the file when ``repair``
+    (so the next append starts on a line boundary). ``keep=False`` only collects ``done`` (resume needs no more,
+    and millions of full records would not fit in memory)."""
+    rf = RecordFile()
+    if not os.path.exists(path):
+        return rf
+    good_end = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                rf.torn_bytes = len(line)
+                break
+            good_end += len(line)
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                rec = None
+            if isinstance(rec, dict) and isinstance(rec.get("path"), str):
+                rf.done[path_key(rec["path"])] = "error" in rec
+                if keep:
+                    rf.records.append(rec)
+            else:
+                rf.bad_lines += 1
+    if rf.torn_bytes and repair:
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+            f.flush()
+            os.fsync(f.fileno())
+    return rf
+
+
+def drop_errors(path: str) -> int:
+    """Rewrite a record file without its error records (so ``--retry-errors`` redoes them); returns how many."""
+    rf = read_records(path, repair=True)
+    keep = [r for r in rf.records if "error" not in r]
+    if len(keep) != len(rf.records):
+        _write_text_atomic(path, lambda f: f.writelines(json_line(r) for r in keep))
+    return len(rf.records) - len(keep)
+
+
+def in_input_order(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records sorted by input position, one per image (first record of a path wins)."""
+    seen: set[str] = set()
+    out = []
+    for r in sorted(records, key=lambda r: r.get("index", float("inf"))):  # stable: file order breaks ties
+        k = path_key(r["path"])
+        if k not in seen:
+            seen.add(k)
+            out.append(r)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- appending
+
+
+def json_line(rec: dict[str, Any]) -> str:
+    return json.dumps(rec, ensure_ascii=False) + "\n"
+
+
+class RecordWriter:
+    """Appends whole lines; each batch is one write, flushed and fsynced, so a kill loses at most the batch
+    being written, and leaves at worst a torn last line, which ``read_records(repair=True)`` removes."""
+
+    def __init__(self, path: str) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._f: IO[bytes] = open(path, "ab")
+
+    def write(self, records: Sequence[dict[str, Any]]) -> None:
+        if not records:
+            return
+        self._f.write("".join(json_line(r) for r in records).encode("utf-8"))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "RecordWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------- final outputs
+
+
+def _write_text_atomic(path: str, fill: Callable[[IO[str]], None]) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, p.stat().st_mode & 0o7777 if p.exists() else 0o644)
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def coco_results(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``[{"image_id", "caption"}]`` with each captioned image's best caption; images without an id use their path."""
+    return [{"image_id": r["image_id"] if r.get("image_id") is not None else r["path"],
+             "caption": r["captions"][0]["caption"]} for r in records if r.get("captions")]
+
+
+def thumbnail_jpeg(path: str, max_side: int = 256) -> bytes | None:
+    """A small JPEG of the image (longest side <= max_side), or None when it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (max_side, max_side))  # JPEG: decode at 1/2..1/8 scale, much faster for big photos
+            im = im.convert("RGB")
+            im.thumbnail((max_side, max_side))
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=80)
+            return buf.getvalue()
+    except Exception:  # noqa: BLE001 - any unreadable file just gets no thumbnail
+        return None
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;background:#fafafa;color:#222}
+.grid{display:flex;flex-wrap:wrap;gap:14px}
+figure{margin:0;width:260px;background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px}
+figure img{display:block;max-width:256px;max-height:256px;margin:auto}
+.noimg{height:120px;display:flex;align-items:center;justify-content:center;background:#eee;color:#888}
+.path{font-size:11px;color:#666;word-break:break-all;margin-top:6px}
+ol{margin:4px 0 0 1.2em;padding:0} .lp{color:#999;font-size:11px}
+figure.error{border-color:#d33} .err{color:#b00;font-size:13px;word-break:break-word}"""
+
+
+def write_html(path: str, records: Sequence[dict[str, Any]], title: str = "Captions", workers: int = 4,
+               progress: bool = True) -> None:
+    """One self-contained HTML file: every image as an embedded base64 thumbnail with its captions (or its
+    error), readable offline and movable anywhere. Captions and paths are HTML-escaped."""
+    from tqdm import tqdm
+
+    esc = html.escape
+    n_err = sum("error" in r for r in records)
+
+    def fill(f: IO[str]) -> None:
+        f.write(f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{esc(title)}</title>"
+                f"<style>{_CSS}</style></head><body>\n<h1>{esc(title)}</h1>\n"
+                f"<p>{len(records)} images, {n_err} could not be read.</p>\n<div class=\"grid\">\n")
+        with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes with the GIL released
+            thumbs = pool.map(thumbnail_jpeg, [r["path"] for r in records])
+            bar = tqdm(zip(records, thumbs), total=len(records), desc="thumbnails", unit="img",
+                       disable=not progress, file=sys.stderr, dynamic_ncols=True)
+            for r, jpg in bar:
+                p = esc(r["path"])
+                cls = "item error" if "error" in r else "item"
+                f.write(f"<figure class=\"{cls}\" data-path=\"{p}\">")
+                if jpg is not None:
+                    f.write(f"<img src=\"data:image/jpeg;base64,{base64.b64encode(jpg).decode()}\" alt=\"{p}\">")
+                else:
+                    f.write("<div class=\"noimg\">no preview</div>")
+                f.write(f"<figcaption><div class=\"path\">{p}</div>")
+                if "error" in r:
+                    f.write(f"<p class=\"err\">{esc(str(r['error']))}</p>")
+                else:
+                    f.write("<ol>" + "".join(
+                        f"<li><span class=\"cap\">{esc(c['caption'])}</span> "
+                        f"<span class=\"lp\">log p {c['log_prob']:.2f}</span></li>" for c in r.get("captions", []))
+                            + "</ol>")
+                f.write("</figcaption></figure>\n")
+        f.write("</div>\n</body></html>\n")
+
+    _write_text_atomic(path, fill)
+
+
+def write_output(out: str, fmt: str, records: Sequence[dict[str, Any]], title: str = "Captions", workers: int = 4,
+                 progress: bool = True) -> None:
+    """Write the final output file (atomically) from records already in input order."""
+    if fmt == "jsonl":
+        _write_text_atomic(out, lambda f: f.writelines(json_line(r) for r in records))
+    elif fmt == "coco":
+        write_json_atomic(out, coco_results(records))
+    elif fmt == "html":
+        write_html(out, records, title=title, workers=workers, progress=progress)
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+
+
+def iter_parts(paths: Sequence[str]) -> Iterator[dict[str, Any]]:
+    for p in paths:
+        yield from read_records(p).records

@@ -1,0 +1,292 @@
+"""A small generic dynamic batcher (Triton / Ray Serve ``@serve.batch`` style). It knows nothing about captions.
+
+    batcher = DynamicBatcher(fn, max_batch_size=32, max_delay_ms=5, max_queue=256)
+    await batcher.start()
+    result = await batcher.submit(item, timeout=30)   # -> Result(value, queue_s, inference_s, batch_size)
+    await batcher.stop()                              # refuse new items, answer every accepted one
+
+    with batcher.announce() as arrival:               # optional: "an item is on its way" (e.g. still decoding)
+        ...
+        await batcher.submit(item, arrival=arrival)
+
+``fn(list[item]) -> list[value]`` runs in one worker thread, so the event loop never blocks on the model and
+batches reach the device one at a time. A value that is an Exception instance fails only its own item.
+
+One asyncio task forms batches: it waits for a first item, then takes more until ``max_batch_size`` or until
+``max_delay_ms`` has passed since the first. While a batch runs in the thread, new requests queue up, so under
+load the next batch is full the moment the device is free (no delay is added when it is busy).
+
+With ``idle_start=True`` the wait is spent only on items known to be coming: callers ``announce()`` an item before
+the slow work that precedes ``submit()`` (reading and decoding an upload), and a forming batch stops waiting as soon
+as nothing is queued or announced. A lone request on an idle server then runs at once instead of paying max_delay.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+log = logging.getLogger("service.batcher")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class QueueFullError(Exception):
+    """The queue holds max_queue items: the caller should retry later (HTTP 503 + Retry-After)."""
+
+
+class ShuttingDownError(Exception):
+    """The batcher is stopping or stopped and takes no new items (HTTP 503)."""
+
+
+class RequestTimeoutError(Exception):
+    """The item was not answered within its timeout; its work is dropped (HTTP 504)."""
+
+
+class BatchFailedError(Exception):
+    """The batch holding this item raised; ``error_id`` is the id logged with the traceback (HTTP 500)."""
+
+    def __init__(self, error_id: str, cause: BaseException) -> None:
+        super().__init__(f"batch failed (error id {error_id}): {type(cause).__name__}: {cause}")
+        self.error_id = error_id
+        self.cause = cause
+
+
+@dataclass
+class Result(Generic[R]):
+    value: R
+    queue_s: float  # enqueue -> start of its batch
+    inference_s: float  # the batch function's wall time
+    batch_size: int  # items in the batch that ran it
+
+
+@dataclass
+class BatchStats:
+    """What one batch did; handed to the on_batch hook (metrics)."""
+    size: int
+    queue_waits_s: list[float]
+    inference_s: float
+    failed: bool
+    dropped: int  # items skipped because their caller had already gone (timeout, disconnect)
+
+
+@dataclass
+class _Item:
+    payload: Any
+    future: asyncio.Future
+    enqueued: float
+
+
+_STOP = object()
+
+
+class Arrival:
+    """An announced item: counts as 'coming' until it is submitted or its announce() block ends."""
+
+    def __init__(self, batcher: "DynamicBatcher") -> None:
+        self._batcher: DynamicBatcher | None = batcher
+        batcher._announced += 1
+
+    def close(self) -> None:
+        b, self._batcher = self._batcher, None
+        if b is not None:
+            b._announced -= 1
+            if b._not_empty is not None:
+                b._not_empty.set()  # a waiting batch re-checks whether anything is still coming
+
+
+class DynamicBatcher(Generic[T, R]):
+    def __init__(
+        self,
+        fn: Callable[[list[T]], Sequence[R | BaseException]],
+        max_batch_size: int = 32,
+        max_delay_ms: float = 5.0,
+        max_queue: int = 256,
+        timeout_s: float | None = 30.0,
+        on_batch: Callable[[BatchStats], None] | None = None,
+        name: str = "batcher",
+        idle_start: bool = False,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be >= 1")
+        self.fn = fn
+        self.max_batch_size = max_batch_size
+        self.max_delay = max_delay_ms / 1000
+        self.max_queue = max_queue
+        self.timeout_s = timeout_s
+        self.on_batch = on_batch
+        self.name = name
+        self.idle_start = idle_start
+        self._announced = 0  # announce()d items not yet submitted
+        self._items: collections.deque[_Item | object] = collections.deque()
+        self._not_empty: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._accepting = False
+        self.in_flight = 0  # items in the batch now running
+        self._stop_queued = False
+        self._forming = 0  # items taken for the next batch, waiting for it to fill or for max_delay
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self._worker is not None:
+            raise RuntimeError("batcher already started")
+        self._not_empty = asyncio.Event()
+        # one thread: batches reach the device one after another, in order
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-worker")
+        self._worker = asyncio.create_task(self._run(), name=f"{self.name}-loop")
+        self._accepting = True
+
+    async def stop(self) -> None:
+        """Refuse new items, finish every accepted one, then end the worker."""
+        if self._worker is None:
+            return
+        self._accepting = False
+        self._items.append(_STOP)  # after every accepted item: the worker drains them first
+        self._stop_queued = True
+        self._not_empty.set()
+        try:
+            await self._worker
+        finally:
+            self._worker = None
+            self._executor.shutdown(wait=True)
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def qsize(self) -> int:
+        """Items waiting for their batch to start: queued, or taken into the batch being formed."""
+        return len(self._items) - self._stop_queued + self._forming
+
+    # ------------------------------------------------------------------ callers
+
+    @contextlib.contextmanager
+    def announce(self):
+        """Tell the batcher an item is on its way; pass the yielded Arrival to submit(). Leaving the block
+        without submitting (e.g. the input was invalid) withdraws it."""
+        arrival = Arrival(self)
+        try:
+            yield arrival
+        finally:
+            arrival.close()
+
+    async def submit(self, payload: T, timeout: float | None = None, arrival: Arrival | None = None) -> Result[R]:
+        """Queue one item and wait for its value; raises QueueFullError, ShuttingDownError, RequestTimeoutError,
+        BatchFailedError, or the item's own exception."""
+        if arrival is not None:
+            arrival.close()  # from here on it is queued (or refused), no longer 'coming'
+        if not self._accepting:
+            raise ShuttingDownError(f"{self.name} is shutting down")
+        if self.qsize() >= self.max_queue:
+            raise QueueFullError(f"{self.qsize()} requests are waiting (max_queue={self.max_queue})")
+        loop = asyncio.get_running_loop()
+        item = _Item(payload, loop.create_future(), time.perf_counter())
+        self._items.append(item)
+        self._not_empty.set()
+        timeout = self.timeout_s if timeout is None else timeout
+        try:
+            # on timeout (or when the caller is cancelled) wait_for cancels the future: the worker skips the item
+            return await asyncio.wait_for(item.future, timeout)
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError(f"not answered within {timeout:g} s") from None
+
+    # ------------------------------------------------------------------ worker
+
+    async def _next(self, deadline: float | None) -> _Item | object | None:
+        """The next queued item, or None when ``deadline`` (loop time) passes first (or, with idle_start, when
+        nothing is queued or announced)."""
+        loop = asyncio.get_running_loop()
+        while not self._items:
+            self._not_empty.clear()
+            if deadline is not None and self.idle_start and self._announced == 0:
+                return None
+            if deadline is None:
+                await self._not_empty.wait()
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            try:
+                await asyncio.wait_for(self._not_empty.wait(), remaining)
+            except asyncio.TimeoutError:
+                return None
+        item = self._items.popleft()
+        if item is _STOP:
+            self._stop_queued = False
+        return item
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        stopping = False
+        while not stopping:
+            first = await self._next(None)
+            if first is _STOP:
+                break
+            batch = [first]
+            self._forming = 1
+            deadline = loop.time() + self.max_delay
+            while len(batch) < self.max_batch_size:
+                nxt = await self._next(deadline)
+                if nxt is None:
+                    break
+                if nxt is _STOP:
+                    stopping = True
+                    break
+                batch.append(nxt)
+                self._forming = len(batch)
+            self._forming = 0
+            await self._run_batch(batch)
+        log.debug("%s: worker stopped", self.name)
+
+    async def _run_batch(self, batch: list[_Item]) -> None:
+        # callers that timed out or disconnected while waiting have cancelled futures: drop their work
+        live = [it for it in batch if not it.future.done()]
+        dropped = len(batch) - len(live)
+        if not live:
+            self._report(BatchStats(0, [], 0.0, False, dropped))
+            return
+        start = time.perf_counter()
+        waits = [start - it.enqueued for it in live]
+        self.in_flight = len(live)
+        failed = False
+        try:
+            values = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.fn, [it.payload for it in live])
+            if len(values) != len(live):
+                raise RuntimeError(f"batch function returned {len(values)} values for {len(live)} items")
+        except Exception as e:  # noqa: BLE001  (any failure of the batch fails its items, never the worker)
+            failed = True
+            error_id = uuid.uuid4().hex[:12]
+            log.error("%s: batch of %d failed, error id %s", self.name, len(live), error_id, exc_info=e)
+            for it in live:
+                if not it.future.done():
+                    it.future.set_exception(BatchFailedError(error_id, e))
+        else:
+            elapsed = time.perf_counter() - start
+            for it, value, wait in zip(live, values, waits):
+                if it.future.done():  # timed out while its batch ran: nobody is waiting
+                    continue
+                if isinstance(value, BaseException):
+                    it.future.set_exception(value)
+                else:
+                    it.future.set_result(Result(value, wait, elapsed, len(live)))
+        finally:
+            self.in_flight = 0
+        self._report(BatchStats(len(live), waits, time.perf_counter() - start, failed, dropped))
+
+    def _report(self, stats: BatchStats) -> None:
+        if self.on_batch:
+            try:
+                self.on_batch(stats)
+            except Exception:  # noqa: BLE001  (metrics must never stop the worker)
+                log.exception("%s: on_batch hook failed", self.name)

@@ -1,0 +1,139 @@
+"""The batch function the service hands to the generic batcher: caption and VQA jobs in one batch share one
+encoder pass, then captions run batched per generation setting and questions run batched through the VQA head.
+
+    jobs (mixed CaptionJob / VQAJob) --stack--> (B, 3, S, S) --encode--> v (B, D)
+        caption jobs grouped by GenParams --caption_batch(features=v[idx])--> n-best captions
+        VQA jobs                          --answer_batch(v[idx], questions, choices)--> answers
+"""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from captioner.api import Captioner
+
+log = logging.getLogger("service.engine")
+
+
+class VQAUnsupported(Exception):
+    """The loaded model has no VQA head (HTTP 501)."""
+
+
+def has_vqa(captioner: Captioner) -> bool:
+    """The model can answer questions: the API has answer_batch (absent from older captioner versions), the
+    checkpoint a VQA head, and its metrics.json does not say the head was left untrained (Captioner.tasks)."""
+    return (callable(getattr(captioner, "answer_batch", None)) and bool(getattr(captioner, "has_vqa", False))
+            and "vqa" in getattr(captioner, "tasks", ["vqa"]))
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """Generation settings; jobs with equal GenParams decode together in one caption_batch call."""
+    beam_size: int = 3
+    num_captions: int = 1
+    max_length: int | None = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+
+    def normalized(self) -> "GenParams":
+        # settings that do not change the result must not split groups
+        if self.do_sample:
+            return GenParams(1, self.num_captions, self.max_length, True, self.temperature, self.top_k)
+        return GenParams(self.beam_size, self.num_captions, self.max_length, False, 1.0, 0)
+
+    def kwargs(self) -> dict:
+        return dict(beam_size=self.beam_size, num_captions=self.num_captions, max_length=self.max_length,
+                    do_sample=self.do_sample, temperature=self.temperature, top_k=self.top_k)
+
+
+@dataclass
+class CaptionJob:
+    pixels: torch.Tensor  # (3, S, S) preprocessed
+    params: GenParams = field(default_factory=GenParams)
+
+
+@dataclass
+class VQAJob:
+    pixels: torch.Tensor  # (3, S, S) preprocessed
+    question: str
+    choices: list[str]
+
+
+def use_channels_last(captioner: Captioner) -> None:
+    """Store the encoder's conv weights NHWC: oneDNN (CPU) and cuDNN (tensor cores) run convolutions faster in
+    that layout; results match NCHW to float rounding."""
+    captioner.model.encoder.to(memory_format=torch.channels_last)
+
+
+def default_encode_batch_size(device: torch.device) -> int | None:
+    # CPU: a VGG-style encoder on a few images at a time keeps its activations in cache and ran 1.5x faster per
+    # image at 4 than at 32 (bench/serve.py notes); GPUs want the whole batch
+    return 4 if device.type == "cpu" else None
+
+
+class Engine:
+    def __init__(self, captioner: Captioner, on_images=None, channels_last: bool = False,
+                 encode_batch_size: int | None = None) -> None:
+        self.captioner = captioner
+        self.on_images = on_images  # callback(task, n) for the images-processed counter
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.encode_batch_size = encode_batch_size  # None: the whole batch in one encoder call
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, 3, S, S) -> v (B, D), in encoder calls of at most encode_batch_size images."""
+        n = self.encode_batch_size or len(x)
+        if n >= len(x):
+            return self.captioner.encode(x)
+        return torch.cat([self.captioner.encode(x[i:i + n]) for i in range(0, len(x), n)])
+
+    def __call__(self, jobs: list[CaptionJob | VQAJob]) -> list:
+        x = torch.stack([j.pixels for j in jobs]).contiguous(memory_format=self.memory_format)  # (B, 3, S, S)
+        v = self.encode(x)  # (B, D): every image encoded once, shared by captions and VQA
+        out: list = [None] * len(jobs)
+
+        groups: dict[GenParams, list[int]] = defaultdict(list)
+        vqa_idx: list[int] = []
+        for i, j in enumerate(jobs):
+            if isinstance(j, CaptionJob):
+                groups[j.params.normalized()].append(i)
+            else:
+                vqa_idx.append(i)
+
+        for params, idx in groups.items():
+            caps = self.captioner.caption_batch(features=v[idx], **params.kwargs())
+            for i, c in zip(idx, caps):
+                out[i] = c
+        if groups and self.on_images:
+            self.on_images("caption", sum(len(idx) for idx in groups.values()))
+
+        if vqa_idx:
+            if not has_vqa(self.captioner):
+                for i in vqa_idx:
+                    out[i] = VQAUnsupported("this model has no VQA head")
+            else:
+                for i, a in zip(vqa_idx, self._answer(v[vqa_idx], [jobs[i] for i in vqa_idx])):
+                    out[i] = a
+                if self.on_images:
+                    self.on_images("vqa", len(vqa_idx))
+        return out
+
+    def _answer(self, v: torch.Tensor, jobs: list[VQAJob]) -> list:
+        """v (N, D) of the VQA jobs -> one Answer (or VQAInputError) per job."""
+        from captioner.vqa import VQAInputError  # exists whenever answer_batch does
+
+        try:
+            return self.captioner.answer_batch(v, [j.question for j in jobs], [j.choices for j in jobs])
+        except VQAInputError:
+            pass
+        # the endpoint validates first, so this is rare: answer one by one so only the bad job fails
+        out: list = []
+        for k, j in enumerate(jobs):
+            try:
+                out += self.captioner.answer_batch(v[k:k + 1], [j.question], [j.choices])
+            except VQAInputError as e:
+                out.append(e)
+        return out

@@ -1,0 +1,79 @@
+"""Uploaded bytes -> the model's input tensor, with the limits and messages the API promises.
+
+Runs in a worker thread (decoding a large JPEG takes milliseconds to seconds). Never fetches URLs: the only
+input is the bytes the client sent.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from captioner.config import PreprocessConfig
+from captioner.preprocess import to_tensor
+
+# formats PIL decodes safely from memory; others (EPS needs Ghostscript, PDF, ...) are refused
+ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
+
+
+class ImageRejected(Exception):
+    """An upload the service will not use. ``status``: 413 too large, 415 unsupported format, 422 corrupt."""
+
+    def __init__(self, status: int, message: str, field: str = "image") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+
+
+def decode_base64(text: object, max_bytes: int) -> bytes:
+    """A JSON ``image`` field (plain base64 or a data: URL) -> bytes; never a URL fetch."""
+    if not isinstance(text, str) or not text:
+        raise ImageRejected(422, "image must be a non-empty base64 string")
+    if text.startswith(("http://", "https://", "ftp://", "file:")):
+        raise ImageRejected(422, "image must be base64 data: the service does not fetch URLs")
+    if text.startswith("data:"):
+        head, sep, text = text.partition(",")
+        if not sep or ";base64" not in head:
+            raise ImageRejected(422, "data URL must be base64-encoded (data:image/...;base64,...)")
+    if len(text) > (max_bytes + 2) // 3 * 4 + 4:
+        raise ImageRejected(413, f"image is larger than the {max_bytes}-byte upload limit")
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ImageRejected(422, f"image is not valid base64 ({e})") from None
+
+
+def load_upload(data: bytes, cfg: PreprocessConfig, transform, max_bytes: int, max_pixels: int) -> torch.Tensor:
+    """Bytes -> normalised (3, S, S) float tensor; raises ImageRejected with the status and reason."""
+    if not data:
+        raise ImageRejected(422, "image is empty")
+    if len(data) > max_bytes:
+        raise ImageRejected(413, f"image is {len(data)} bytes; the limit is {max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))  # reads the header only
+    except UnidentifiedImageError:
+        raise ImageRejected(415, "not a recognised image format (send JPEG, PNG, WebP, GIF, BMP or TIFF)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageRejected(413, f"image has too many pixels ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageRejected(422, f"corrupt image header ({e})") from None
+    with im:
+        if im.format not in ALLOWED_FORMATS:
+            raise ImageRejected(415, f"image format {im.format} is not accepted (send JPEG, PNG, WebP, GIF, BMP or TIFF)")
+        w, h = im.size
+        if w * h > max_pixels:  # checked before decoding: a decompression bomb never gets expanded
+            raise ImageRejected(413, f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+        if w < 1 or h < 1:
+            raise ImageRejected(422, f"image has no pixels ({w}x{h})")
+        try:
+            rgb = im.convert("RGB")  # full decode: truncated or corrupt data fails here
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise ImageRejected(422, f"corrupt or truncated {im.format} image ({e})") from None
+    return to_tensor(rgb, cfg, transform)

@@ -1,0 +1,1 @@
+"""HTTP routes: captions, vqa, models, health (+ metrics) and the web page."""

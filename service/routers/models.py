@@ -1,0 +1,51 @@
+"""GET /v1/models: what the service runs (name, version, architecture, vocabulary, model card metrics, limits)."""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from fastapi import APIRouter, Request
+
+from ..engine import has_vqa
+from ..schemas import MAX_BEAM, MAX_CHOICES, MAX_LENGTH
+from .common import service
+
+router = APIRouter(tags=["models"])
+
+
+def describe(svc) -> dict:
+    cap = svc.captioner
+    cfg = cap.cfg
+    enc, dec = cfg.encoder, cfg.decoder
+    vqa_cfg = getattr(cfg, "vqa", None)
+    tasks = list(getattr(cap, "tasks", ["caption"]))
+    if has_vqa(cap) and "vqa" not in tasks:
+        tasks.append("vqa")
+    return {
+        "name": cfg.name,
+        "version": str(cfg.version),
+        "tasks": tasks,
+        "architecture": {
+            "encoder": {"arch": enc.arch, "batch_norm": enc.batch_norm, "feature_dim": enc.feature_dim},
+            "decoder": {"cell": dec.cell, "inject": dec.inject, "embed_dim": dec.embed_dim,
+                        "hidden_dim": dec.hidden_dim, "num_layers": dec.num_layers},
+            "vqa": asdict(vqa_cfg) if vqa_cfg is not None and has_vqa(cap) else None,
+            "image_size": cfg.preprocess.image_size,
+            "parameters": sum(p.numel() for p in cap.model.parameters()),
+        },
+        "vocab_size": cfg.vocab_size,
+        "max_length": cfg.max_length,
+        "metrics": cap.metrics,  # the model card's numbers (metrics.json), None when the checkpoint has none
+        "device": str(cap.device),
+        "precision": cap.precision,
+        "limits": {"beam_size": MAX_BEAM, "max_length": MAX_LENGTH,
+                   "choices": min(MAX_CHOICES, getattr(vqa_cfg, "max_choices", MAX_CHOICES)),
+                   "max_upload_bytes": svc.settings.max_upload_bytes,
+                   "max_image_pixels": svc.settings.max_image_pixels},
+        "batching": {"max_batch_size": svc.settings.max_batch_size, "max_delay_ms": svc.settings.max_delay_ms,
+                     "encode_batch_size": svc.encode_batch_size, "channels_last": svc.settings.channels_last},
+    }
+
+
+@router.get("/v1/models", summary="The served model")
+async def list_models(request: Request) -> dict:
+    return {"models": [describe(service(request))]}

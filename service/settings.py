@@ -1,0 +1,78 @@
+"""Every knob of the service in one object: environment (CAPTIONER_*) and `captioner serve` flags fill the same fields.
+
+    CAPTIONER_CHECKPOINT=/models/default CAPTIONER_MAX_BATCH_SIZE=64 CAPTIONER_API_KEYS=k1,k2 captioner serve
+    captioner serve --checkpoint /models/default --max-batch-size 64 --api-key k1 --api-key k2
+
+Flags win over the environment (pydantic-settings gives init arguments priority over env).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CAPTIONER_", extra="ignore")
+
+    # model
+    checkpoint: Path | None = Field(None, description="checkpoint directory (default: the model shipped in the package)")
+    device: str | None = Field(None, description="cpu, cuda, cuda:1 ... (default: CUDA when available)")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    warmup: bool = Field(True, description="run batches through the model before /readyz reports ready")
+    channels_last: bool = Field(True, description="NHWC convolutions (faster on CPU oneDNN and GPU tensor cores)")
+    torch_threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads (default: torch's)")
+    encode_batch_size: int | None = Field(
+        None, ge=1, le=1024, description="images per encoder call within a batch; the decoder always gets the whole "
+                                         "batch (default: 4 on CPU, where small conv batches stay in cache; all on GPU)")
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="accepted keys (env: comma-separated); empty = no authentication")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="origins allowed by CORS (env: comma-separated); '*' = any")
+
+    # dynamic batching
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    max_delay_ms: float = Field(5.0, ge=0, le=10_000,
+                                description="after a batch's first request, wait at most this long for requests already "
+                                            "received (still uploading/decoding); a lone request runs at once")
+    max_queue: int = Field(256, ge=1, description="requests waiting beyond this are refused with 503")
+    request_timeout_s: float = Field(30.0, gt=0, description="a request not answered by then gets 504 and is dropped")
+
+    # input limits
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1, description="width x height above this is refused (413)")
+    decode_workers: int = Field(4, ge=1, le=64, description="threads that decode and preprocess uploaded images")
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @field_validator("checkpoint", "device", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: object) -> object:
+        # docker-compose passes unset variables as "", which means "use the default"
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_not_trivial(cls, v: list[str]) -> list[str]:
+        for k in v:
+            if len(k) < 8:
+                raise ValueError("API keys must be at least 8 characters long")
+        return v
+
+    def public_dict(self) -> dict:
+        """The settings without secrets, for logs."""
+        d = self.model_dump(mode="json")
+        d["api_keys"] = f"<{len(self.api_keys)} keys>"
+        return d

@@ -1,0 +1,124 @@
+"""What one running service holds: the model, the batcher, the decode threads, readiness; and its lifecycle.
+
+Loading and warm-up run in the background after the server starts listening, so /healthz answers at once and
+/readyz turns 200 only when the model has run a few batches (the first real request is not the slow one).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from captioner.api import Captioner, default_checkpoint
+
+from .batcher import DynamicBatcher
+from .engine import (CaptionJob, Engine, GenParams, VQAJob, default_encode_batch_size, has_vqa,
+                     use_channels_last)
+from .metrics import Metrics
+from .settings import Settings
+
+log = logging.getLogger("service")
+
+
+class ServiceState:
+    def __init__(self, settings: Settings, metrics: Metrics, captioner: Captioner | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.captioner: Captioner | None = captioner
+        self.engine: Engine | None = None
+        self.batcher: DynamicBatcher | None = None
+        self.decode_pool: ThreadPoolExecutor | None = None
+        self.status = "starting"  # starting -> loading -> warming up -> ready -> shutting down -> stopped | error
+        self.error: str | None = None
+        self.on_fatal: Callable[[str], None] | None = None  # set by `captioner serve`: stop the server
+        self._load_task: asyncio.Task | None = None
+        self.load_seconds: float | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready"
+
+    @property
+    def encode_batch_size(self) -> int | None:
+        return self.settings.encode_batch_size or default_encode_batch_size(self.captioner.device)
+
+    @property
+    def checkpoint(self) -> Path:
+        return Path(self.settings.checkpoint) if self.settings.checkpoint else default_checkpoint()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        s = self.settings
+        self.decode_pool = ThreadPoolExecutor(s.decode_workers, thread_name_prefix="decode")
+        self._load_task = asyncio.create_task(self._load_and_warm_up(), name="load-model")
+
+    async def _load_and_warm_up(self) -> None:
+        s = self.settings
+        t0 = time.perf_counter()
+        try:
+            if self.captioner is None:
+                self.status = "loading"
+                log.info("loading %s on %s (%s)", self.checkpoint, s.device or "auto", s.precision)
+                self.captioner = await asyncio.to_thread(Captioner.from_pretrained, self.checkpoint, s.device, s.precision)
+            if s.torch_threads:
+                torch.set_num_threads(s.torch_threads)
+            if s.channels_last:
+                use_channels_last(self.captioner)
+            self.engine = Engine(self.captioner, on_images=lambda task, n: self.metrics.images.labels(task).inc(n),
+                                 channels_last=s.channels_last, encode_batch_size=self.encode_batch_size)
+            self.batcher = DynamicBatcher(self.engine, s.max_batch_size, s.max_delay_ms, s.max_queue,
+                                          s.request_timeout_s, on_batch=self.metrics.on_batch, name="model",
+                                          idle_start=True)
+            self.metrics.bind_queue(self.batcher.qsize, lambda: self.batcher.in_flight)
+            if s.warmup:
+                self.status = "warming up"
+                await asyncio.to_thread(self._warm_up)
+            await self.batcher.start()
+        except Exception as e:  # noqa: BLE001  (reported through /readyz and the log, then the server stops)
+            self.status, self.error = "error", f"{type(e).__name__}: {e}"
+            log.exception("could not load the model from %s", self.checkpoint)
+            if self.on_fatal:
+                self.on_fatal(self.error)
+            return
+        self.load_seconds = time.perf_counter() - t0
+        self.status = "ready"
+        self.metrics.ready.set(1)
+        cfg = self.captioner.cfg
+        log.info("ready: %s v%s on %s in %.1f s (max_batch_size=%d, max_delay_ms=%g, vqa=%s)", cfg.name, cfg.version,
+                 self.captioner.device, self.load_seconds, s.max_batch_size, s.max_delay_ms, has_vqa(self.captioner))
+
+    def _warm_up(self) -> None:
+        """Run a batch of one and a full batch of each task once, outside the metrics (own Engine, no callback)."""
+        cap = self.captioner
+        size = cap.cfg.preprocess.image_size
+        engine = Engine(cap, channels_last=self.settings.channels_last, encode_batch_size=self.encode_batch_size)
+        x = torch.zeros(3, size, size)
+        for n in sorted({1, self.settings.max_batch_size}):
+            jobs: list = [CaptionJob(x, GenParams()) for _ in range(n)]
+            if has_vqa(cap):
+                jobs[-1] = VQAJob(x, "what is it", ["a dog", "a cat"])
+            engine(jobs)
+
+    async def stop(self) -> None:
+        """Refuse new requests (503), answer every accepted one, release the threads."""
+        if self.status != "error":
+            self.status = "shutting down"
+        self.metrics.ready.set(0)
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+            try:
+                await self._load_task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        if self.batcher is not None:
+            await self.batcher.stop()
+        if self.decode_pool is not None:
+            self.decode_pool.shutdown(wait=True)
+        if self.status != "error":
+            self.status = "stopped"

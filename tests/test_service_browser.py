@@ -1,0 +1,92 @@
+"""The web page in headless Chromium (Debian's chromium + chromium-driver, driven by selenium) against a real
+uvicorn server on 127.0.0.1 (in a thread): load the page, upload a photo, see a caption, ask a question, save a screenshot.
+
+Skips with the reason when chromium, chromedriver or selenium is missing (CI machines may not have them:
+apt-get install chromium chromium-driver; pip install selenium). The screenshot is written to
+$CAPTIONER_SCREENSHOT_DIR (default: the test's tmp dir)."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from _service_util import ROOT, serve_in_thread, tiny_vqa_checkpoint, wait_http_ready
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = "/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else shutil.which("chromedriver")
+
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)"),
+    pytest.mark.skipif(CHROMEDRIVER is None, reason="chromedriver not installed (apt-get install chromium-driver)"),
+]
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")
+pytest.importorskip("uvicorn", reason="service extra not installed (pip install -e '.[serve]')")
+
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+PHOTO = ROOT / "service" / "static" / "samples" / "elephant.jpg"
+
+
+@pytest.fixture
+def browser(tmp_path):
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1200,900", f"--user-data-dir={tmp_path / 'profile'}"):
+        opts.add_argument(flag)
+    service = webdriver.ChromeService(executable_path=CHROMEDRIVER)
+    try:
+        driver = webdriver.Chrome(options=opts, service=service)
+    except Exception as e:  # noqa: BLE001  (a browser that cannot start here is an environment problem)
+        pytest.skip(f"headless chromium could not start: {type(e).__name__}: {str(e).splitlines()[0]}")
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def test_page_uploads_a_photo_shows_captions_and_answers(browser, tmp_path):
+    ckpt = tiny_vqa_checkpoint(tmp_path / "tiny-vqa")
+    shots = Path(os.environ.get("CAPTIONER_SCREENSHOT_DIR", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(checkpoint=ckpt, device="cpu", max_delay_ms=2))
+    with serve_in_thread(app) as url:
+        wait_http_ready(None, url)
+        browser.get(url + "/")
+        wait = WebDriverWait(browser, 30)
+        assert browser.title == "captioner"
+        wait.until(EC.text_to_be_present_in_element((By.ID, "model-info"), "words"))
+        assert "with multiple-choice VQA" in browser.find_element(By.ID, "model-info").text
+
+        # upload a photo through the file input: the page captions it at once
+        browser.find_element(By.ID, "file-input").send_keys(str(PHOTO))
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#captions li.caption .caption-text")))
+        captions = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#captions li.caption .caption-text")]
+        assert len(captions) == 3 and all(captions)  # the page asks for 3 captions by default
+        scores = browser.find_elements(By.CSS_SELECTOR, "#captions .score")
+        assert all(s.text.startswith("log p = ") for s in scores)
+        assert "batch of" in browser.find_element(By.ID, "caption-timings").text
+        assert browser.find_element(By.ID, "preview").get_attribute("src").startswith("blob:")
+
+        # ask a multiple-choice question: one probability bar per choice, one marked as chosen
+        browser.find_element(By.ID, "vqa-button").click()
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#answers .answer.chosen")))
+        rows = browser.find_elements(By.CSS_SELECTOR, "#answers .answer")
+        assert len(rows) == 4
+        pcts = [float(r.find_element(By.CSS_SELECTOR, ".pct").text.rstrip(" %")) for r in rows]
+        assert sum(pcts) == pytest.approx(100, abs=0.5)
+        assert not browser.find_element(By.ID, "error").is_displayed()
+        browser.save_screenshot(str(shots / "service_page.png"))
+
+        # a sample photo works the same way
+        browser.find_elements(By.CSS_SELECTOR, ".sample")[0].click()  # horses-beach.jpg
+        wait.until(lambda d: "horses-beach" in (d.execute_script("return currentImage && currentImage.name") or ""))
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#captions li.caption")))
+    assert (shots / "service_page.png").stat().st_size > 10_000

@@ -1,0 +1,161 @@
+"""`captioner train --task vqa|joint` and `captioner evaluate --task vqa` on a tiny synthetic Visual7W set."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from captioner.api import Captioner
+from captioner.cli import main as cli
+from training import train_vqa
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20)}
+TINY = ["--encoder-layers", "8,M,16,M,16,M", "--fc-dims", "32", "--image-size", "32", "--vqa-embed-dim", "16",
+        "--vqa-hidden-dim", "16", "--vqa-mlp-dim", "32", "--vqa-dropout", "0", "--workers", "0", "--amp", "off",
+        "--warmup-steps", "1", "--lr", "1e-2", "--batch-size", "4", "--min-count", "1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """24 images of one coloured square each; per image a colour question (4 choices) and a yes/no question;
+    a Visual7W file (train/val) and a Karpathy caption file for the same images."""
+    root = tmp_path_factory.mktemp("vqa-data")
+    (root / "images").mkdir()
+    v7w, karpathy = [], []
+    names = list(COLOURS)
+    for n in range(24):
+        colour = names[n % 4]
+        rng = np.random.default_rng(n)
+        a = rng.integers(0, 40, (36, 36, 3)).astype(np.uint8)
+        a[6:30, 6:30] = COLOURS[colour]
+        Image.fromarray(a).save(root / "images" / f"v7w_{n}.png")
+        split = "val" if n >= 16 else "train"
+        asked = names[(n * 7) % 4]
+        v7w.append({"image_id": n, "filename": f"v7w_{n}.png", "split": split, "qa_pairs": [
+            {"qa_id": 2 * n, "type": "what", "question": "What colour is the square?", "answer": colour,
+             "multiple_choices": [c for c in names if c != colour]},
+            {"qa_id": 2 * n + 1, "type": "yes/no", "question": f"Is the square {asked}?",
+             "answer": "yes" if asked == colour else "no", "multiple_choices": ["no" if asked == colour else "yes"]}]})
+        caps = [f"a {colour} square", f"the {colour} square on a dark background"]
+        karpathy.append({"filename": f"v7w_{n}.png", "filepath": "images", "imgid": n, "split": split,
+                         "sentences": [{"raw": c, "tokens": c.split(), "imgid": n, "sentid": 2 * n + j}
+                                       for j, c in enumerate(caps)]})
+    (root / "v7w.json").write_text(json.dumps({"dataset": "v7w_telling", "images": v7w}))
+    (root / "karpathy.json").write_text(json.dumps({"dataset": "tiny", "images": karpathy}))
+    return root
+
+
+def _vqa_args(data, out, *extra):
+    return ["train", "--task", "vqa", "--vqa-dataset", "v7w", "--vqa-annotations", str(data / "v7w.json"),
+            "--vqa-images", str(data / "images"), "--output", str(out), *TINY, *extra]
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "vqa"
+    assert cli(_vqa_args(data, out, "--epochs", "10", "--encoder-dropout", "0")) == 0
+    return out
+
+
+def test_training_learns(trained):
+    rows = _rows(trained)
+    assert [r["epoch"] for r in rows] == list(range(10))
+    assert rows[-1]["train_vqa_loss"] < 0.6 * rows[0]["train_vqa_loss"]
+    best = json.loads((trained / "best" / "metrics.json").read_text())
+    assert best["tasks"] == ["vqa"] and best["val_accuracy"] == max(r["val_accuracy"] for r in rows)
+    assert best["val_accuracy"] > best["val_chance"] + 0.25  # 16 val questions, chance 0.375
+    assert set(best["val_accuracy_per_type"]) == {"what", "yes/no"}
+    cfg = json.loads((trained / "best" / "config.json").read_text())
+    assert cfg["vqa"]["hidden_dim"] == 16 and cfg["encoder"]["layers"] == [8, "M", 16, "M", 16, "M"]
+    words = json.loads((trained / "best" / "vocab.json").read_text())["itos"]
+    assert {"colour", "square", "yellow", "yes", "no"} <= set(words)  # questions and answers are in the vocabulary
+    state = torch.load(trained / "last" / "training_state.pt", weights_only=True)
+    assert state["epoch"] == 9
+    assert "untrained" in (trained / "best" / "README.md").read_text()
+    cap = Captioner.from_pretrained(trained / "best", device="cpu")
+    assert cap.has_vqa and cap.tasks == ["vqa"]
+
+
+def test_resume_is_exact(data, tmp_path, monkeypatch):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    args = ["--epochs", "2", "--batch-size", "8"]
+    assert cli(_vqa_args(data, straight, *args)) == 0
+    real = train_vqa.train_one_epoch
+
+    def crash_in_epoch_1(*a, **k):
+        if a[7] == 1:  # epoch
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_vqa, "train_one_epoch", crash_in_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        cli(_vqa_args(data, split, *args))
+    monkeypatch.setattr(train_vqa, "train_one_epoch", real)
+    first = load_file(split / "last" / "model.safetensors")
+    assert cli(_vqa_args(data, split, *args, "--resume")) == 0
+    assert [r["epoch"] for r in _rows(split)] == [0, 1]
+    a, b = load_file(straight / "last" / "model.safetensors"), load_file(split / "last" / "model.safetensors")
+    assert any(not torch.equal(first[k], b[k]) for k in b)  # the resumed run did train
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit, match="training_state.pt not found"):
+        cli(_vqa_args(data, tmp_path / "nothing", "--resume"))
+
+
+def test_evaluate_with_baselines(data, trained, tmp_path, capsys):
+    blind = tmp_path / "blind"
+    assert cli(_vqa_args(data, blind, "--epochs", "3", "--image-blind")) == 0
+    assert json.loads((blind / "best" / "metrics.json").read_text())["image_blind"] is True
+    out = tmp_path / "res.json"
+    assert cli(["evaluate", "--task", "vqa", "--checkpoint", str(trained / "best"), "--dataset", "v7w",
+                "--annotations", str(data / "v7w.json"), "--images", str(data / "images"), "--split", "val",
+                "--blind-checkpoint", str(blind / "best"), "--workers", "0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "chance" in printed and "blind model" in printed
+    m = json.loads(out.with_suffix(".metrics.json").read_text())
+    for k in ("image", "zero", "blind_model"):
+        assert m[k]["questions"] == 16 and set(m[k]["per_type"]) == {"what", "yes/no"}
+    assert m["image"]["chance"] == pytest.approx((8 * 0.25 + 8 * 0.5) / 16)
+    best = json.loads((trained / "best" / "metrics.json").read_text())
+    assert m["image"]["accuracy"] == pytest.approx(best["val_accuracy"])  # evaluation agrees with training
+    results = json.loads(out.read_text())
+    assert len(results) == 16
+    assert sum(r["pred"] == r["answer"] for r in results) / 16 == pytest.approx(m["image"]["accuracy"])
+    caption_only = tmp_path / "none"
+    with pytest.raises(SystemExit, match="no VQA head"):
+        from tests.conftest import TINY_WORDS, tiny_model_config  # noqa: F401
+        from captioner.checkpoint import save_pretrained
+        from captioner.model import CaptionModel
+        from captioner.tokenizer import Vocabulary
+        save_pretrained(CaptionModel(tiny_model_config()), Vocabulary(TINY_WORDS), caption_only)
+        cli(["evaluate", "--task", "vqa", "--checkpoint", str(caption_only), "--dataset", "v7w", "--annotations",
+             str(data / "v7w.json"), "--images", str(data / "images"), "--split", "val", "--workers", "0",
+             "--out", str(tmp_path / "r2.json")])
+
+
+def test_joint_training(data, tmp_path):
+    out = tmp_path / "joint"
+    assert cli(["train", "--task", "joint", "--annotations", str(data / "karpathy.json"), "--images", str(data),
+                "--vqa-dataset", "v7w", "--vqa-annotations", str(data / "v7w.json"), "--vqa-images",
+                str(data / "images"), "--output", str(out), "--epochs", "2", "--no-java", "--eval-beam", "1",
+                "--embed-dim", "16", "--hidden-dim", "24", "--max-length", "8", *TINY]) == 0
+    rows = _rows(out)
+    assert all(r["train_caption_loss"] > 0 and r["train_vqa_loss"] > 0 for r in rows)
+    assert rows[-1]["train_caption_loss"] < rows[0]["train_caption_loss"]
+    m = json.loads((out / "best" / "metrics.json").read_text())
+    assert m["tasks"] == ["caption", "vqa"]
+    assert m["score"] == pytest.approx(m["val_accuracy"] + m["CIDEr-D"])
+    words = set(json.loads((out / "best" / "vocab.json").read_text())["itos"])
+    assert {"background", "dark", "colour", "yes"} <= words  # caption-only and question-only words
+    cap = Captioner.from_pretrained(out / "best", device="cpu")
+    assert cap.tasks == ["caption", "vqa"]
+    img = data / "images" / "v7w_17.png"
+    assert cap.caption(img)[0].log_prob < 0  # the decoder runs (2 tiny epochs may well say nothing useful)
+    assert len(cap.answer(img, "What colour is the square?", list(COLOURS)).probs) == 4

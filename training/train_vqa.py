@@ -1,0 +1,452 @@
+"""Multiple-choice VQA and joint caption + VQA training: ``captioner train --task vqa|joint``
+(multi-GPU: ``torchrun --nproc_per_node=N -m captioner train --task vqa ...``).
+
+--task vqa    the encoder and the VQA head learn to pick the right choice (cross-entropy over each question's
+              own choices, padding masked). Every CaptionModel carries a caption decoder; here it is built small
+              and left untrained, and metrics.json says tasks: ["vqa"] so no one mistakes its captions for real.
+--task joint  caption batches (Flickr8k/COCO, the same CaptionLoss as ``captioner train``) and VQA batches
+              alternate on one shared encoder; an epoch is one pass over the larger task's images, the smaller
+              task's loader restarts when it runs out. metrics.json says tasks: ["caption", "vqa"].
+
+Questions are grouped by image: a step takes --batch-size images and up to --questions-per-image of each one's
+questions, so an image is encoded once per step. The machinery is training/train.py's: AMP, warmup + cosine,
+gradient clipping, DDP, exact --resume from OUTPUT/last (training_state.pt, loaded with weights_only=True),
+metrics.jsonl, curves.png, and OUTPUT/best chosen by val accuracy (vqa) or val accuracy + CIDEr-D (joint, both
+as fractions: a point of either counts the same).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torchvision import transforms as T
+from tqdm import tqdm
+
+from captioner.checkpoint import load_pretrained, save_pretrained
+from captioner.config import ModelConfig, PreprocessConfig, VQAConfig, preset
+from captioner.model import CaptionModel
+from captioner.preprocess import _interp
+
+from .datasets import CaptionDataset, encode_captions, pad_captions, read_dataset
+from .distributed import barrier, cleanup, init_distributed, is_main
+from .evaluate_vqa import predict, summarize
+from .features import FeatureDataset, cached_features
+from .train import (STATE, CaptionLoss, _jsonable, _loader, amp_settings, lr_lambda, pick_captions, rng_state,
+                    set_rng_state)
+from .train import evaluate as evaluate_captions
+from .vqa_data import build_vocab, encode_examples, group_by_image, pick_questions, qa_batch, read_vqa, vocab_texts
+
+log = logging.getLogger("captioner.train_vqa")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("captioner train --task vqa|joint", add_help=add_help, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=["vqa", "joint"], required=True)
+    g = p.add_argument_group("VQA data")
+    g.add_argument("--vqa-dataset", choices=["easy-vqa", "v7w", "vqa-mc"], default="easy-vqa")
+    g.add_argument("--vqa-annotations", help="v7w: dataset_v7w_telling.json; vqa-mc: train annotations")
+    g.add_argument("--vqa-questions", help="vqa-mc: train MultipleChoice questions JSON")
+    g.add_argument("--vqa-images", help="v7w / vqa-mc: image folder")
+    g.add_argument("--vqa-val-annotations", help="default: --vqa-annotations")
+    g.add_argument("--vqa-val-questions", help="default: --vqa-questions")
+    g.add_argument("--vqa-val-images", help="default: --vqa-images")
+    g.add_argument("--vqa-train-split", default="train")
+    g.add_argument("--vqa-val-split", default="val")
+    g.add_argument("--num-choices", type=int, default=4, help="easy-VQA: most choices per question")
+    g.add_argument("--max-train-questions", type=int, default=0, help="first N training questions (0 = all)")
+    g.add_argument("--max-val-questions", type=int, default=0)
+    g.add_argument("--questions-per-image", type=int, default=8, help="questions drawn per image per step")
+    g.add_argument("--flip", action="store_true", help="random horizontal flips (off: answers may say left/right)")
+    g = p.add_argument_group("caption data (--task joint; as in `captioner train`)")
+    g.add_argument("--dataset", choices=["karpathy", "coco"], default="karpathy")
+    g.add_argument("--annotations", help="Karpathy split JSON, or COCO captions_train*.json")
+    g.add_argument("--images", help="image root (Karpathy) or train image folder (COCO)")
+    g.add_argument("--val-annotations")
+    g.add_argument("--val-images")
+    g.add_argument("--train-split", default="train")
+    g.add_argument("--val-split", default="val")
+    g.add_argument("--max-train-images", type=int, default=0)
+    g.add_argument("--max-val-images", type=int, default=0)
+    g.add_argument("--max-length", type=int, default=16, help="longest caption in words")
+    g.add_argument("--captions-per-image", type=int, default=5)
+    g.add_argument("--min-count", type=int, default=3, help="words (captions, questions, answers) seen fewer "
+                                                            "times become <unk>")
+    g.add_argument("--workers", type=int, default=2)
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="compact", help="compact, vgg11/13/16/19 (optionally _bn)")
+    g.add_argument("--encoder-layers", help="override the conv stack, e.g. 16,M,32,M,64,M,64,M")
+    g.add_argument("--fc-dims", help="override the encoder FC widths, e.g. 128 (v = the last)")
+    g.add_argument("--pool-size", type=int, help="override the pooled grid before the FC head (1 = global "
+                                                 "average; >1 keeps where things are)")
+    g.add_argument("--encoder-dropout", type=float, help="override the preset's dropout after each encoder FC")
+    g.add_argument("--image-size", type=int, help="override the preset's crop size")
+    g.add_argument("--resize", type=int, help="shorter side before cropping (default: 8/7 of --image-size)")
+    g.add_argument("--encoder-weights", help="'imagenet' or a local .pth state dict")
+    g.add_argument("--freeze-encoder", action="store_true", help="keep the encoder fixed (enables the feature cache)")
+    g.add_argument("--finetune-after", type=int, default=-1)
+    g.add_argument("--feature-cache", default=".cache/features")
+    g.add_argument("--image-blind", action="store_true", help="baseline: v = 0, the model never sees the image")
+    g.add_argument("--vqa-cell", choices=["rnn", "gru", "lstm"], default="lstm")
+    g.add_argument("--vqa-embed-dim", type=int, default=128)
+    g.add_argument("--vqa-hidden-dim", type=int, default=256)
+    g.add_argument("--vqa-mlp-dim", type=int, default=512)
+    g.add_argument("--vqa-dropout", type=float, default=0.2)
+    g.add_argument("--max-choices", type=int, default=32)
+    g.add_argument("--cell", choices=["rnn", "gru", "lstm"], default="rnn", help="caption decoder cell")
+    g.add_argument("--inject", choices=["every", "first"], default="every")
+    g.add_argument("--embed-dim", type=int, help="caption decoder (default: 256 joint, 32 vqa: untrained there)")
+    g.add_argument("--hidden-dim", type=int, help="caption decoder (default: 512 joint, 32 vqa)")
+    g.add_argument("--num-layers", type=int, default=1)
+    g.add_argument("--dropout", type=float, default=0.5)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--batch-size", type=int, default=32, help="images per step per process (each task)")
+    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--encoder-lr", type=float)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    g.add_argument("--warmup-steps", type=int, default=200)
+    g.add_argument("--grad-clip", type=float, default=5.0)
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="caption loss only")
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("run")
+    g.add_argument("--output", required=True)
+    g.add_argument("--resume", action="store_true")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--eval-beam", type=int, default=3)
+    g.add_argument("--eval-batch-size", type=int, default=64)
+    g.add_argument("--no-java", action="store_true")
+    return p
+
+
+# ----------------------------------------------------------------------------- model and data
+
+def build_config(args: argparse.Namespace, vocab_size: int) -> ModelConfig:
+    small = args.task == "vqa"
+    cfg = preset(args.arch, cell=args.cell, inject=args.inject, num_layers=args.num_layers, dropout=args.dropout,
+                 embed_dim=args.embed_dim or (32 if small else 256), hidden_dim=args.hidden_dim or (32 if small else 512))
+    if args.encoder_layers:
+        cfg.encoder.layers = [c if c == "M" else int(c) for c in args.encoder_layers.split(",")]
+        cfg.encoder.arch = "custom"
+    if args.fc_dims:
+        cfg.encoder.fc_dims = [int(d) for d in args.fc_dims.split(",")]
+    if args.pool_size:
+        cfg.encoder.pool_size = args.pool_size
+    if args.encoder_dropout is not None:
+        cfg.encoder.dropout = args.encoder_dropout
+    if args.image_size:
+        cfg.preprocess.image_size = args.image_size
+        cfg.preprocess.resize = args.resize or round(args.image_size * 8 / 7)
+    elif args.resize:
+        cfg.preprocess.resize = args.resize
+    cfg.vqa = VQAConfig(cell=args.vqa_cell, embed_dim=args.vqa_embed_dim, hidden_dim=args.vqa_hidden_dim,
+                        mlp_dim=args.vqa_mlp_dim, dropout=args.vqa_dropout, max_choices=args.max_choices)
+    cfg.vocab_size, cfg.max_length, cfg.name = vocab_size, args.max_length, Path(args.output).name
+    cfg.__post_init__()  # validate the edited config
+    return cfg
+
+
+def vqa_train_transform(cfg: PreprocessConfig, flip: bool) -> T.Compose:
+    """The caption train transform without the horizontal flip unless asked: "on the left" must stay left."""
+    return T.Compose([
+        T.Resize(cfg.resize, interpolation=_interp(cfg), antialias=True),
+        T.RandomCrop(cfg.image_size),
+        *([T.RandomHorizontalFlip()] if flip else []),
+        T.ToTensor(),
+        T.Normalize(cfg.mean, cfg.std),
+    ])
+
+
+def read_vqa_splits(args):
+    train = read_vqa(args.vqa_dataset, args.vqa_train_split, args.vqa_annotations, args.vqa_images,
+                     args.vqa_questions, args.num_choices, args.seed)
+    val = read_vqa(args.vqa_dataset, args.vqa_val_split, args.vqa_val_annotations or args.vqa_annotations,
+                   args.vqa_val_images or args.vqa_images, args.vqa_val_questions or args.vqa_questions,
+                   args.num_choices, args.seed)
+    return train[: args.max_train_questions or None], val[: args.max_val_questions or None]
+
+
+def read_caption_splits(args):
+    if not (args.annotations and args.images):
+        raise SystemExit("--task joint needs caption data: --annotations and --images (as in `captioner train`)")
+    train = read_dataset(args.dataset, args.annotations, args.images, args.train_split)
+    if args.dataset == "coco" and not (args.val_annotations and args.val_images):
+        raise SystemExit("--dataset coco needs --val-annotations and --val-images")
+    val = read_dataset(args.dataset, args.val_annotations or args.annotations, args.val_images or args.images,
+                       args.val_split)
+    return train[: args.max_train_images or None], [r for r in val[: args.max_val_images or None] if r.captions]
+
+
+class TaskLoss(nn.Module):
+    """One module for DDP to wrap: ('caption', ...) -> train.py's CaptionLoss; ('vqa', ...) -> cross-entropy over
+    each question's choices (padding choices carry the lowest logit, so they add nothing)."""
+
+    def __init__(self, model: CaptionModel, label_smoothing: float, image_blind: bool) -> None:
+        super().__init__()
+        self.caption = CaptionLoss(model, label_smoothing, image_blind)
+
+    def forward(self, task: str, x: torch.Tensor, is_features: bool, rep: torch.Tensor, *t: torch.Tensor):
+        if task == "caption":
+            return self.caption(x, is_features, rep, *t)
+        model = self.caption.model
+        question, choices, mask, target = t
+        if self.caption.blind:
+            v = x.new_zeros(x.size(0), model.cfg.encoder.feature_dim)
+        else:
+            v = x if is_features else model.encode(x)  # (B, D)
+        logits = model.answer_logits(v[rep], question, choices, mask)  # (N, C)
+        return F.cross_entropy(logits.float(), target)
+
+
+def train_one_epoch(step_fn, model, optimizer, scheduler, scaler, streams, args, epoch, device, amp_dtype, params):
+    """Alternate one batch per task; ``streams`` = [(task, loader, data)], data the task's targets."""
+    step_fn.train()
+    if args.frozen_now:
+        model.encoder.eval()  # frozen BatchNorm statistics stay put
+    g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+    iters = {task: iter(loader) for task, loader, _ in streams}
+    steps = max(len(loader) for _, loader, _ in streams) * len(streams)
+    stats = {task: [0.0, 0] for task, _, _ in streams}
+    n_img, t0 = 0, time.perf_counter()
+    bar = tqdm(range(steps), desc=f"epoch {epoch}", disable=not is_main(), dynamic_ncols=True, leave=False)
+    for step in bar:
+        task, loader, data = streams[step % len(streams)]
+        try:
+            batch = next(iters[task])
+        except StopIteration:  # the smaller task goes round again
+            iters[task] = iter(loader)
+            batch = next(iters[task])
+        if batch["images"].size(0) == 0:
+            continue
+        idx = batch["indices"].tolist()
+        if task == "caption":
+            seqs, rep = pick_captions(idx, data, args.captions_per_image, g)
+            tensors = pad_captions(seqs, args.max_length)
+        else:
+            encoded, per_image = data
+            picks, rep = pick_questions(idx, per_image, args.questions_per_image, g)
+            b = qa_batch(encoded, picks)
+            tensors = (b["question"], b["choices"], b["choice_mask"], b["target"])
+        x = batch["images"].to(device, non_blocking=True)
+        ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+        with ctx:
+            loss = step_fn(task, x, bool(batch.get("is_features")), rep.to(device), *(t.to(device) for t in tensors))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if args.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        stats[task][0] += loss.item()
+        stats[task][1] += 1
+        n_img += len(idx)
+        bar.set_postfix(**{f"{k}_loss": f"{s / max(1, n):.3f}" for k, (s, n) in stats.items()},
+                        img_s=f"{n_img / (time.perf_counter() - t0):.0f}")
+    row = {f"train_{k}_loss": s / max(1, n) for k, (s, n) in stats.items()}
+    row["train_images_per_s"] = n_img / (time.perf_counter() - t0)
+    return row
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(args: argparse.Namespace) -> CaptionModel:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank, world, device = init_distributed(args.device)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    out = Path(args.output)
+    last = out / "last"
+    amp_dtype, use_scaler = amp_settings(args.amp, device)
+    joint = args.task == "joint"
+    tasks = ["caption", "vqa"] if joint else ["vqa"]
+
+    vqa_train, vqa_val = read_vqa_splits(args)
+    cap_train, cap_val = read_caption_splits(args) if joint else ([], [])
+
+    state = None
+    if args.resume:
+        if not (last / STATE).is_file():
+            raise SystemExit(f"--resume: {last / STATE} not found")
+        model, vocab = load_pretrained(last, "cpu")
+        if model.vqa is None:
+            raise SystemExit(f"--resume: {last} has no VQA head")
+        state = torch.load(last / STATE, map_location="cpu", weights_only=True)
+    else:
+        texts = itertools.chain(vocab_texts(vqa_train), (c for r in cap_train for c in r.captions))
+        vocab = build_vocab(texts, args.min_count)
+        model = CaptionModel(build_config(args, len(vocab)))
+        if args.encoder_weights:
+            model.encoder.load_imagenet(args.encoder_weights)
+    cfg = model.cfg
+    model.to(device)
+
+    enc_train = encode_examples(vqa_train, vocab, cfg.vqa)
+    enc_val = encode_examples(vqa_val, vocab, cfg.vqa)
+    rec_train, per_img_train = group_by_image(vqa_train)
+    rec_val, per_img_val = group_by_image(vqa_val)
+    cap_train_caps = encode_captions(cap_train, vocab, args.max_length)
+    cap_val_caps = encode_captions(cap_val, vocab, args.max_length)
+    if is_main():
+        log.info("tasks %s: VQA %d train questions on %d images, %d val questions on %d images; captions %d train, "
+                 "%d val images; vocab %d words, %.2fM parameters, device %s, amp %s, world %d", tasks,
+                 len(vqa_train), len(rec_train), len(vqa_val), len(rec_val), len(cap_train), len(cap_val), len(vocab),
+                 sum(p.numel() for p in model.parameters()) / 1e6, device, amp_dtype, world)
+
+    if not joint:
+        model.decoder.requires_grad_(False)  # untrained in a VQA-only model; kept only because CaptionModel has one
+    enc_params = list(model.encoder.parameters())
+    head_params = list(model.vqa.parameters()) + (list(model.decoder.parameters()) if joint else [])
+    optimizer = torch.optim.Adam([{"params": head_params, "lr": args.lr},
+                                  {"params": enc_params, "lr": args.encoder_lr or args.lr}],
+                                 weight_decay=args.weight_decay)
+    per_task = [math.ceil(len(rec_train) / (args.batch_size * world))]
+    if joint:
+        per_task.append(math.ceil(len(cap_train) / (args.batch_size * world)))
+    steps_per_epoch = max(per_task) * len(tasks)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(args.schedule, args.warmup_steps, steps_per_epoch * args.epochs))
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    start_epoch, best, rows = 0, -1.0, []
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best, rows = state["epoch"] + 1, state["best"], json.loads(state["rows"])
+        set_rng_state(state["rng"])
+        if is_main():
+            log.info("resumed from %s at epoch %d (best score %.4f)", last, start_epoch, best)
+
+    for epoch in range(start_epoch, args.epochs):
+        frozen = args.image_blind or (args.freeze_encoder and not (0 <= args.finetune_after <= epoch))
+        args.frozen_now = frozen
+        for p_ in enc_params:
+            p_.requires_grad_(not frozen)
+
+        def images(records, train: bool, vqa: bool):
+            if args.image_blind:  # never opened: a placeholder dataset of readable "images"
+                return FeatureDataset({"features": torch.zeros(len(records), 1),
+                                       "ok": torch.ones(len(records), dtype=torch.bool)})
+            if frozen:  # no augmentation with a frozen encoder: encode every image once, cached on disk
+                return FeatureDataset(cached_features(model, records, args.feature_cache, device, amp_dtype,
+                                                      args.eval_batch_size, args.workers))
+            tf = vqa_train_transform(cfg.preprocess, args.flip) if (train and vqa) else None
+            return CaptionDataset(records, cfg.preprocess, train=train, transform=tf)
+
+        streams = [("vqa", _loader(images(rec_train, True, True), args.batch_size, True, args.workers, args.seed,
+                                   epoch, world, rank), (enc_train, per_img_train))]
+        if joint:
+            streams.insert(0, ("caption", _loader(images(cap_train, True, False), args.batch_size, True, args.workers,
+                                                  args.seed + 1, epoch, world, rank), cap_train_caps))
+        loss_mod = TaskLoss(model, args.label_smoothing, args.image_blind)
+        # joint: each step uses only one task's head, so DDP must expect unused parameters
+        step_fn = DistributedDataParallel(loss_mod, find_unused_parameters=joint) if world > 1 else loss_mod
+        params = [p_ for p_ in model.parameters() if p_.requires_grad]
+        t0 = time.perf_counter()
+        row = {"epoch": epoch, **train_one_epoch(step_fn, model, optimizer, scheduler, scaler, streams, args, epoch,
+                                                 device, amp_dtype, params)}
+        row["lr"] = optimizer.param_groups[0]["lr"]
+        row["train_seconds"] = time.perf_counter() - t0
+        if is_main():
+            ctx = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+            vl = _loader(images(rec_val, False, True), args.eval_batch_size, False, args.workers, args.seed, epoch, 1, 0)
+            mode = "zero" if args.image_blind else "image"
+            raw = predict(model, vl, enc_val, per_img_val, device, ctx, modes=(mode,), progress=True)[mode]
+            vm = summarize(enc_val, [e.qtype for e in vqa_val], raw["pred"])
+            row.update({"val_vqa_loss": raw["loss"] / max(1, raw["n"]), "val_accuracy": vm["accuracy"],
+                        "val_chance": vm["chance"],
+                        "val_accuracy_per_type": {k: d["accuracy"] for k, d in vm["per_type"].items()}})
+            score = vm["accuracy"]
+            if joint:
+                cl = _loader(images(cap_val, False, False), args.eval_batch_size, False, args.workers, args.seed,
+                             epoch, 1, 0)
+                m = evaluate_captions(model, cl, cap_val, cap_val_caps, vocab, args, device, amp_dtype)
+                row.update({k: m[k] for k in ("val_loss", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR",
+                                              "ROUGE-L", "CIDEr-D", "SPICE")})
+                row["examples"] = m["examples"]
+                score += row["CIDEr-D"]
+            row["score"] = score
+            rows.append(row)
+            log.info("epoch %d: %s, val accuracy %.2f%% (chance %.2f%%)%s, %.1f img/s", epoch,
+                     ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("train_") and k.endswith("loss")),
+                     100 * vm["accuracy"], 100 * vm["chance"],
+                     f", CIDEr-D {100 * row['CIDEr-D']:.1f}" if joint else "", row["train_images_per_s"])
+            metrics = {"epoch": epoch, "tasks": tasks, "image_blind": args.image_blind,
+                       "vqa_dataset": args.vqa_dataset, "vqa_split": args.vqa_val_split,
+                       **({"split": args.val_split, "beam_size": args.eval_beam} if joint else {}),
+                       **{k: v for k, v in row.items() if k != "examples"}, "args": _jsonable(vars(args))}
+            is_best = score > best
+            best = max(best, score)
+            train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                           "scaler": scaler.state_dict(), "epoch": epoch, "best": best,
+                           "rows": json.dumps(rows), "rng": rng_state()}
+            save_pretrained(model, vocab, last, metrics=metrics,
+                            extra_files={STATE: lambda d: torch.save(train_state, d / STATE)})
+            if is_best:
+                save_pretrained(model, vocab, out / "best", metrics=metrics, card=_card(metrics, cfg))
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            _plot(rows, out / "curves.png")
+        barrier()
+    cleanup()
+    return model
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for k in sorted({k for r in rows for k in r if k.endswith("loss")}):
+        a.plot(ep, [r.get(k) for r in rows], "o-", label=k)
+    a.set_xlabel("epoch"), a.set_ylabel("cross-entropy"), a.legend()
+    b.plot(ep, [100 * r["val_accuracy"] for r in rows], "o-", label="VQA val accuracy %")
+    b.plot(ep, [100 * r["val_chance"] for r in rows], "--", label="chance %")
+    if "CIDEr-D" in rows[0]:
+        b.plot(ep, [100 * r["CIDEr-D"] for r in rows], "o-", label="CIDEr-D")
+    b.set_xlabel("epoch"), b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _card(metrics: dict, cfg: ModelConfig) -> str:
+    a, q = metrics["args"], cfg.vqa
+    lines = [f"# {cfg.name}", "",
+             f"Trained tasks: {', '.join(metrics['tasks'])}."
+             + ("" if "caption" in metrics["tasks"] else " The caption decoder is untrained: do not use its captions."),
+             "", f"{cfg.encoder.arch} encoder (v = {cfg.encoder.feature_dim}-d, {cfg.preprocess.image_size} px); VQA head: "
+             f"bidirectional {q.cell} question encoder with W_ih·v at every step, {q.cell} answer encoder, MLP scorer "
+             f"({q.hidden_dim}-d); vocabulary {cfg.vocab_size}.", "",
+             f"VQA data: {a.get('vqa_dataset')}, epoch {metrics['epoch']}"
+             + (" (image-blind baseline: v = 0)." if metrics.get("image_blind") else "."), "",
+             f"## Validation ({metrics['vqa_split']})", "", "| question type | accuracy |", "|---|---|",
+             f"| all | {100 * metrics['val_accuracy']:.2f} % (chance {100 * metrics['val_chance']:.2f} %) |"]
+    for t, v in metrics["val_accuracy_per_type"].items():
+        lines.append(f"| {t} | {100 * v:.2f} % |")
+    if "CIDEr-D" in metrics:
+        lines += ["", f"Captions ({metrics['split']}, beam {metrics['beam_size']}): "
+                  + ", ".join(f"{k} {100 * metrics[k]:.1f}" for k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
+                              if metrics.get(k) is not None)]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
