@@ -1,9 +1,10 @@
 """Image captioning with a VGG-style encoder and a W_ih·v recurrent decoder."""
-from .api import Caption, Captioner
-from .config import DecoderConfig, EncoderConfig, ModelConfig, PreprocessConfig, preset
+from .api import Answer, Caption, Captioner
+from .config import DecoderConfig, EncoderConfig, ModelConfig, PreprocessConfig, VQAConfig, preset
 from .model import CaptionModel
 from .tokenizer import Vocabulary
+from .vqa import VQAInputError
 
-__all__ = ["Caption", "Captioner", "CaptionModel", "DecoderConfig", "EncoderConfig", "ModelConfig",
-           "PreprocessConfig", "Vocabulary", "preset"]
+__all__ = ["Answer", "Caption", "Captioner", "CaptionModel", "DecoderConfig", "EncoderConfig", "ModelConfig",
+           "PreprocessConfig", "VQAConfig", "VQAInputError", "Vocabulary", "preset"]
 __version__ = "0.1.0"

@@ -17,7 +17,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
-from .fileio import write_json_atomic  # noqa: F401  (re-exported)
 from .model import CaptionModel
 from .tokenizer import Vocabulary
 

@@ -5,7 +5,8 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import IO, Any
 
 
 def _json_default(obj: Any) -> Any:
@@ -17,14 +18,15 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = None) -> None:
-    """Write JSON so readers never see a partial file: temp file in the same directory, then os.replace."""
+def write_text_atomic(path: str | os.PathLike, fill: Callable[[IO[str]], None]) -> None:
+    """Write a text file so readers never see a partial one: ``fill(f)`` writes a temp file in the same
+    directory, which is fsynced and renamed over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=indent, default=_json_default)
+            fill(f)
             f.flush()
             os.fsync(f.fileno())
         # mkstemp creates 0600; keep an existing file's mode, else the usual 0644
@@ -36,3 +38,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None =
         except FileNotFoundError:
             pass
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = None) -> None:
+    write_text_atomic(path, lambda f: json.dump(obj, f, ensure_ascii=False, indent=indent, default=_json_default))

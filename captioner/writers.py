@@ -15,14 +15,13 @@ import io
 import json
 import os
 import sys
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .fileio import write_json_atomic
+from .fileio import write_json_atomic, write_text_atomic
 from .inputs import path_key
 
 FORMATS = ("jsonl", "coco", "html")
@@ -100,7 +99,7 @@ def drop_errors(path: str) -> int:
     rf = read_records(path, repair=True)
     keep = [r for r in rf.records if "error" not in r]
     if len(keep) != len(rf.records):
-        _write_text_atomic(path, lambda f: f.writelines(json_line(r) for r in keep))
+        write_text_atomic(path, lambda f: f.writelines(json_line(r) for r in keep))
     return len(rf.records) - len(keep)
 
 
@@ -150,25 +149,6 @@ class RecordWriter:
 
 
 # ---------------------------------------------------------------------------------------------- final outputs
-
-
-def _write_text_atomic(path: str, fill: Callable[[IO[str]], None]) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            fill(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, p.stat().st_mode & 0o7777 if p.exists() else 0o644)
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def coco_results(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -239,14 +219,14 @@ def write_html(path: str, records: Sequence[dict[str, Any]], title: str = "Capti
                 f.write("</figcaption></figure>\n")
         f.write("</div>\n</body></html>\n")
 
-    _write_text_atomic(path, fill)
+    write_text_atomic(path, fill)
 
 
 def write_output(out: str, fmt: str, records: Sequence[dict[str, Any]], title: str = "Captions", workers: int = 4,
                  progress: bool = True) -> None:
     """Write the final output file (atomically) from records already in input order."""
     if fmt == "jsonl":
-        _write_text_atomic(out, lambda f: f.writelines(json_line(r) for r in records))
+        write_text_atomic(out, lambda f: f.writelines(json_line(r) for r in records))
     elif fmt == "coco":
         write_json_atomic(out, coco_results(records))
     elif fmt == "html":

@@ -111,7 +111,7 @@ def test_resume_is_exact(data, tmp_path, monkeypatch):
 
 def test_evaluate_with_baselines(data, trained, tmp_path, capsys):
     blind = tmp_path / "blind"
-    assert cli(_vqa_args(data, blind, "--epochs", "3", "--image-blind")) == 0
+    assert cli(_vqa_args(data, blind, "--epochs", "1", "--image-blind")) == 0
     assert json.loads((blind / "best" / "metrics.json").read_text())["image_blind"] is True
     out = tmp_path / "res.json"
     assert cli(["evaluate", "--task", "vqa", "--checkpoint", str(trained / "best"), "--dataset", "v7w",

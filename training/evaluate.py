@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner.api import Captioner
-from captioner.checkpoint import write_json_atomic
+from captioner.fileio import write_json_atomic
 
 from .datasets import CaptionDataset, collate, read_dataset
 from .metrics import format_metrics, read_results, score_captions, write_results

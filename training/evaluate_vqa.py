@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner.api import Captioner, autocast
-from captioner.checkpoint import write_json_atomic
+from captioner.fileio import write_json_atomic
 from captioner.model import CaptionModel
 from captioner.vqa import VQAUnavailableError
 

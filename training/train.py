@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from tqdm import tqdm
 
-from captioner.checkpoint import load_pretrained, save_pretrained, write_json_atomic
+from captioner.checkpoint import load_pretrained, save_pretrained
 from captioner.config import preset
 from captioner.model import CaptionModel
 from captioner.tokenizer import PAD_ID, Vocabulary
@@ -126,6 +126,21 @@ def set_rng_state(s: dict) -> None:
     random.setstate((3, tuple(s["python"]), None))
     if s.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def training_state(optimizer, scheduler, scaler, epoch: int, best: float, rows: list[dict]) -> dict:
+    """What --resume needs beside the weights; only tensors and plain types, so weights_only=True loads it."""
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "epoch": epoch, "best": best, "rows": json.dumps(rows), "rng": rng_state()}
+
+
+def restore_training_state(state: dict, optimizer, scheduler, scaler) -> tuple[int, float, list[dict]]:
+    """Inverse of training_state(); returns (first epoch to run, best score so far, metric rows so far)."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return state["epoch"] + 1, state["best"], json.loads(state["rows"])
 
 
 class CaptionLoss(nn.Module):
@@ -329,11 +344,7 @@ def main(args: argparse.Namespace) -> CaptionModel:
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     start_epoch, best, rows = 0, -1.0, []
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, best, rows = state["epoch"] + 1, state["best"], json.loads(state["rows"])
-        set_rng_state(state["rng"])
+        start_epoch, best, rows = restore_training_state(state, optimizer, scheduler, scaler)
         if is_main():
             log.info("resumed from %s at epoch %d (best CIDEr-D %.3f)", last, start_epoch, best)
 
@@ -376,9 +387,7 @@ def main(args: argparse.Namespace) -> CaptionModel:
                        **{k: v for k, v in row.items() if k != "examples"}, "args": _jsonable(vars(args))}
             is_best = row["CIDEr-D"] > best
             best = max(best, row["CIDEr-D"])
-            train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                           "scaler": scaler.state_dict(), "epoch": epoch, "best": best,
-                           "rows": json.dumps(rows), "rng": rng_state()}
+            train_state = training_state(optimizer, scheduler, scaler, epoch, best, rows)
             save_pretrained(model, vocab, last, metrics=metrics,
                             extra_files={STATE: lambda d: torch.save(train_state, d / STATE)})
             if is_best:

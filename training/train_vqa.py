@@ -42,8 +42,8 @@ from .datasets import CaptionDataset, encode_captions, pad_captions, read_datase
 from .distributed import barrier, cleanup, init_distributed, is_main
 from .evaluate_vqa import predict, summarize
 from .features import FeatureDataset, cached_features
-from .train import (STATE, CaptionLoss, _jsonable, _loader, amp_settings, lr_lambda, pick_captions, rng_state,
-                    set_rng_state)
+from .train import (STATE, CaptionLoss, _jsonable, _loader, amp_settings, lr_lambda, pick_captions,
+                    restore_training_state, training_state)
 from .train import evaluate as evaluate_captions
 from .vqa_data import build_vocab, encode_examples, group_by_image, pick_questions, qa_batch, read_vqa, vocab_texts
 
@@ -323,11 +323,7 @@ def main(args: argparse.Namespace) -> CaptionModel:
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     start_epoch, best, rows = 0, -1.0, []
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, best, rows = state["epoch"] + 1, state["best"], json.loads(state["rows"])
-        set_rng_state(state["rng"])
+        start_epoch, best, rows = restore_training_state(state, optimizer, scheduler, scaler)
         if is_main():
             log.info("resumed from %s at epoch %d (best score %.4f)", last, start_epoch, best)
 
@@ -391,9 +387,7 @@ def main(args: argparse.Namespace) -> CaptionModel:
                        **{k: v for k, v in row.items() if k != "examples"}, "args": _jsonable(vars(args))}
             is_best = score > best
             best = max(best, score)
-            train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                           "scaler": scaler.state_dict(), "epoch": epoch, "best": best,
-                           "rows": json.dumps(rows), "rng": rng_state()}
+            train_state = training_state(optimizer, scheduler, scaler, epoch, best, rows)
             save_pretrained(model, vocab, last, metrics=metrics,
                             extra_files={STATE: lambda d: torch.save(train_state, d / STATE)})
             if is_best:

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import random
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +31,6 @@ from .datasets import DatasetError, ImageRecord, _check_image_root, _load_json
 
 log = logging.getLogger(__name__)
 
-V7W_TYPES = ("what", "where", "when", "who", "why", "how")
 EASY_VQA_TYPES = {  # answer type -> its answers (easy-VQA's 13 answers)
     "yes/no": ("yes", "no"),
     "shape": ("circle", "rectangle", "triangle"),
