@@ -335,8 +335,7 @@ def main(args: argparse.Namespace) -> CaptionModel:
 
         def images(records, train: bool, vqa: bool):
             if args.image_blind:  # never opened: a placeholder dataset of readable "images"
-                return FeatureDataset({"features": torch.zeros(len(records), 1),
-                                       "ok": torch.ones(len(records), dtype=torch.bool)})
+                return FeatureDataset.placeholder(len(records))
             if frozen:  # no augmentation with a frozen encoder: encode every image once, cached on disk
                 return FeatureDataset(cached_features(model, records, args.feature_cache, device, amp_dtype,
                                                       args.eval_batch_size, args.workers))
