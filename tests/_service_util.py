@@ -139,3 +139,23 @@ def serve_in_thread(app, port: int | None = None):
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def in_threads(fn, n: int) -> list:
+    """fn(0..n-1) on n threads at once; each result, or the exception it raised, in order."""
+    import threading
+
+    out: list = [None] * n
+
+    def work(i):
+        try:
+            out[i] = fn(i)
+        except Exception as e:  # noqa: BLE001  (reported by the callers' assertions)
+            out[i] = e
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out

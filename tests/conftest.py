@@ -57,3 +57,14 @@ def tiny_checkpoint(tmp_path):
     with torch.no_grad():
         model.decoder.layers[0].W_ih.weight.mul_(30)
     return save_pretrained(model, Vocabulary(TINY_WORDS), tmp_path / "tiny-ckpt")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: on tiny tensors thread hand-offs cost more than they save on a shared CPU."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -19,12 +19,7 @@ from captioner.tokenizer import BOS_ID, EOS_ID, PAD_ID, Vocabulary
 from tests.conftest import TINY_WORDS, tiny_model_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: thread hand-offs cost more than they save on a shared CPU
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CAPTIONS = ["a dog runs on the grass", "a cat in the water", "two people on the grass", "a man in red",

@@ -18,12 +18,7 @@ from captioner.tokenizer import (BOS_ID, EOS_ID, PAD_ID, SPECIALS, UNK, UNK_ID, 
 from tests.conftest import TINY_WORDS, tiny_model_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than they save on a shared CPU
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0, **decoder) -> CaptionModel:

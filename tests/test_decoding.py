@@ -25,13 +25,7 @@ CAPTIONS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny ops are dominated by thread hand-offs; on a shared 2-core machine one thread is several times faster
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(cell: str = "lstm", inject: str = "every", steps: int = 40, seed: int = 0) -> CaptionModel:

@@ -9,12 +9,7 @@ from captioner.config import EncoderConfig, preset
 from captioner.encoder import VGGEncoder
 from tests.conftest import tiny_model_config
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: thread hand-offs cost more than they save on a shared CPU
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TV = {"vgg11": tvm.vgg11, "vgg13": tvm.vgg13, "vgg16": tvm.vgg16, "vgg19": tvm.vgg19,

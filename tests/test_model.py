@@ -10,12 +10,7 @@ from captioner.decoder import Decoder
 from captioner.model import CaptionModel
 from tests.conftest import tiny_model_config
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: thread hand-offs cost more than they save on a shared CPU
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 V, E, H, D = 11, 5, 6, 7  # vocab, embedding, hidden, image feature sizes: small enough to check by hand

@@ -13,7 +13,7 @@ pytest.importorskip("fastapi", reason="service extra not installed (pip install 
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from _service_util import jpeg_bytes, metric_value, png_bomb_header, wait_ready  # noqa: E402
+from _service_util import in_threads, jpeg_bytes, metric_value, png_bomb_header, wait_ready  # noqa: E402
 from captioner.api import Captioner  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.settings import Settings  # noqa: E402
@@ -205,20 +205,6 @@ def test_metrics_count_requests_images_and_batches(client):
 
 # ----------------------------------------------------------------------------- batching and failures
 
-def concurrent(fn, n: int) -> list:
-    out: list = [None] * n
-
-    def work(i):
-        out[i] = fn(i)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
-
-
 def slowed(checkpoint, seconds: float) -> tuple[Captioner, list]:
     """A loaded tiny model whose encoder takes ``seconds`` per batch; calls[] records batch sizes."""
     cap = Captioner.from_pretrained(checkpoint, "cpu")
@@ -237,7 +223,7 @@ def slowed(checkpoint, seconds: float) -> tuple[Captioner, list]:
 def test_concurrent_requests_share_batches(tiny_checkpoint):
     cap, calls = slowed(tiny_checkpoint, 0.2)
     with client_for(tiny_checkpoint, cap, max_batch_size=16, max_delay_ms=50, warmup=False, encode_batch_size=16) as c:
-        rs = concurrent(lambda i: post_image(c, jpeg_bytes(seed=i)), 12)
+        rs = in_threads(lambda i: post_image(c, jpeg_bytes(seed=i)), 12)
         assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
         text = c.get("/metrics").text
     assert max(r.json()["batch_size"] for r in rs) > 1
@@ -248,7 +234,7 @@ def test_concurrent_requests_share_batches(tiny_checkpoint):
 def test_queue_overflow_is_503_with_retry_after(tiny_checkpoint):
     cap, _ = slowed(tiny_checkpoint, 0.5)
     with client_for(tiny_checkpoint, cap, max_batch_size=1, max_queue=1, max_delay_ms=0, warmup=False) as c:
-        rs = concurrent(lambda i: (time.sleep(0.1 * i), post_image(c))[1], 4)
+        rs = in_threads(lambda i: (time.sleep(0.1 * i), post_image(c))[1], 4)
         codes = sorted(r.status_code for r in rs)
         assert codes.count(200) >= 2 and 503 in codes, codes
         busy = next(r for r in rs if r.status_code == 503)
@@ -258,7 +244,7 @@ def test_queue_overflow_is_503_with_retry_after(tiny_checkpoint):
 def test_timeout_is_504_and_the_queued_work_is_dropped(tiny_checkpoint):
     cap, calls = slowed(tiny_checkpoint, 0.6)
     with client_for(tiny_checkpoint, cap, max_batch_size=1, max_delay_ms=0, request_timeout_s=0.3, warmup=False) as c:
-        rs = concurrent(lambda i: (time.sleep(0.05 * i), post_image(c))[1], 2)
+        rs = in_threads(lambda i: (time.sleep(0.05 * i), post_image(c))[1], 2)
         assert [r.status_code for r in rs] == [504, 504], [r.text for r in rs]
         time.sleep(0.8)  # the first batch finishes; the second request's work must not start
         text = c.get("/metrics").text

@@ -11,30 +11,13 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn", reason="service extra not installed (pip install -e '.[serve]')")
 
-from _service_util import jpeg_bytes, metric_value, serve_process, wait_http_ready  # noqa: E402
+from _service_util import in_threads, jpeg_bytes, metric_value, serve_process, wait_http_ready  # noqa: E402
 
 JPG = jpeg_bytes()
 
 
 def post(url: str, data: bytes = JPG, timeout: float = 30, **kw) -> httpx.Response:
     return httpx.post(f"{url}/v1/captions", files={"image": ("x.jpg", data, "image/jpeg")}, timeout=timeout, **kw)
-
-
-def in_threads(fn, n: int) -> list:
-    out: list = [None] * n
-
-    def work(i):
-        try:
-            out[i] = fn(i)
-        except Exception as e:  # noqa: BLE001  (reported by the assertions)
-            out[i] = e
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
 
 
 def slow_upload(url: str, headers: dict, release: threading.Event, out: dict) -> None:
