@@ -110,7 +110,7 @@ def main() -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a loader worker
     t0 = time.perf_counter()
-    tensors = [cap.transform(load_image(q)) for q in paths]
+    tensors = [cap.transform(load_image(q, min_side=cap.cfg.preprocess.resize)) for q in paths]
     decode_ms = (time.perf_counter() - t0) / n * 1e3
     torch.set_num_threads(threads)
     batches = [torch.stack(tensors[i:i + args.batch_size]) for i in range(0, n, args.batch_size)]

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .inputs import InputError, Item, assign_image_ids, dataset_items, expand_inputs, parse_shard, shard
+from .config import PreprocessConfig
 from .preprocess import ImageError, eval_transform, load_image
 from .writers import RecordWriter, drop_errors, format_for, in_input_order, read_records, records_path, write_output
 
@@ -85,16 +86,16 @@ class ImageFiles(Dataset):
     """Reads and preprocesses one image per item in the loader workers; never raises: a file that cannot be
     read comes back as its error message, so one bad file cannot stop a run of millions."""
 
-    def __init__(self, paths: Sequence[str], transform) -> None:
+    def __init__(self, paths: Sequence[str], preprocess: PreprocessConfig) -> None:
         self.paths = list(paths)
-        self.transform = transform
+        self.transform, self.min_side = eval_transform(preprocess), preprocess.resize
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return i, self.transform(load_image(self.paths[i])), None
+            return i, self.transform(load_image(self.paths[i], min_side=self.min_side)), None
         except ImageError as e:
             return i, None, str(e)
         except Exception as e:  # noqa: BLE001 - anything else a strange file triggers in PIL or the transform
@@ -218,7 +219,7 @@ def caption_items(cap, todo: Sequence[tuple[int, Item]], out_path: str, gen: dic
     s = Summary(images=len(todo))
     if not todo:
         return s
-    ds = ImageFiles([it.path for _, it in todo], eval_transform(cap.cfg.preprocess))
+    ds = ImageFiles([it.path for _, it in todo], cap.cfg.preprocess)
     cuda = cap.device.type == "cuda"
     dl = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
                     pin_memory=cuda, worker_init_fn=_worker_init if workers else None,

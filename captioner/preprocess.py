@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 from pathlib import Path
 from typing import Union
 
 import torch
 from PIL import Image, UnidentifiedImageError
+from PIL.JpegImagePlugin import JpegImageFile
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
@@ -20,8 +22,20 @@ class ImageError(ValueError):
     """An input that is not a readable image; the message says why."""
 
 
-def load_image(src: ImageInput, max_pixels: int | None = 178_956_970) -> Image.Image:
-    """Open a path, bytes or PIL image as an RGB PIL image, with a clear error for bad input."""
+def draft(im: Image.Image, min_side: int | None) -> None:
+    """Let a not yet decoded JPEG decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) when that still leaves
+    at least ``min_side`` pixels on its shorter side. The resize to ``min_side`` that follows then starts from
+    fewer pixels: decoding gets 2-4x cheaper and the result differs by about one grey level on average.
+    Every path that feeds a model (API, CLI, service, training) decodes this way, so they see the same pixels."""
+    if min_side and isinstance(im, JpegImageFile):
+        scale = min_side / min(im.size)
+        if scale <= 0.5:
+            im.draft("RGB", (math.ceil(im.width * scale), math.ceil(im.height * scale)))
+
+
+def load_image(src: ImageInput, max_pixels: int | None = 178_956_970, min_side: int | None = None) -> Image.Image:
+    """Open a path, bytes or PIL image as an RGB PIL image, with a clear error for bad input. ``min_side``: the
+    shorter side the caller resizes to next (PreprocessConfig.resize), which lets JPEGs decode at reduced scale."""
     if isinstance(src, Image.Image):
         return src.convert("RGB")
     if isinstance(src, (bytes, bytearray)):
@@ -39,6 +53,7 @@ def load_image(src: ImageInput, max_pixels: int | None = 178_956_970) -> Image.I
         with Image.open(fp) as im:
             if max_pixels is not None and im.width * im.height > max_pixels:
                 raise ImageError(f"{name}: {im.width}x{im.height} exceeds the {max_pixels}-pixel limit")
+            draft(im, min_side)
             return im.convert("RGB")  # forces a full decode, so truncated files fail here
     except ImageError:
         raise
@@ -87,4 +102,4 @@ def to_tensor(src: ImageInput, cfg: PreprocessConfig, transform=None) -> torch.T
         if src.is_floating_point() and src.shape[1:] == (cfg.image_size, cfg.image_size):
             return src
         src = T.functional.to_pil_image(src if src.dtype == torch.uint8 else src.clamp(0, 1))
-    return (transform or eval_transform(cfg))(load_image(src))
+    return (transform or eval_transform(cfg))(load_image(src, min_side=cfg.resize))

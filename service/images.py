@@ -14,7 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from captioner.config import PreprocessConfig
-from captioner.preprocess import to_tensor
+from captioner.preprocess import draft, to_tensor
 
 # formats PIL decodes safely from memory; others (EPS needs Ghostscript, PDF, ...) are refused
 ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
@@ -73,7 +73,8 @@ def load_upload(data: bytes, cfg: PreprocessConfig, transform, max_bytes: int, m
         if w < 1 or h < 1:
             raise ImageRejected(422, f"image has no pixels ({w}x{h})")
         try:
-            rgb = im.convert("RGB")  # full decode: truncated or corrupt data fails here
+            draft(im, cfg.resize)
+            rgb = im.convert("RGB")  # decodes: truncated or corrupt data fails here: truncated or corrupt data fails here
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise ImageRejected(422, f"corrupt or truncated {im.format} image ({e})") from None
     return to_tensor(rgb, cfg, transform)

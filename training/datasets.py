@@ -151,7 +151,7 @@ class CaptionDataset(Dataset):
             size = image_size or PreprocessConfig.image_size
             preprocess = PreprocessConfig(image_size=size, resize=round(size * 8 / 7))
         self.records = list(records)
-        self.image_size = preprocess.image_size
+        self.image_size, self.resize = preprocess.image_size, preprocess.resize
         self.transform = transform or (train_transform if train else eval_transform)(preprocess)
         self._warned: set[int] = set()  # per process: each DataLoader worker warns on its own
 
@@ -160,7 +160,7 @@ class CaptionDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         try:
-            return {"index": i, "image": self.transform(load_image(self.records[i].path)), "ok": True}
+            return {"index": i, "image": self.transform(load_image(self.records[i].path, min_side=self.resize)), "ok": True}
         except (ImageError, OSError) as e:
             msg = str(e) if isinstance(e, ImageError) else f"{self.records[i].path}: {e}"
             if i not in self._warned:

@@ -30,6 +30,7 @@ def cache_key(model: CaptionModel, records: list[ImageRecord]) -> str:
     for k, t in sorted(model.encoder.state_dict().items()):
         h.update(k.encode())
         h.update(t.detach().float().cpu().numpy().tobytes())
+    h.update(b"jpeg-draft")  # how JPEGs are decoded (captioner.preprocess.draft): a change must miss the cache
     h.update(json.dumps(model.cfg.to_dict()["preprocess"], sort_keys=True).encode())
     h.update(json.dumps(model.cfg.to_dict()["encoder"], sort_keys=True).encode())
     for r in records:

@@ -2,6 +2,8 @@
 
 Teacher-forced cross-entropy, Adam + warmup/cosine, gradient clipping, AMP, DDP, per-epoch validation
 (loss + beam-search COCO metrics), atomic ``last/`` and ``best/`` checkpoints and exact ``--resume``.
+``--init-from DIR`` starts from a saved model (its config and vocabulary; the model flags are ignored), and
+``--scst`` then fine-tunes it with self-critical sequence training on CIDEr-D (training/scst.py).
 """
 from __future__ import annotations
 
@@ -21,14 +23,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from tqdm import tqdm
 
-from captioner.checkpoint import load_pretrained, save_pretrained
+from captioner.checkpoint import load_pretrained, read_metrics, save_pretrained
 from captioner.config import preset
 from captioner.model import CaptionModel
 from captioner.tokenizer import PAD_ID, Vocabulary
 
 from .datasets import CaptionDataset, collate, encode_captions, pad_captions, read_dataset
 from .distributed import average_buffers, barrier, cleanup, init_distributed, is_main
+from .cider import CiderD
 from .features import FeatureDataset, cached_features
+from .optim import amp_settings, lr_lambda, optimizer_step
+from .scst import ScstLoss, reference_corpus, scst_one_epoch
 
 log = logging.getLogger("captioner.train")
 STATE = "training_state.pt"
@@ -68,10 +73,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="with --freeze-encoder: unfreeze the encoder from this epoch on (-1 = never)")
     g.add_argument("--feature-cache", default=".cache/features", help="where frozen-encoder features are cached")
     g.add_argument("--image-blind", action="store_true", help="baseline: v = 0, the decoder never sees the image")
+    g.add_argument("--init-from", help="start from this saved model directory (its config and vocabulary)")
+    g = p.add_argument_group("self-critical sequence training (needs --init-from or --resume)")
+    g.add_argument("--scst", action="store_true", help="optimise CIDEr-D of sampled captions instead of cross-entropy")
+    g.add_argument("--scst-samples", type=int, default=5, help="captions sampled per image per step")
+    g.add_argument("--scst-baseline", choices=["mean", "greedy"], default="mean",
+                   help="reward baseline: mean of the image's other samples, or its greedy caption")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=10)
     g.add_argument("--batch-size", type=int, default=32, help="images per step per process")
-    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--lr", type=float, help="learning rate (default: 2e-3, or 5e-5 with --scst)")
     g.add_argument("--encoder-lr", type=float, help="encoder learning rate (default: --lr)")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
@@ -93,28 +104,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def amp_settings(choice: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, use GradScaler)."""
-    if choice == "off":
-        return None, False
-    if choice == "auto":
-        if device.type == "cuda":
-            return (torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True)
-        return (torch.bfloat16, False) if torch.cpu._is_avx512_bf16_supported() else (None, False)
-    dtype = torch.bfloat16 if choice == "bf16" else torch.float16
-    return dtype, dtype == torch.float16 and device.type == "cuda"
-
-
-def lr_lambda(schedule: str, warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-    return f
-
 
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
@@ -191,14 +180,7 @@ def train_one_epoch(step_fn, model, optimizer, scheduler, scaler, loader, caps, 
         ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
         with ctx:
             loss = step_fn(x, bool(batch.get("is_features")), rep.to(device), inp.to(device), tgt.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if args.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        optimizer_step(loss, optimizer, scheduler, scaler, params, args.grad_clip)
         total += loss.item()
         count += 1
         n_img += len(idx)
@@ -284,6 +266,7 @@ def main(args: argparse.Namespace) -> CaptionModel:
     out = Path(args.output)
     last = out / "last"
     amp_dtype, use_scaler = amp_settings(args.amp, device)
+    check_args(args)
 
     train_rec = read_dataset(args.dataset, args.annotations, args.images, args.train_split)
     if args.dataset == "coco":
@@ -305,6 +288,11 @@ def main(args: argparse.Namespace) -> CaptionModel:
             raise SystemExit(f"--resume: {last / STATE} not found")
         model, vocab = load_pretrained(last, "cpu")
         state = torch.load(last / STATE, map_location="cpu", weights_only=True)
+    elif args.init_from:
+        model, vocab = load_pretrained(args.init_from, "cpu")
+        model.train()
+        if is_main():
+            log.info("starting from %s (its config and vocabulary; model flags ignored)", args.init_from)
     else:
         vocab = Vocabulary.build((c for r in train_rec for c in r.captions), min_count=args.min_count)
         cfg = preset(args.arch, cell=args.cell, inject=args.inject, embed_dim=args.embed_dim,
@@ -343,6 +331,11 @@ def main(args: argparse.Namespace) -> CaptionModel:
         optimizer, lr_lambda(args.schedule, args.warmup_steps, steps_per_epoch * args.epochs))
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     start_epoch, best, rows = 0, -1.0, []
+    carried = carried_metrics(last if args.resume else args.init_from,
+                              args.freeze_encoder and args.finetune_after < 0)
+    if args.scst:
+        refs = reference_corpus(train_caps)
+        cider = CiderD(refs)
     if state is not None:
         start_epoch, best, rows = restore_training_state(state, optimizer, scheduler, scaler)
         if is_main():
@@ -363,13 +356,18 @@ def main(args: argparse.Namespace) -> CaptionModel:
         else:
             train_ds = CaptionDataset(train_rec, cfg.preprocess, train=True)
             val_ds = CaptionDataset(val_rec, cfg.preprocess, train=False)
-        loss_mod = CaptionLoss(model, args.label_smoothing, args.image_blind)
+        loss_mod = ScstLoss(model) if args.scst else CaptionLoss(model, args.label_smoothing, args.image_blind)
         step_fn = DistributedDataParallel(loss_mod) if world > 1 else loss_mod
         params = [p_ for p_ in model.parameters() if p_.requires_grad]
         t0 = time.perf_counter()
         loader = _loader(train_ds, args.batch_size, True, args.workers, args.seed, epoch, world, rank)
-        row = {"epoch": epoch, **train_one_epoch(step_fn, model, optimizer, scheduler, scaler, loader, train_caps, args,
-                                                 epoch, device, amp_dtype, params)}
+        if args.scst:
+            stats = scst_one_epoch(step_fn, model, optimizer, scheduler, scaler, loader, cider, refs, args, epoch,
+                                   device, amp_dtype, params)
+        else:
+            stats = train_one_epoch(step_fn, model, optimizer, scheduler, scaler, loader, train_caps, args, epoch,
+                                    device, amp_dtype, params)
+        row = {"epoch": epoch, **stats}
         average_buffers(model)
         row["lr"] = optimizer.param_groups[0]["lr"]
         row["train_seconds"] = time.perf_counter() - t0
@@ -383,7 +381,7 @@ def main(args: argparse.Namespace) -> CaptionModel:
             log.info("epoch %d: train loss %.3f, val loss %.3f, BLEU-4 %.1f, CIDEr-D %.1f, %.1f img/s", epoch,
                      row["train_loss"], row["val_loss"], 100 * row["BLEU-4"], 100 * row["CIDEr-D"],
                      row["train_images_per_s"])
-            metrics = {"epoch": epoch, "split": args.val_split, "beam_size": args.eval_beam,
+            metrics = {**carried, "epoch": epoch, "split": args.val_split, "beam_size": args.eval_beam,
                        **{k: v for k, v in row.items() if k != "examples"}, "args": _jsonable(vars(args))}
             is_best = row["CIDEr-D"] > best
             best = max(best, row["CIDEr-D"])
@@ -399,6 +397,32 @@ def main(args: argparse.Namespace) -> CaptionModel:
         _plot(rows, out / "curves.png")
     cleanup()
     return model
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.scst:
+        if not (args.init_from or args.resume):
+            raise SystemExit("--scst fine-tunes a trained model: give --init-from RUN/best (or --resume)")
+        if args.image_blind:
+            raise SystemExit("--scst and --image-blind do not go together")
+        if args.scst_samples < (2 if args.scst_baseline == "mean" else 1):
+            raise SystemExit("--scst-samples must be >= 2 with --scst-baseline mean")
+    if args.lr is None:
+        args.lr = 5e-5 if args.scst else 2e-3
+
+
+VQA_METRICS = ("vqa_dataset", "vqa_split", "val_accuracy", "val_chance", "val_accuracy_per_type", "val_vqa_loss")
+
+
+def carried_metrics(path, encoder_frozen: bool) -> dict:
+    """What a caption fine-tuning run keeps from its starting model's metrics.json: the tasks it was trained for, and
+    the VQA results when the encoder stays frozen (only then are they still true: the VQA head is not trained here)."""
+    m = (read_metrics(path) or {}) if path else {}
+    keep = ("tasks",) + (VQA_METRICS if encoder_frozen else ())
+    if "vqa" in m.get("tasks", []) and not encoder_frozen and is_main():
+        log.warning("the encoder is trained: the VQA head's accuracy changes; measure it again with "
+                    "`captioner evaluate --task vqa`")
+    return {k: m[k] for k in keep if k in m}
 
 
 def _jsonable(d: dict) -> dict:

@@ -42,8 +42,9 @@ from .datasets import CaptionDataset, encode_captions, pad_captions, read_datase
 from .distributed import barrier, cleanup, init_distributed, is_main
 from .evaluate_vqa import predict, summarize
 from .features import FeatureDataset, cached_features
-from .train import (STATE, CaptionLoss, _jsonable, _loader, amp_settings, lr_lambda, pick_captions,
-                    restore_training_state, training_state)
+from .optim import amp_settings, lr_lambda, optimizer_step
+from .train import (STATE, CaptionLoss, _jsonable, _loader, pick_captions, restore_training_state,
+                    training_state)
 from .train import evaluate as evaluate_captions
 from .vqa_data import build_vocab, encode_examples, group_by_image, pick_questions, qa_batch, read_vqa, vocab_texts
 
@@ -244,14 +245,7 @@ def train_one_epoch(step_fn, model, optimizer, scheduler, scaler, streams, args,
         ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
         with ctx:
             loss = step_fn(task, x, bool(batch.get("is_features")), rep.to(device), *(t.to(device) for t in tensors))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if args.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        optimizer_step(loss, optimizer, scheduler, scaler, params, args.grad_clip)
         stats[task][0] += loss.item()
         stats[task][1] += 1
         n_img += len(idx)

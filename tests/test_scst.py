@@ -1,0 +1,124 @@
+"""Self-critical sequence training: the CIDEr-D reward, the REINFORCE loss, and `captioner train --scst`."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from pycocoevalcap.cider.cider import Cider
+
+from captioner.model import CaptionModel
+from training import train as train_mod
+from training.cider import CiderD
+from training.datasets import pad_captions
+from training.scst import ScstLoss, reference_corpus, rewards, scst_one_epoch, words
+
+from tests.conftest import tiny_model_config
+from tests.test_train import _args, tiny_karpathy  # noqa: F401  (fixture)
+
+REFS = {
+    1: ["a dog runs on the grass", "a brown dog running in a field", "the dog is playing outside"],
+    2: ["two people ride bikes down a street", "people on bicycles in the city", "a man and a woman cycling"],
+    3: ["a child eats ice cream", "a little girl with an ice cream cone", "kid eating a cone"],
+}
+CANDS = {1: "a dog running on grass", 2: "a man rides a bike on a street", 3: "a dog eats a cone"}
+
+
+def test_cider_d_matches_pycocoevalcap_when_the_corpus_is_the_scored_set():
+    ids: dict[str, int] = {}
+    enc = lambda s: tuple(ids.setdefault(w, len(ids)) for w in s.split())  # noqa: E731
+    mean, per_image = Cider().compute_score(REFS, {k: [v] for k, v in CANDS.items()})
+    ours = CiderD([[enc(r) for r in REFS[k]] for k in REFS])
+    got = [ours.score(enc(CANDS[k]), [enc(r) for r in REFS[k]]) for k in REFS]
+    assert got == pytest.approx(list(per_image), rel=1e-9, abs=1e-12)
+    assert sum(got) / 3 == pytest.approx(mean)
+
+
+def test_reward_prefers_the_right_caption_and_caches_references():
+    refs = [[(4, 5, 6, 2), (4, 5, 7, 2)], [(8, 9, 10, 2), (8, 9, 11, 2)]]  # <eos> = 2 ends every reference
+    cider = CiderD(refs)
+    # two captions per image: image 0 gets [4, 5, 6] and [8, 9, 10], image 1 the same two
+    r = rewards(cider, refs, [0, 1], [[4, 5, 6], [8, 9, 10], [4, 5, 6], [8, 9, 10]], per_image=2)
+    assert r[0] > r[1] and r[3] > r[2]  # an image's own words win
+    assert r[0] == pytest.approx(r[3])
+    assert set(cider._ref_cache) == {0, 1}
+
+
+def test_words_stop_at_eos():
+    t = torch.tensor([[5, 6, 2, 0, 0], [7, 2, 8, 2, 0], [5, 5, 5, 5, 5]])  # EOS_ID = 2, PAD_ID = 0
+    assert words(t) == [[5, 6], [7], [5, 5, 5, 5, 5]]
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_loss_moves_a_caption_with_the_sign_of_its_advantage(sign):
+    torch.manual_seed(0)
+    cfg = tiny_model_config()
+    model = CaptionModel(cfg).eval()
+    v = torch.randn(1, cfg.encoder.feature_dim)
+    inp, tgt = pad_captions([[5, 6, 7]], 8)
+
+    def logp():
+        with torch.no_grad():
+            lp = torch.log_softmax(model.decoder(v, inp), -1).gather(2, tgt[..., None])
+        return lp.sum().item()
+
+    before = logp()
+    loss = ScstLoss(model)(v, True, torch.tensor([0]), inp, tgt, torch.tensor([sign]))
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.05 * p.grad
+    assert (logp() - before) * sign > 0
+
+
+def test_scst_needs_a_trained_model(tiny_karpathy, tmp_path):  # noqa: F811
+    ann, root = tiny_karpathy
+    with pytest.raises(SystemExit, match="--init-from"):
+        train_mod.main(_args(ann, root, tmp_path / "x", "--scst"))
+
+
+@pytest.mark.parametrize("baseline", ["mean", "greedy"])
+def test_scst_raises_the_reward(baseline):
+    """Four 'images' (random features), each with its own two-word reference: from a random decoder, SCST steps
+    must make the sampled captions earn clearly more CIDEr-D."""
+    torch.manual_seed(0)
+    cfg = tiny_model_config()
+    model = CaptionModel(cfg)
+    caps = [[torch.tensor([4 + i, 9 + i])] for i in range(4)]
+    refs = reference_corpus(caps)
+    cider = CiderD(refs)
+    batch = {"images": torch.randn(4, cfg.encoder.feature_dim), "indices": torch.arange(4), "is_features": True}
+    args = argparse.Namespace(scst_samples=5, scst_baseline=baseline, seed=0, max_length=cfg.max_length,
+                              channels_last=False, grad_clip=5.0)
+    params = list(model.parameters())
+    opt = torch.optim.Adam(params, lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    epoch = lambda e: scst_one_epoch(ScstLoss(model), model, opt, sched, scaler, [batch] * 20, cider, refs, args, e,  # noqa: E731
+                                     torch.device("cpu"), None, params)
+    first = epoch(0)
+    for e in range(1, 4):
+        last = epoch(e)
+    assert last["train_reward"] > first["train_reward"] + 2.0, (first, last)
+
+
+def test_scst_command_fine_tunes_and_keeps_vqa_metrics(tiny_karpathy, tmp_path):  # noqa: F811
+    ann, root = tiny_karpathy
+    xe = tmp_path / "xe"
+    train_mod.main(_args(ann, root, xe, "--epochs", "1", "--freeze-encoder"))
+    m = json.loads((xe / "best" / "metrics.json").read_text())
+    m.update(tasks=["caption", "vqa"], val_accuracy=0.5)  # as a joint run would write it
+    (xe / "best" / "metrics.json").write_text(json.dumps(m))
+    start = {k: v.clone() for k, v in train_mod.load_pretrained(xe / "best")[0].state_dict().items()}
+    out = tmp_path / "scst"
+    model = train_mod.main(_args(ann, root, out, "--scst", "--init-from", str(xe / "best"), "--freeze-encoder",
+                                 "--epochs", "2", "--scst-baseline", "greedy"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1] and all(r["train_reward"] >= 0 for r in rows)
+    saved = json.loads((out / "last" / "metrics.json").read_text())
+    assert saved["tasks"] == ["caption", "vqa"] and saved["val_accuracy"] == 0.5 and saved["args"]["lr"] == 5e-5
+    end = model.state_dict()
+    assert any(not torch.equal(start[k], end[k]) for k in start if k.startswith("decoder."))
+    assert all(torch.equal(start[k], end[k]) for k in start if k.startswith("encoder."))

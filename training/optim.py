@@ -1,0 +1,40 @@
+"""Optimisation steps shared by caption, VQA/joint and self-critical training."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def amp_settings(choice: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, use GradScaler)."""
+    if choice == "off":
+        return None, False
+    if choice == "auto":
+        if device.type == "cuda":
+            return (torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True)
+        return (torch.bfloat16, False) if torch.cpu._is_avx512_bf16_supported() else (None, False)
+    dtype = torch.bfloat16 if choice == "bf16" else torch.float16
+    return dtype, dtype == torch.float16 and device.type == "cuda"
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return f
+
+
+def optimizer_step(loss, optimizer, scheduler, scaler, params, grad_clip: float) -> None:
+    """Backward (scaled for fp16), optional gradient clipping, optimizer and schedule step."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()

@@ -1,0 +1,110 @@
+"""Self-critical sequence training (Rennie et al. 2017): ``captioner train --scst --init-from RUN/best ...``.
+
+For each image the model samples k captions; each earns its CIDEr-D against the image's training references
+(document frequencies from all training captions, <eos> counted as a word, as in self-critical.pytorch), minus a
+baseline: the greedy caption's reward (``--scst-baseline greedy``, Rennie et al.) or the mean reward of the image's
+other k-1 samples (``mean``, Luo 2020), which needs no extra decoding pass. The loss is REINFORCE,
+-(r - b) log p(caption), averaged over tokens.
+
+The whole model runs in eval mode (no dropout, BatchNorm running statistics): the policy being improved is exactly
+the one used at test time, and the no-grad sampling pass and the differentiable pass below see the same network.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from captioner.model import CaptionModel
+from captioner.tokenizer import EOS_ID, PAD_ID
+
+from .cider import CiderD
+from .datasets import pad_captions
+from .distributed import is_main
+from .optim import optimizer_step
+
+
+class ScstLoss(nn.Module):
+    """(images | features, sampled captions, advantages) -> REINFORCE loss; one module so DDP sees the forward."""
+
+    def __init__(self, model: CaptionModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, is_features: bool, rep: torch.Tensor, inp: torch.Tensor, tgt: torch.Tensor,
+                advantage: torch.Tensor) -> torch.Tensor:
+        v = x if is_features else self.model.encode(x)  # (B, D)
+        logits = self.model.decoder(v[rep], inp)  # (N, T, V)
+        logp = F.log_softmax(logits.float(), -1).gather(2, tgt.clamp_min(0)[..., None]).squeeze(2)  # (N, T)
+        mask = (tgt != PAD_ID).float()
+        return -(advantage[:, None] * logp * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def words(tokens: torch.Tensor) -> list[list[int]]:
+    """(N, T) decoded rows -> word ids before the first <eos>."""
+    out = []
+    for row in tokens.tolist():
+        out.append(row[: row.index(EOS_ID)] if EOS_ID in row else [t for t in row if t != PAD_ID])
+    return out
+
+
+def reference_corpus(caps: list[list[torch.Tensor]]) -> list[list[tuple[int, ...]]]:
+    """Training captions (encoded, truncated as for training) with <eos> appended, per image."""
+    return [[tuple(c.tolist()) + (EOS_ID,) for c in cs] for cs in caps]
+
+
+def rewards(cider: CiderD, refs: list[list[tuple[int, ...]]], indices: list[int], seqs: list[list[int]],
+            per_image: int) -> torch.Tensor:
+    """CIDEr-D of each caption (seqs[j] belongs to image indices[j // per_image]) -> (len(seqs),)."""
+    return torch.tensor([cider.score(tuple(s) + (EOS_ID,), refs[indices[j // per_image]], key=indices[j // per_image])
+                         for j, s in enumerate(seqs)], dtype=torch.float32)
+
+
+def scst_one_epoch(step_fn, model, optimizer, scheduler, scaler, loader, cider, refs, args, epoch, device, amp_dtype,
+                   params) -> dict:
+    model.eval()
+    k = args.scst_samples
+    g = torch.Generator(device=device).manual_seed(args.seed * 1000 + epoch)
+    tot_loss = tot_sample = tot_base = 0.0
+    count, n_img, t0 = 0, 0, time.perf_counter()
+    bar = tqdm(loader, desc=f"scst {epoch}", disable=not is_main(), dynamic_ncols=True, leave=False)
+    for batch in bar:
+        if batch["images"].size(0) == 0:
+            continue
+        idx = batch["indices"].tolist()
+        is_feat = bool(batch.get("is_features"))
+        x = batch["images"].to(device, non_blocking=True)
+        if not is_feat and args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+        with torch.no_grad(), ctx:
+            v = (x if is_feat else model.encode(x)).float()
+            sampled = words(model.generate(features=v, do_sample=True, num_captions=k, max_length=args.max_length,
+                                           generator=g).tokens.flatten(0, 1))  # B*k, image-major
+            if args.scst_baseline == "greedy":
+                greedy = words(model.generate(features=v, beam_size=1, max_length=args.max_length).tokens[:, 0])
+        r = rewards(cider, refs, idx, sampled, k).view(-1, k)  # (B, k)
+        if args.scst_baseline == "greedy":
+            base = rewards(cider, refs, idx, greedy, 1)[:, None]  # (B, 1)
+        else:  # mean of the image's other samples
+            base = (r.sum(1, keepdim=True) - r) / (k - 1)
+        advantage = (r - base).flatten()
+        inp, tgt = pad_captions(sampled, args.max_length)
+        rep = torch.arange(len(idx)).repeat_interleave(k)
+        with ctx:
+            loss = step_fn(x, is_feat, rep.to(device), inp.to(device), tgt.to(device), advantage.to(device))
+        optimizer_step(loss, optimizer, scheduler, scaler, params, args.grad_clip)
+        tot_loss += loss.item()
+        tot_sample += r.mean().item()
+        tot_base += base.mean().item()
+        count += 1
+        n_img += len(idx)
+        bar.set_postfix(reward=f"{tot_sample / count:.3f}", baseline=f"{tot_base / count:.3f}",
+                        img_s=f"{n_img / (time.perf_counter() - t0):.0f}")
+    c = max(1, count)
+    return {"train_loss": tot_loss / c, "train_reward": tot_sample / c, "train_baseline": tot_base / c,
+            "train_images_per_s": n_img / (time.perf_counter() - t0)}
