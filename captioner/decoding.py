@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .decoder import Decoder
-from .tokenizer import BOS_ID, EOS_ID, PAD_ID
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 NEG_INF = float("-inf")
 
@@ -32,8 +32,11 @@ def _lengths(seqs: torch.Tensor) -> torch.Tensor:
 
 
 def _mask_specials(logp: torch.Tensor, t: int, max_length: int) -> torch.Tensor:
+    # <unk> is never a useful word to show, never matches a reference, and under self-critical training it would
+    # earn reward by matching the <unk>s of rare words in the encoded references
     logp[:, PAD_ID] = NEG_INF
     logp[:, BOS_ID] = NEG_INF
+    logp[:, UNK_ID] = NEG_INF
     if t == max_length:  # out of room: the only move left is <eos>
         eos = logp[:, EOS_ID].clone()
         logp.fill_(NEG_INF)

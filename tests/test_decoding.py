@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from captioner.decoding import Hypotheses, beam_search, greedy_search, sample
 from captioner.model import CaptionModel
-from captioner.tokenizer import BOS_ID, EOS_ID, PAD_ID, Vocabulary
+from captioner.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Vocabulary
 from tests.conftest import TINY_WORDS, tiny_model_config
 
 MAX_LEN = 8
@@ -336,3 +336,13 @@ def test_overfit_eight_captions():
     m = score_captions(dict(enumerate(decoded)), {i: [t] for i, t in enumerate(targets)}, use_java=False)
     assert m["BLEU-4"] >= 0.9, m
     assert elapsed < 20, elapsed
+
+
+def test_unk_is_never_generated_even_when_most_likely():
+    model = rig_repeater(make_model(), word=UNK_ID)  # <unk> first, then two real words
+    v = features(3)
+    for h in (greedy_search(model.decoder, v, MAX_LEN), beam_search(model.decoder, v, 3, MAX_LEN, num_return=3),
+              sample(model.decoder, v, 4, MAX_LEN, generator=torch.Generator().manual_seed(0))):
+        check_well_formed(h, MAX_LEN)
+        assert UNK_ID not in h.tokens.unique().tolist()
+    assert greedy_search(model.decoder, v, MAX_LEN).tokens[0, 0, 0] == UNK_ID + 1  # the runner-up word instead

@@ -140,13 +140,25 @@ def test_evaluate_with_baselines(data, trained, tmp_path, capsys):
              "--out", str(tmp_path / "r2.json")])
 
 
-def test_joint_training(data, tmp_path):
+def test_joint_training(data, tmp_path, monkeypatch):
+    from captioner.model import CaptionModel
+
+    batches, real_encode = [], CaptionModel.encode
+
+    def spy(self, images):
+        if self.training:
+            batches.append(images.size(0))
+        return real_encode(self, images)
+
+    monkeypatch.setattr(CaptionModel, "encode", spy)
     out = tmp_path / "joint"
     assert cli(["train", "--task", "joint", "--annotations", str(data / "karpathy.json"), "--images", str(data),
                 "--vqa-dataset", "v7w", "--vqa-annotations", str(data / "v7w.json"), "--vqa-images",
                 str(data / "images"), "--output", str(out), "--epochs", "2", "--no-java", "--eval-beam", "1",
                 "--embed-dim", "16", "--hidden-dim", "24", "--max-length", "8", *TINY]) == 0
     rows = _rows(out)
+    # one encoder pass per step holds both tasks' images: 4 caption + 4 VQA; 16 train images / 4 = 4 steps, 2 epochs
+    assert batches and max(batches) == 8 and len(batches) == 2 * 4, batches
     assert all(r["train_caption_loss"] > 0 and r["train_vqa_loss"] > 0 for r in rows)
     assert rows[-1]["train_caption_loss"] < rows[0]["train_caption_loss"]
     m = json.loads((out / "best" / "metrics.json").read_text())

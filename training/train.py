@@ -144,6 +144,10 @@ class CaptionLoss(nn.Module):
             v = x.new_zeros(x.size(0), self.model.cfg.encoder.feature_dim)
         else:
             v = x if is_features else self.model.encode(x)  # (B, D)
+        return self.loss(v, rep, inp, tgt)
+
+    def loss(self, v: torch.Tensor, rep: torch.Tensor, inp: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced cross-entropy of N captions; v (B, D), rep (N,) picks each caption's image."""
         logits = self.model.decoder(v[rep], inp)  # (N, T, V)
         return F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=PAD_ID,
                                label_smoothing=self.ls)

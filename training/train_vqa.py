@@ -4,9 +4,11 @@
 --task vqa    the encoder and the VQA head learn to pick the right choice (cross-entropy over each question's
               own choices, padding masked). Every CaptionModel carries a caption decoder; here it is built small
               and left untrained, and metrics.json says tasks: ["vqa"] so no one mistakes its captions for real.
---task joint  caption batches (Flickr8k/COCO, the same CaptionLoss as ``captioner train``) and VQA batches
-              alternate on one shared encoder; an epoch is one pass over the larger task's images, the smaller
-              task's loader restarts when it runs out. metrics.json says tasks: ["caption", "vqa"].
+--task joint  every step puts a caption batch (Flickr8k/COCO, the same CaptionLoss as ``captioner train``) and a
+              VQA batch through the shared encoder in one pass (so BatchNorm normalises the same blend of both
+              domains in training as at test time) and sums the two losses; an epoch is one pass over the larger
+              task's images, the smaller task's loader restarts when it runs out. metrics.json says tasks:
+              ["caption", "vqa"].
 
 Questions are grouped by image: a step takes --batch-size images and up to --questions-per-image of each one's
 questions, so an image is encoded once per step. The machinery is training/train.py's: AMP, warmup + cosine,
@@ -192,63 +194,82 @@ def read_caption_splits(args):
 
 
 class TaskLoss(nn.Module):
-    """One module for DDP to wrap: ('caption', ...) -> train.py's CaptionLoss; ('vqa', ...) -> cross-entropy over
-    each question's choices (padding choices carry the lowest logit, so they add nothing)."""
+    """One module for DDP to wrap: every task's images go through the encoder in ONE batch, then 'caption' parts get
+    train.py's caption loss and 'vqa' parts the cross-entropy over each question's choices (padding choices carry
+    the lowest logit, so they add nothing). One encoder pass matters for BatchNorm: with one batch per task the
+    training batches would be normalised per domain (Flickr photos, synthetic shapes) while the running statistics
+    used at test time blend both; mixed batches make training and test normalisation the same blend.
+
+    forward(is_features, [(task, x, rep, targets...), ...]) -> (total loss, one loss per part)."""
 
     def __init__(self, model: CaptionModel, label_smoothing: float, image_blind: bool) -> None:
         super().__init__()
+        self.model, self.blind = model, image_blind
         self.caption = CaptionLoss(model, label_smoothing, image_blind)
 
-    def forward(self, task: str, x: torch.Tensor, is_features: bool, rep: torch.Tensor, *t: torch.Tensor):
-        if task == "caption":
-            return self.caption(x, is_features, rep, *t)
-        model = self.caption.model
-        question, choices, mask, target = t
-        if self.caption.blind:
-            v = x.new_zeros(x.size(0), model.cfg.encoder.feature_dim)
+    def forward(self, is_features: bool, parts: list[tuple]):
+        sizes = [p[1].size(0) for p in parts]
+        x = torch.cat([p[1] for p in parts])
+        if self.blind:
+            v = x.new_zeros(x.size(0), self.model.cfg.encoder.feature_dim)
         else:
-            v = x if is_features else model.encode(x)  # (B, D)
-        logits = model.answer_logits(v[rep], question, choices, mask)  # (N, C)
-        return F.cross_entropy(logits.float(), target)
+            v = x if is_features else self.model.encode(x)  # (sum B, D)
+        losses = []
+        for (task, _, rep, *t), vt in zip(parts, v.split(sizes)):
+            if task == "caption":
+                losses.append(self.caption.loss(vt, rep, *t))
+            else:
+                question, choices, mask, target = t
+                logits = self.model.answer_logits(vt[rep], question, choices, mask)  # (N, C)
+                losses.append(F.cross_entropy(logits.float(), target))
+        return sum(losses), losses
 
 
 def train_one_epoch(step_fn, model, optimizer, scheduler, scaler, streams, args, epoch, device, amp_dtype, params):
-    """Alternate one batch per task; ``streams`` = [(task, loader, data)], data the task's targets."""
+    """Each step takes one batch of every task (one encoder pass, the losses summed); ``streams`` =
+    [(task, loader, data)], data the task's targets; an epoch is one pass over the largest task's images."""
     step_fn.train()
     if args.frozen_now:
         model.encoder.eval()  # frozen BatchNorm statistics stay put
     g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
     iters = {task: iter(loader) for task, loader, _ in streams}
-    steps = max(len(loader) for _, loader, _ in streams) * len(streams)
+    steps = max(len(loader) for _, loader, _ in streams)
     stats = {task: [0.0, 0] for task, _, _ in streams}
     n_img, t0 = 0, time.perf_counter()
     bar = tqdm(range(steps), desc=f"epoch {epoch}", disable=not is_main(), dynamic_ncols=True, leave=False)
-    for step in bar:
-        task, loader, data = streams[step % len(streams)]
-        try:
-            batch = next(iters[task])
-        except StopIteration:  # the smaller task goes round again
-            iters[task] = iter(loader)
-            batch = next(iters[task])
-        if batch["images"].size(0) == 0:
+    for _ in bar:
+        parts, n_step, is_feat = [], 0, False
+        for task, loader, data in streams:
+            try:
+                batch = next(iters[task])
+            except StopIteration:  # the smaller task goes round again
+                iters[task] = iter(loader)
+                batch = next(iters[task])
+            if batch["images"].size(0) == 0:
+                continue
+            idx = batch["indices"].tolist()
+            if task == "caption":
+                seqs, rep = pick_captions(idx, data, args.captions_per_image, g)
+                tensors = pad_captions(seqs, args.max_length)
+            else:
+                encoded, per_image = data
+                picks, rep = pick_questions(idx, per_image, args.questions_per_image, g)
+                b = qa_batch(encoded, picks)
+                tensors = (b["question"], b["choices"], b["choice_mask"], b["target"])
+            x = batch["images"].to(device, non_blocking=True)
+            is_feat = bool(batch.get("is_features"))
+            parts.append((task, x, rep.to(device), *(t.to(device) for t in tensors)))
+            n_step += len(idx)
+        if not parts:
             continue
-        idx = batch["indices"].tolist()
-        if task == "caption":
-            seqs, rep = pick_captions(idx, data, args.captions_per_image, g)
-            tensors = pad_captions(seqs, args.max_length)
-        else:
-            encoded, per_image = data
-            picks, rep = pick_questions(idx, per_image, args.questions_per_image, g)
-            b = qa_batch(encoded, picks)
-            tensors = (b["question"], b["choices"], b["choice_mask"], b["target"])
-        x = batch["images"].to(device, non_blocking=True)
         ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
         with ctx:
-            loss = step_fn(task, x, bool(batch.get("is_features")), rep.to(device), *(t.to(device) for t in tensors))
+            loss, losses = step_fn(is_feat, parts)
         optimizer_step(loss, optimizer, scheduler, scaler, params, args.grad_clip)
-        stats[task][0] += loss.item()
-        stats[task][1] += 1
-        n_img += len(idx)
+        for (task, *_), part_loss in zip(parts, losses):
+            stats[task][0] += part_loss.item()
+            stats[task][1] += 1
+        n_img += n_step
         bar.set_postfix(**{f"{k}_loss": f"{s / max(1, n):.3f}" for k, (s, n) in stats.items()},
                         img_s=f"{n_img / (time.perf_counter() - t0):.0f}")
     row = {f"train_{k}_loss": s / max(1, n) for k, (s, n) in stats.items()}
@@ -311,7 +332,7 @@ def main(args: argparse.Namespace) -> CaptionModel:
     per_task = [math.ceil(len(rec_train) / (args.batch_size * world))]
     if joint:
         per_task.append(math.ceil(len(cap_train) / (args.batch_size * world)))
-    steps_per_epoch = max(per_task) * len(tasks)
+    steps_per_epoch = max(per_task)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(args.schedule, args.warmup_steps, steps_per_epoch * args.epochs))
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
@@ -342,8 +363,8 @@ def main(args: argparse.Namespace) -> CaptionModel:
             streams.insert(0, ("caption", _loader(images(cap_train, True, False), args.batch_size, True, args.workers,
                                                   args.seed + 1, epoch, world, rank), cap_train_caps))
         loss_mod = TaskLoss(model, args.label_smoothing, args.image_blind)
-        # joint: each step uses only one task's head, so DDP must expect unused parameters
-        step_fn = DistributedDataParallel(loss_mod, find_unused_parameters=joint) if world > 1 else loss_mod
+        # --task vqa leaves the caption decoder unused
+        step_fn = DistributedDataParallel(loss_mod, find_unused_parameters=not joint) if world > 1 else loss_mod
         params = [p_ for p_ in model.parameters() if p_.requires_grad]
         t0 = time.perf_counter()
         row = {"epoch": epoch, **train_one_epoch(step_fn, model, optimizer, scheduler, scaler, streams, args, epoch,
