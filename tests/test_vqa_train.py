@@ -171,3 +171,20 @@ def test_joint_training(data, tmp_path, monkeypatch):
     img = data / "images" / "v7w_17.png"
     assert cap.caption(img)[0].log_prob < 0  # the decoder runs (2 tiny epochs may well say nothing useful)
     assert len(cap.answer(img, "What colour is the square?", list(COLOURS)).probs) == 4
+
+
+def test_init_from_continues_a_trained_model(data, trained, tmp_path):
+    out = tmp_path / "more"
+    assert cli(_vqa_args(data, out, "--epochs", "1", "--init-from", str(trained / "best"), "--lr", "1e-4")) == 0
+    before = json.loads((trained / "best" / "metrics.json").read_text())
+    after = json.loads((out / "last" / "metrics.json").read_text())
+    assert after["val_accuracy"] >= before["val_accuracy"] - 0.13  # starts trained (16 val questions: 2 may flip)
+    assert after["val_accuracy"] > after["val_chance"] + 0.25
+    assert (out / "last" / "vocab.json").read_text() == (trained / "best" / "vocab.json").read_text()
+    with pytest.raises(SystemExit, match="no VQA head"):
+        from captioner.checkpoint import save_pretrained
+        from captioner.model import CaptionModel
+        from captioner.tokenizer import Vocabulary
+        from tests.conftest import TINY_WORDS, tiny_model_config
+        save_pretrained(CaptionModel(tiny_model_config()), Vocabulary(TINY_WORDS), tmp_path / "caption-only")
+        cli(_vqa_args(data, tmp_path / "x", "--init-from", str(tmp_path / "caption-only")))

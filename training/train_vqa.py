@@ -101,6 +101,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--finetune-after", type=int, default=-1)
     g.add_argument("--feature-cache", default=".cache/features")
     g.add_argument("--image-blind", action="store_true", help="baseline: v = 0, the model never sees the image")
+    g.add_argument("--init-from", help="continue training this saved model with a VQA head (its config and vocabulary)")
     g.add_argument("--vqa-cell", choices=["rnn", "gru", "lstm"], default="lstm")
     g.add_argument("--vqa-embed-dim", type=int, default=128)
     g.add_argument("--vqa-hidden-dim", type=int, default=256)
@@ -301,6 +302,13 @@ def main(args: argparse.Namespace) -> CaptionModel:
         if model.vqa is None:
             raise SystemExit(f"--resume: {last} has no VQA head")
         state = torch.load(last / STATE, map_location="cpu", weights_only=True)
+    elif args.init_from:
+        model, vocab = load_pretrained(args.init_from, "cpu")
+        if model.vqa is None:
+            raise SystemExit(f"--init-from: {args.init_from} has no VQA head (train one with --task joint or vqa)")
+        model.train()
+        if is_main():
+            log.info("starting from %s (its config and vocabulary; model flags ignored)", args.init_from)
     else:
         texts = itertools.chain(vocab_texts(vqa_train), (c for r in cap_train for c in r.captions))
         vocab = build_vocab(texts, args.min_count)
