@@ -16,6 +16,7 @@ shared machine cancel out; --repeat N reports the median ratio.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import shutil
 import statistics
@@ -24,11 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import captioner  # noqa: E402,F401  (before torch, as in the `captioner` command: it sets OMP_WAIT_POLICY)
+import torch  # noqa: E402
 from captioner.api import Captioner  # noqa: E402
 from captioner.caption_cli import get_args_parser, run  # noqa: E402
 from captioner.inputs import expand_inputs  # noqa: E402
@@ -105,7 +106,8 @@ def main() -> int:
     gen = dict(beam_size=args.beam_size)
     print(f"{n} images from {', '.join(args.images)}; device {cap.device}, {torch.get_num_threads()} torch threads, "
           f"batch {args.batch_size}, beam {args.beam_size}, {args.precision}, "
-          f"input {cap.cfg.preprocess.image_size} px, max_length {cap.cfg.max_length}")
+          f"input {cap.cfg.preprocess.image_size} px, max_length {cap.cfg.max_length}, "
+          f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY')}")
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a loader worker

@@ -9,6 +9,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
         "train": ("training.train", "train a caption model (--task vqa|joint: a VQA or joint model)"),
+        "distill": ("training.distill", "teach the VGG-style encoder from an ImageNet network (no labels needed)"),
         "evaluate": ("training.evaluate", "caption a dataset split and compute COCO metrics (--task vqa: VQA accuracy)"),
         "ask": ("captioner.ask_cli", "answer a multiple-choice question about an image"),
         "caption": ("captioner.caption_cli", "caption images, folders, lists or datasets"),

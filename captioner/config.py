@@ -141,6 +141,28 @@ class ModelConfig:
         return cls.from_dict(json.loads(text))
 
 
+def override_encoder(cfg: ModelConfig, layers: str | None = None, fc_dims: str | None = None,
+                     image_size: int | None = None, resize: int | None = None, pool_size: int | None = None,
+                     dropout: float | None = None) -> ModelConfig:
+    """The command-line encoder overrides of `captioner train` and `captioner distill`, e.g. layers '32,M,64,M',
+    fc_dims '512'; resize defaults to 8/7 of a new image_size (like 256/224)."""
+    if layers:
+        cfg.encoder.layers = [c if c == "M" else int(c) for c in layers.split(",")]
+        cfg.encoder.arch = "custom"
+    if fc_dims:
+        cfg.encoder.fc_dims = [int(d) for d in fc_dims.split(",")]
+    if pool_size:
+        cfg.encoder.pool_size = pool_size
+    if dropout is not None:
+        cfg.encoder.dropout = dropout
+    if image_size:
+        cfg.preprocess.image_size = image_size
+        cfg.preprocess.resize = resize or round(image_size * 8 / 7)
+    elif resize:
+        cfg.preprocess.resize = resize
+    return cfg
+
+
 def preset(arch: str, **decoder_kwargs: Any) -> ModelConfig:
     """A ready ModelConfig for a named encoder: vgg11/13/16/19 (optionally '_bn') or compact."""
     bn = arch.endswith("_bn")

@@ -69,7 +69,7 @@ class VGGEncoder(nn.Module):
         return self.classifier(x)  # (B, D)
 
     def load_imagenet(self, weights: str) -> None:
-        """Load ImageNet weights: 'imagenet' (torchvision's weights API, needs internet once) or a .pth path."""
+        """Load weights: 'imagenet' (torchvision's weights API, needs internet once), a .pth or a .safetensors path."""
         if weights == "imagenet":
             import torchvision.models as tvm
 
@@ -80,8 +80,13 @@ class VGGEncoder(nn.Module):
         else:
             path = Path(weights)
             if not path.is_file():
-                raise FileNotFoundError(f"encoder weights {weights!r}: no such file (use 'imagenet' or a .pth path)")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+                raise FileNotFoundError(f"encoder weights {weights!r}: no such file (use 'imagenet', a .pth or a .safetensors path)")
+            if path.suffix == ".safetensors":  # e.g. the encoder.safetensors of `captioner distill`
+                from safetensors.torch import load_file
+
+                state = load_file(str(path))
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(state, dict) and "state_dict" in state:
                 state = state["state_dict"]
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

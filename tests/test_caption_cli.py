@@ -358,3 +358,15 @@ def test_karpathy_dataset_results_feed_evaluate(tmp_path, make_images, tiny_chec
     assert cli(["evaluate", "--results", str(res), *map(str, ds), "--no-java", "--metrics-out", str(metrics)]) == 0
     assert "CIDEr-D" in json.loads(metrics.read_text())
     assert caption("imgs", *ds, "--out", res, ckpt=tiny_checkpoint) == 2  # INPUT and --dataset: usage error
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_idle_openmp_threads_sleep_unless_the_user_says_otherwise(preset, expected):
+    # loader workers decode on the cores torch computes on; spinning OpenMP threads would take them (see README)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = "import captioner, os, sys; sys.stdout.write(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == expected

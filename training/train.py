@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 from tqdm import tqdm
 
 from captioner.checkpoint import load_pretrained, read_metrics, save_pretrained
-from captioner.config import preset
+from captioner.config import override_encoder, preset
 from captioner.model import CaptionModel
 from captioner.tokenizer import PAD_ID, Vocabulary
 
@@ -67,7 +67,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--encoder-layers", help="custom VGG layer list, e.g. '32,M,64,M,128,M' (overrides --arch's)")
     g.add_argument("--fc-dims", help="encoder FC widths, e.g. '512' or '4096,4096'; the last is v's size")
     g.add_argument("--image-size", type=int, help="override the preset's crop size")
-    g.add_argument("--encoder-weights", help="'imagenet' (torchvision weights API) or a local .pth state dict")
+    g.add_argument("--encoder-weights", help="'imagenet' (torchvision weights API), a local .pth state dict, or the encoder.safetensors of captioner distill")
     g.add_argument("--freeze-encoder", action="store_true", help="train the decoder only (enables the feature cache)")
     g.add_argument("--finetune-after", type=int, default=-1,
                    help="with --freeze-encoder: unfreeze the encoder from this epoch on (-1 = never)")
@@ -301,13 +301,7 @@ def main(args: argparse.Namespace) -> CaptionModel:
         vocab = Vocabulary.build((c for r in train_rec for c in r.captions), min_count=args.min_count)
         cfg = preset(args.arch, cell=args.cell, inject=args.inject, embed_dim=args.embed_dim,
                      hidden_dim=args.hidden_dim, num_layers=args.num_layers, dropout=args.dropout)
-        if args.encoder_layers:
-            cfg.encoder.layers = [c if c == "M" else int(c) for c in args.encoder_layers.split(",")]
-        if args.fc_dims:
-            cfg.encoder.fc_dims = [int(d) for d in args.fc_dims.split(",")]
-        if args.image_size:
-            cfg.preprocess.image_size = args.image_size
-            cfg.preprocess.resize = round(args.image_size * 8 / 7)
+        override_encoder(cfg, args.encoder_layers, args.fc_dims, args.image_size)
         cfg.vocab_size, cfg.max_length = len(vocab), args.max_length
         cfg.name = out.name
         model = CaptionModel(cfg)

