@@ -6,7 +6,8 @@ without labels: teacher and student see the same augmented view (optionally mixe
 to predict the teacher's class distribution (KL) and its pooled features (cosine after standardising each feature over
 the training images, so the student learns how images differ rather than the teacher's mean feature, which alone
 scores a cosine of ~0.59), "consistent and patient" function matching (Beyer et al., CVPR 2022). The student keeps the
-caption model's encoder layout exactly; its two prediction heads are dropped at the end. ``captioner train --encoder-weights RUN/encoder.safetensors`` then starts captioning from it.
+caption model's encoder layout exactly; its two prediction heads are dropped at the end.
+``captioner train --encoder-weights RUN/encoder.safetensors`` then starts captioning from it.
 
     crop (B, 3, T, T) -> teacher -> features (B, 1280), logits (B, 1000)
           \\-> resize to S -> student encoder -> v (B, D) -> heads -> (B, 1280), (B, 1000)
