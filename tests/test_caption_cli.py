@@ -1,6 +1,7 @@
 """``captioner caption`` / ``captioner merge``: inputs, outputs, resume after kill, bad files, shards, exit codes."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+import torch
 
 from captioner.cli import main as cli
 from captioner.inputs import Item, assign_image_ids, expand_inputs, parse_shard, shard
@@ -370,3 +372,35 @@ def test_idle_openmp_threads_sleep_unless_the_user_says_otherwise(preset, expect
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout == expected
+
+
+class _Niceness(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> int:
+        return os.nice(0)
+
+
+@pytest.mark.parametrize("device, env, lowered", [("cpu", None, 19), ("cuda", None, 0), ("cpu", "5", 5),
+                                                  ("cpu", "0", 0)])
+def test_cpu_runs_lower_the_loader_priority(device, env, lowered, monkeypatch):
+    # on a CPU run the model is the bottleneck: the loader decodes in its gaps instead of preempting it (README)
+    from captioner.caption_cli import _worker_init, loader_nice
+
+    monkeypatch.delenv("CAPTIONER_LOADER_NICE", raising=False)
+    if env is not None:
+        monkeypatch.setenv("CAPTIONER_LOADER_NICE", env)
+    base = os.nice(0)
+    dl = torch.utils.data.DataLoader(_Niceness(), batch_size=None, num_workers=1,
+                                     worker_init_fn=functools.partial(_worker_init, loader_nice(torch.device(device))))
+    assert list(dl) == [min(19, base + lowered)] * 2
+    assert os.nice(0) == base  # the main process keeps its priority
+
+
+def test_bad_loader_nice_is_a_usage_error(tmp_path, make_images, tiny_checkpoint, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    make_images(1, "imgs")
+    monkeypatch.setenv("CAPTIONER_LOADER_NICE", "-5")
+    assert caption("imgs", "--out", "o.jsonl", ckpt=tiny_checkpoint) == 2
+    assert "CAPTIONER_LOADER_NICE must be 0..19" in capsys.readouterr().err

@@ -90,6 +90,21 @@ def test_encoder_file_loads_as_encoder_weights_and_resume_continues(tiny_karpath
                                  fc_dims=[32])).load_imagenet(str(path))
 
 
+def test_init_from_warm_restarts_from_an_earlier_run(tiny_karpathy, tiny_teacher, tmp_path, one_thread):  # noqa: F811
+    ann, root = tiny_karpathy
+    distill.main(_args(ann, root, tmp_path / "d1", "--epochs", "2"))
+    saved = torch.load(tmp_path / "d1" / distill.STATE, weights_only=True)["student"]
+    student = distill.main(_args(ann, root, tmp_path / "d2", "--epochs", "0", "--init-from", str(tmp_path / "d1")))
+    for k, v in student.state_dict().items():  # weights, BN statistics and the teacher-feature standardisation
+        assert torch.equal(v, saved[k]), k
+    assert not torch.equal(saved["t_std"], torch.ones_like(saved["t_std"]))
+    distill.main(_args(ann, root, tmp_path / "d2", "--epochs", "1", "--init-from", str(tmp_path / "d1")))
+    # a warm start begins where the earlier run ended, far below a cold start's first epoch
+    assert _rows(tmp_path / "d2")[0]["val_kl"] < _rows(tmp_path / "d1")[0]["val_kl"]
+    with pytest.raises(SystemExit, match="use one"):
+        distill.main(_args(ann, root, tmp_path / "d2", "--resume", "--init-from", str(tmp_path / "d1")))
+
+
 def test_val_images_are_never_trained_on(tiny_karpathy, tiny_teacher, tmp_path):  # noqa: F811
     ann, root = tiny_karpathy
     args = _args(ann, root, tmp_path / "d", str(root / "images"))  # the folder holds the val images too

@@ -85,6 +85,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="run directory: encoder.safetensors, metrics.jsonl, training state")
     g.add_argument("--resume", action="store_true", help="continue the run in --out")
+    g.add_argument("--init-from", metavar="RUN",
+                   help="start the student (and the teacher-feature statistics) from an earlier run's last state, "
+                        "with a fresh optimizer and schedule: a warm restart for a run whose val KL was still falling")
     return p
 
 
@@ -330,7 +333,14 @@ def main(args: argparse.Namespace):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("cosine", args.warmup_steps, steps))
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     start, best = 0, -math.inf
-    if not args.resume:
+    if args.resume and args.init_from:
+        raise SystemExit("--resume continues the run in --out; --init-from starts a new one: use one")
+    if args.init_from:
+        student.load_state_dict(torch.load(Path(args.init_from) / STATE, map_location="cpu",
+                                           weights_only=True)["student"])
+        if is_main():
+            log.info("student initialised from %s", Path(args.init_from) / STATE)
+    elif not args.resume:
         teacher_statistics(student, teacher, DataLoader(CropDataset(train_paths, args.teacher_size, train=False),
                                                         args.batch_size, num_workers=args.workers, collate_fn=collate),
                            device, norm, args.statistics_images)
