@@ -103,6 +103,8 @@ def test_init_from_warm_restarts_from_an_earlier_run(tiny_karpathy, tiny_teacher
     assert _rows(tmp_path / "d2")[0]["val_kl"] < _rows(tmp_path / "d1")[0]["val_kl"]
     with pytest.raises(SystemExit, match="use one"):
         distill.main(_args(ann, root, tmp_path / "d2", "--resume", "--init-from", str(tmp_path / "d1")))
+    with pytest.raises(SystemExit, match="--init-from: .* not found"):
+        distill.main(_args(ann, root, tmp_path / "d3", "--init-from", str(tmp_path / "nowhere")))
 
 
 def test_val_images_are_never_trained_on(tiny_karpathy, tiny_teacher, tmp_path):  # noqa: F811

@@ -300,6 +300,10 @@ def save_state(path: Path, student, optimizer, scheduler, scaler, epoch: int, be
 
 def main(args: argparse.Namespace):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.resume and args.init_from:
+        raise SystemExit("--resume continues the run in --out; --init-from starts a new one: use one")
+    if args.init_from and not (Path(args.init_from) / STATE).is_file():
+        raise SystemExit(f"--init-from: {Path(args.init_from) / STATE} not found")
     rank, world, device = init_distributed(args.device)
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
@@ -333,8 +337,6 @@ def main(args: argparse.Namespace):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("cosine", args.warmup_steps, steps))
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     start, best = 0, -math.inf
-    if args.resume and args.init_from:
-        raise SystemExit("--resume continues the run in --out; --init-from starts a new one: use one")
     if args.init_from:
         student.load_state_dict(torch.load(Path(args.init_from) / STATE, map_location="cpu",
                                            weights_only=True)["student"])
