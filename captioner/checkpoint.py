@@ -21,6 +21,8 @@ from .model import CaptionModel
 from .tokenizer import Vocabulary
 
 CONFIG, VOCAB, WEIGHTS, METRICS, CARD = "config.json", "vocab.json", "model.safetensors", "metrics.json", "README.md"
+# metrics.json keys of a VQA head's validation, beside the caption run's own (a joint model has both)
+VQA_METRICS = ("vqa_dataset", "vqa_split", "val_accuracy", "val_chance", "val_accuracy_per_type", "val_vqa_loss")
 
 
 class CheckpointError(ValueError):

@@ -59,6 +59,9 @@ class DecoderConfig:
     num_layers: int = 1
     dropout: float = 0.5
     learn_h0: bool = True
+    # decoders of this shape whose next-word probabilities are averaged at every step (an ensemble, built by
+    # `captioner export --add-decoders` from members trained on the same frozen encoder)
+    members: int = 1
 
 
 @dataclass
@@ -98,6 +101,8 @@ class ModelConfig:
             raise ValueError(f"decoder.inject must be 'every' or 'first', got {self.decoder.inject!r}")
         if self.decoder.num_layers < 1:
             raise ValueError("decoder.num_layers must be >= 1")
+        if self.decoder.members < 1:
+            raise ValueError("decoder.members must be >= 1")
         if self.vqa is not None:
             if self.vqa.cell not in ("rnn", "gru", "lstm"):
                 raise ValueError(f"vqa.cell must be rnn, gru or lstm, got {self.vqa.cell!r}")
@@ -108,6 +113,8 @@ class ModelConfig:
         d = {"format": "captioner/1", **asdict(self)}
         if d["vqa"] is None:
             del d["vqa"]  # caption-only config.json stays exactly as before
+        if d["decoder"]["members"] == 1:
+            del d["decoder"]["members"]  # so does a single decoder's: older releases read it
         return d
 
     @classmethod

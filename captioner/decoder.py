@@ -7,11 +7,16 @@ W_xh·x for all steps at once, adds W_ih·v (computed once per image), and loops
     gru/lstm: the same W_xh·x_t + W_ih·v (+ b) feeds the gates of the standard cells.
 
 Layer 0 reads word embeddings and receives the image; layer l > 0 reads h^(l-1)_t and its own h^(l)_{t-1}.
+A ``DecoderEnsemble`` runs several such decoders over the same v and averages their next-word probabilities.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .config import DecoderConfig
 
@@ -107,3 +112,47 @@ class Decoder(nn.Module):
             x = h
         new_state = (torch.stack(hs),) + ((torch.stack(cs),) if len(state) == 2 else ())
         return self.W_hy(x), new_state
+
+
+class DecoderEnsemble(nn.Module):
+    """cfg.members decoders of one shape over the same v, mixed at every step: log p(w) = log mean_m p_m(w).
+
+    It has Decoder's interface (forward, init_state, image_proj, step), so search, training and SCST run on it
+    unchanged; the "logits" it returns are already normalised log-probabilities, which log_softmax leaves as they are.
+    The members' states are stacked along the layer axis and their image projections along the feature axis, so
+    beam search reorders them like a single decoder's.
+    """
+
+    def __init__(self, cfg: DecoderConfig, vocab_size: int, image_dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        one = replace(cfg, members=1)
+        self.members = nn.ModuleList(Decoder(one, vocab_size, image_dim) for _ in range(cfg.members))
+
+    @staticmethod
+    def mix(logits: list[torch.Tensor]) -> torch.Tensor:
+        logp = torch.stack([F.log_softmax(x.float(), -1) for x in logits])  # (M, ..., V)
+        return torch.logsumexp(logp, 0) - math.log(len(logits))
+
+    def forward(self, v: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: v (N, D), tokens (N, T) -> mixture log-probabilities (N, T, V)."""
+        return self.mix([m(v, tokens) for m in self.members])
+
+    def init_state(self, n: int) -> State:
+        return tuple(torch.cat(s, 0) for s in zip(*(m.init_state(n) for m in self.members)))  # each (M*L, N, H)
+
+    def image_proj(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.image_proj(v) for m in self.members], 1)  # (N, M*G*H)
+
+    def step(self, tokens: torch.Tensor, state: State, iv: torch.Tensor, t: int) -> tuple[torch.Tensor, State]:
+        L = self.cfg.num_layers
+        logits, states = [], []
+        for i, (m, iv_m) in enumerate(zip(self.members, iv.chunk(len(self.members), 1))):
+            out, s = m.step(tokens, tuple(x[i * L:(i + 1) * L] for x in state), iv_m, t)
+            logits.append(out)
+            states.append(s)
+        return self.mix(logits), tuple(torch.cat(s, 0) for s in zip(*states))
+
+
+def build_decoder(cfg: DecoderConfig, vocab_size: int, image_dim: int) -> Decoder | DecoderEnsemble:
+    return (Decoder if cfg.members == 1 else DecoderEnsemble)(cfg, vocab_size, image_dim)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
-from .decoder import Decoder
+from .decoder import build_decoder
 from .decoding import Hypotheses, beam_search, greedy_search, sample
 from .encoder import VGGEncoder
 from .vqa import VQAHead, VQAUnavailableError
@@ -21,7 +21,7 @@ class CaptionModel(nn.Module):
             raise ValueError("config.vocab_size must be set (4 special tokens + words)")
         self.cfg = cfg
         self.encoder = VGGEncoder(cfg.encoder)
-        self.decoder = Decoder(cfg.decoder, cfg.vocab_size, cfg.encoder.feature_dim)
+        self.decoder = build_decoder(cfg.decoder, cfg.vocab_size, cfg.encoder.feature_dim)
         self.vqa = VQAHead(cfg.vqa, cfg.vocab_size, cfg.encoder.feature_dim) if cfg.vqa is not None else None
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -23,8 +23,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from tqdm import tqdm
 
-from captioner.checkpoint import load_pretrained, read_metrics, save_pretrained
+from captioner.checkpoint import VQA_METRICS, load_pretrained, read_metrics, save_pretrained
 from captioner.config import override_encoder, preset
+from captioner.decoder import Decoder
 from captioner.model import CaptionModel
 from captioner.tokenizer import PAD_ID, Vocabulary
 
@@ -74,6 +75,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--feature-cache", default=".cache/features", help="where frozen-encoder features are cached")
     g.add_argument("--image-blind", action="store_true", help="baseline: v = 0, the decoder never sees the image")
     g.add_argument("--init-from", help="start from this saved model directory (its config and vocabulary)")
+    g.add_argument("--fresh-decoder", action="store_true",
+                   help="with --init-from: keep its encoder, vocabulary and VQA head but start a new caption decoder "
+                        "of the same shape from random weights (--seed): an ensemble member for `captioner export "
+                        "--add-decoders`")
     g = p.add_argument_group("self-critical sequence training (needs --init-from or --resume)")
     g.add_argument("--scst", action="store_true", help="optimise CIDEr-D of sampled captions instead of cross-entropy")
     g.add_argument("--scst-samples", type=int, default=5, help="captions sampled per image per step")
@@ -294,6 +299,9 @@ def main(args: argparse.Namespace) -> CaptionModel:
         state = torch.load(last / STATE, map_location="cpu", weights_only=True)
     elif args.init_from:
         model, vocab = load_pretrained(args.init_from, "cpu")
+        if args.fresh_decoder:
+            model.cfg.decoder.members = 1
+            model.decoder = Decoder(model.cfg.decoder, model.cfg.vocab_size, model.cfg.encoder.feature_dim)
         model.train()
         if is_main():
             log.info("starting from %s (its config and vocabulary; model flags ignored)", args.init_from)
@@ -405,11 +413,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise SystemExit("--scst and --image-blind do not go together")
         if args.scst_samples < (2 if args.scst_baseline == "mean" else 1):
             raise SystemExit("--scst-samples must be >= 2 with --scst-baseline mean")
+    if args.fresh_decoder and not args.init_from:
+        raise SystemExit("--fresh-decoder needs --init-from: the model whose encoder and vocabulary it keeps")
     if args.lr is None:
         args.lr = 5e-5 if args.scst else 2e-3
-
-
-VQA_METRICS = ("vqa_dataset", "vqa_split", "val_accuracy", "val_chance", "val_accuracy_per_type", "val_vqa_loss")
 
 
 def carried_metrics(path, encoder_frozen: bool) -> dict:

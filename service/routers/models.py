@@ -27,7 +27,7 @@ def describe(svc) -> dict:
         "architecture": {
             "encoder": {"arch": enc.arch, "batch_norm": enc.batch_norm, "feature_dim": enc.feature_dim},
             "decoder": {"cell": dec.cell, "inject": dec.inject, "embed_dim": dec.embed_dim,
-                        "hidden_dim": dec.hidden_dim, "num_layers": dec.num_layers},
+                        "hidden_dim": dec.hidden_dim, "num_layers": dec.num_layers, "members": dec.members},
             "vqa": asdict(vqa_cfg) if vqa_cfg is not None and has_vqa(cap) else None,
             "image_size": cfg.preprocess.image_size,
             "parameters": sum(p.numel() for p in cap.model.parameters()),
