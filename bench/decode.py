@@ -7,7 +7,9 @@ one call per image (K rows per step), which is what neuraltalk2 / im2txt / the P
     python bench/decode.py                        # random-weight compact model, 2,500 words, 64 images, beam 3
     python bench/decode.py --checkpoint DIR --image-dir ../shared/data/flickr8k/images
 
-Prints images/s for both paths, the speedup, a greedy reference, and how many top captions agree.
+Prints images/s for both paths, the speedup, a greedy reference, and how many top captions agree. For an
+ensemble checkpoint (config.json decoder.members > 1) it also times its first member alone, batched, in the same
+rounds: the price of the ensemble.
 """
 from __future__ import annotations
 
@@ -161,12 +163,16 @@ def bench_precision(prec: str, decoder: Decoder, v: torch.Tensor, vocab: Vocabul
                     repeats: int, device: torch.device, clock: str) -> bool:
     """Time batched beam, per-image beam and batched greedy; True when every top caption agrees."""
     n = v.size(0)
-    res = interleaved({
+    paths = {
         "batched": lambda: beam_search(decoder, v, beam, max_length),
         "per_image": lambda: per_image(decoder, v, beam, max_length),
         "greedy": lambda: greedy_search(decoder, v, max_length),
-    }, device, repeats, clock=clock)
-    (t_batch, times_b, hyp_b), (t_loop, times_l, hyp_l), (t_greedy, times_g, _) = res.values()
+    }
+    members = getattr(decoder, "members", None)
+    if members is not None:
+        paths["member"] = lambda: beam_search(members[0], v, beam, max_length)
+    res = interleaved(paths, device, repeats, clock=clock)
+    (t_batch, times_b, hyp_b), (t_loop, times_l, hyp_l), (t_greedy, times_g, _) = list(res.values())[:3]
 
     def row(name: str, t: float, times: list[float]) -> None:
         spread = f"runs {min(times) * 1e3:.0f}-{max(times) * 1e3:.0f} ms"
@@ -176,6 +182,10 @@ def bench_precision(prec: str, decoder: Decoder, v: torch.Tensor, vocab: Vocabul
     row(f"beam {beam}, batched (1 call)", t_batch, times_b)
     row(f"beam {beam}, per-image ({n} calls)", t_loop, times_l)
     row("greedy, batched (reference)", t_greedy, times_g)
+    if members is not None:
+        t_member, times_m, _ = res["member"]
+        row(f"beam {beam}, member 0 alone", t_member, times_m)
+        print(f"  ensemble of {len(members)} / one member: {t_batch / t_member:.2f}x the time")
     speedup = t_loop / t_batch
     print(f"  speedup batched / per-image: {speedup:.1f}x  (target >= 10x: {'met' if speedup >= 10 else 'NOT met'})")
 

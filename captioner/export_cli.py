@@ -50,6 +50,8 @@ def add_decoders(model: CaptionModel, vocab: Vocabulary, paths: list[str]) -> No
     The members must have read the same v, so the encoders must hold the same weights (compared at fp16, the
     storage type of an exported model) and the preprocessing, vocabulary and decoder shape must match.
     """
+    if not paths:
+        return
     cfg = model.cfg
     mine = {k: t.to(torch.float16) if t.is_floating_point() else t for k, t in model.encoder.state_dict().items()}
     members = _members(model)

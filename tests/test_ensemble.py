@@ -139,6 +139,16 @@ def test_fresh_decoder_members_export_as_an_ensemble(tiny_karpathy, tmp_path, ca
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)  # fp16 storage
 
 
+def test_plain_export_keeps_a_single_decoder(tiny_checkpoint, tmp_path):
+    out = tmp_path / "export"
+    assert export_main(export_parser().parse_args(["--checkpoint", str(tiny_checkpoint), "--out", str(out)])) == 0
+    a, _ = load_pretrained(tiny_checkpoint)
+    b, _ = load_pretrained(out)
+    assert isinstance(b.decoder, Decoder) and b.cfg.decoder.members == 1
+    v = torch.randn(4, a.cfg.encoder.feature_dim)
+    assert torch.equal(a.generate(features=v).tokens, b.generate(features=v).tokens)
+
+
 def test_add_decoders_refuses_members_of_another_encoder(tiny_karpathy, tmp_path, capsys):  # noqa: F811
     ann, root = tiny_karpathy
     train_mod.main(_args(ann, root, tmp_path / "a", "--epochs", "1", "--seed", "1"))
