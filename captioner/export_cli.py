@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.nn as nn
