@@ -6,13 +6,14 @@ import json
 
 import pytest
 import torch
+from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
 from captioner.model import CaptionModel
 from training import train as train_mod
 from training.cider import CiderD
 from training.datasets import pad_captions
-from training.scst import ScstLoss, reference_corpus, rewards, scst_one_epoch, words
+from training.scst import ScstLoss, bleu4, reference_corpus, rewards, scst_one_epoch, words
 
 from tests.conftest import tiny_model_config
 from tests.test_train import _args, tiny_karpathy  # noqa: F401  (fixture)
@@ -43,6 +44,21 @@ def test_reward_prefers_the_right_caption_and_caches_references():
     assert r[0] > r[1] and r[3] > r[2]  # an image's own words win
     assert r[0] == pytest.approx(r[3])
     assert set(cider._ref_cache) == {0, 1}
+
+
+def test_bleu_weight_adds_sentence_bleu4_with_eos_as_a_word():
+    refs = [[(4, 5, 6, 7, 8, 2), (4, 5, 9, 7, 8, 2)], [(10, 11, 12, 13, 2)]]
+    seqs = [[4, 5, 6, 7, 8], [4, 5, 6, 13], [10, 11, 12, 13]]  # image 0 twice (one exact reference), image 1 once
+    idx, per = [0, 1], 2  # seqs[j] belongs to image idx[j // 2]: 0, 0, 1
+    got = bleu4(refs, idx, seqs, per)
+    want = Bleu(4).compute_score({0: ["4 5 6 7 8 2", "4 5 9 7 8 2"], 1: ["4 5 6 7 8 2", "4 5 9 7 8 2"],
+                                  2: ["10 11 12 13 2"]},
+                                 {0: ["4 5 6 7 8 2"], 1: ["4 5 6 13 2"], 2: ["10 11 12 13 2"]}, verbose=0)[1][3]
+    assert got.tolist() == pytest.approx(want)
+    assert got[0] == pytest.approx(1.0) and got[2] == pytest.approx(1.0) and got[1] < 0.5
+    cider = CiderD(refs)
+    plain = rewards(cider, refs, idx, seqs, per)
+    assert rewards(cider, refs, idx, seqs, per, bleu_weight=0.5) == pytest.approx(plain + 0.5 * got)
 
 
 def test_words_stop_at_eos():
@@ -79,8 +95,8 @@ def test_scst_needs_a_trained_model(tiny_karpathy, tmp_path):  # noqa: F811
         train_mod.main(_args(ann, root, tmp_path / "x", "--scst"))
 
 
-@pytest.mark.parametrize("baseline", ["mean", "greedy"])
-def test_scst_raises_the_reward(baseline):
+@pytest.mark.parametrize("baseline,bleu_weight", [("mean", 0.0), ("greedy", 0.0), ("mean", 1.0)])
+def test_scst_raises_the_reward(baseline, bleu_weight):
     """Four 'images' (random features), each with its own two-word reference: from a random decoder, SCST steps
     must make the sampled captions earn clearly more CIDEr-D."""
     torch.manual_seed(0)
@@ -90,8 +106,8 @@ def test_scst_raises_the_reward(baseline):
     refs = reference_corpus(caps)
     cider = CiderD(refs)
     batch = {"images": torch.randn(4, cfg.encoder.feature_dim), "indices": torch.arange(4), "is_features": True}
-    args = argparse.Namespace(scst_samples=5, scst_baseline=baseline, seed=0, max_length=cfg.max_length,
-                              channels_last=False, grad_clip=5.0)
+    args = argparse.Namespace(scst_samples=5, scst_baseline=baseline, scst_bleu_weight=bleu_weight, seed=0,
+                              max_length=cfg.max_length, channels_last=False, grad_clip=5.0)
     params = list(model.parameters())
     opt = torch.optim.Adam(params, lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)

@@ -1,7 +1,8 @@
 """Self-critical sequence training (Rennie et al. 2017): ``captioner train --scst --init-from RUN/best ...``.
 
 For each image the model samples k captions; each earns its CIDEr-D against the image's training references
-(document frequencies from all training captions, <eos> counted as a word, as in self-critical.pytorch), minus a
+(document frequencies from all training captions, <eos> counted as a word, as in self-critical.pytorch; plus
+``--scst-bleu-weight`` times its sentence BLEU-4, self-critical.pytorch's bleu_reward_weight), minus a
 baseline: the greedy caption's reward (``--scst-baseline greedy``, Rennie et al.) or the mean reward of the image's
 other k-1 samples (``mean``, Luo 2020), which needs no extra decoding pass. The loss is REINFORCE,
 -(r - b) log p(caption), averaged over tokens.
@@ -58,10 +59,24 @@ def reference_corpus(caps: list[list[torch.Tensor]]) -> list[list[tuple[int, ...
 
 
 def rewards(cider: CiderD, refs: list[list[tuple[int, ...]]], indices: list[int], seqs: list[list[int]],
-            per_image: int) -> torch.Tensor:
-    """CIDEr-D of each caption (seqs[j] belongs to image indices[j // per_image]) -> (len(seqs),)."""
-    return torch.tensor([cider.score(tuple(s) + (EOS_ID,), refs[indices[j // per_image]], key=indices[j // per_image])
-                         for j, s in enumerate(seqs)], dtype=torch.float32)
+            per_image: int, bleu_weight: float = 0.0) -> torch.Tensor:
+    """CIDEr-D (+ bleu_weight * BLEU-4) of each caption (seqs[j] belongs to image indices[j // per_image])
+    -> (len(seqs),)."""
+    r = torch.tensor([cider.score(tuple(s) + (EOS_ID,), refs[indices[j // per_image]], key=indices[j // per_image])
+                      for j, s in enumerate(seqs)], dtype=torch.float32)
+    return r + bleu_weight * bleu4(refs, indices, seqs, per_image) if bleu_weight else r
+
+
+def bleu4(refs: list[list[tuple[int, ...]]], indices: list[int], seqs: list[list[int]], per_image: int) -> torch.Tensor:
+    """Sentence-level BLEU-4 of each caption against its image's references, <eos> counted as a word: pycocoevalcap's
+    scorer ('closest' reference length), as self-critical.pytorch's bleu_reward_weight uses it."""
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    text = lambda seq: " ".join(map(str, seq))  # noqa: E731  (token ids as words)
+    res = {j: [text(tuple(s) + (EOS_ID,))] for j, s in enumerate(seqs)}
+    gts = {j: [text(r) for r in refs[indices[j // per_image]]] for j in range(len(seqs))}
+    _, per_n = Bleu(4).compute_score(gts, res, verbose=0)
+    return torch.tensor(per_n[3], dtype=torch.float32)
 
 
 def scst_one_epoch(step_fn, model, optimizer, scheduler, scaler, loader, cider, refs, args, epoch, device, amp_dtype,
@@ -87,9 +102,9 @@ def scst_one_epoch(step_fn, model, optimizer, scheduler, scaler, loader, cider, 
                                            generator=g).tokens.flatten(0, 1))  # B*k, image-major
             if args.scst_baseline == "greedy":
                 greedy = words(model.generate(features=v, beam_size=1, max_length=args.max_length).tokens[:, 0])
-        r = rewards(cider, refs, idx, sampled, k).view(-1, k)  # (B, k)
+        r = rewards(cider, refs, idx, sampled, k, args.scst_bleu_weight).view(-1, k)  # (B, k)
         if args.scst_baseline == "greedy":
-            base = rewards(cider, refs, idx, greedy, 1)[:, None]  # (B, 1)
+            base = rewards(cider, refs, idx, greedy, 1, args.scst_bleu_weight)[:, None]  # (B, 1)
         else:  # mean of the image's other samples
             base = (r.sum(1, keepdim=True) - r) / (k - 1)
         advantage = (r - base).flatten()

@@ -84,6 +84,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--scst-samples", type=int, default=5, help="captions sampled per image per step")
     g.add_argument("--scst-baseline", choices=["mean", "greedy"], default="mean",
                    help="reward baseline: mean of the image's other samples, or its greedy caption")
+    g.add_argument("--scst-bleu-weight", type=float, default=0.0,
+                   help="reward = CIDEr-D + this x sentence BLEU-4 (0 = CIDEr-D alone)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=10)
     g.add_argument("--batch-size", type=int, default=32, help="images per step per process")
