@@ -7,7 +7,7 @@
 #   2. Joint caption + VQA training on that encoder, frozen: its features are computed once and cached (10 min).
 #   3. Joint training with the encoder unfrozen at a low learning rate: the shape questions need it (12 min).
 #   4. Self-critical sequence training of the caption decoder (encoder frozen); best epoch by val CIDEr-D (5 min).
-#   5. A fresh caption decoder on that final encoder, frozen (28 min), and SCST on it (9 min): the shipped decoder.
+#   5. A fresh caption decoder on that final encoder, frozen (28 min), and SCST on CIDEr-D + BLEU-4 (9 min).
 # Exported with fp16 weights, then evaluated as shipped: captions on Flickr8k val (beam 3), VQA on easy-VQA test.
 #   DATA=../shared/data/flickr8k COCO=../shared/data/coco-mini bash recipes/default-model.sh
 #   (needs: pip install -e ".[distill,vqa]"; COCO is optional: more unlabeled photos for step 1)
@@ -39,10 +39,11 @@ captioner train --task joint --init-from "$RUN/stage1/best" "${F8K[@]}" --vqa-da
 # 4. SCST on CIDEr-D, encoder (and so the VQA head's input) frozen
 captioner train --scst --init-from "$RUN/stage2/best" --freeze-encoder "${CACHE[@]}" "${F8K[@]}" \
     --epochs 3 --batch-size 32 --seed 0 --output "$RUN/scst"
-# 5. a caption decoder from fresh weights fitted to the final encoder (kept frozen, so the VQA head stays right), SCST
+# 5. a caption decoder from fresh weights fitted to the final encoder (kept frozen, so the VQA head stays right),
+#    then SCST with reward CIDEr-D + sentence BLEU-4
 captioner train --init-from "$RUN/scst/best" --fresh-decoder --freeze-encoder "${CACHE[@]}" "${F8K[@]}" \
     --epochs 12 --batch-size 32 --seed 1 --output "$RUN/decoder"
-captioner train --scst --init-from "$RUN/decoder/best" --freeze-encoder "${CACHE[@]}" "${F8K[@]}" \
+captioner train --scst --scst-bleu-weight 1 --init-from "$RUN/decoder/best" --freeze-encoder "${CACHE[@]}" "${F8K[@]}" \
     --epochs 2 --batch-size 32 --seed 0 --output "$RUN/decoder-scst"
 # baselines for the model card: captions without the image, answers without the image
 captioner train "${F8K[@]}" --arch compact --image-size 112 --cell lstm --epochs 10 --batch-size 32 --seed 0 \
