@@ -77,8 +77,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--init-from", help="start from this saved model directory (its config and vocabulary)")
     g.add_argument("--fresh-decoder", action="store_true",
                    help="with --init-from: keep its encoder, vocabulary and VQA head but start a new caption decoder "
-                        "of the same shape from random weights (--seed): an ensemble member for `captioner export "
-                        "--add-decoders`")
+                        "of the same shape from random weights (--seed): a decoder refitted to a final encoder "
+                        "(the default model's), or an ensemble member for `captioner export --add-decoders`")
     g = p.add_argument_group("self-critical sequence training (needs --init-from or --resume)")
     g.add_argument("--scst", action="store_true", help="optimise CIDEr-D of sampled captions instead of cross-entropy")
     g.add_argument("--scst-samples", type=int, default=5, help="captions sampled per image per step")
