@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 from training import evaluate as evaluate_mod
 from training import train as train_mod
+from training.datasets import read_dataset
+from training.features import FeatureDataset, cached_features
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20)}
 SHAPES = ("square", "stripe")
@@ -125,6 +127,43 @@ def test_frozen_encoder_uses_feature_cache_and_finetunes_later(tiny_karpathy, tm
     # same seed, so the encoder starts from the same weights; it only moves once unfrozen in epoch 1
     assert any(not torch.equal(start[k], v) for k, v in model2.encoder.state_dict().items() if v.is_floating_point())
     torch.testing.assert_close(model.encoder.state_dict()["features.0.weight"], start["features.0.weight"])
+
+
+def test_feature_views_cache_augmented_crops_beside_the_centre_crop(tiny_karpathy, tmp_path):
+    ann, root = tiny_karpathy
+    cache_dir = tmp_path / "cache"
+    model = train_mod.main(_args(ann, root, tmp_path / "one", "--epochs", "1", "--freeze-encoder"))
+    assert len(list(cache_dir.glob("*.safetensors"))) == 2
+    train_mod.main(_args(ann, root, tmp_path / "three", "--epochs", "1", "--freeze-encoder", "--feature-views", "3"))
+    assert len(list(cache_dir.glob("*.safetensors"))) == 4  # the centre crops are reused; 2 training views added
+
+    records = read_dataset("karpathy", ann, root, "train")
+    cpu = torch.device("cpu")
+    rng = torch.get_rng_state()
+    views = cached_features(model, records, cache_dir, cpu, None, 4, 0, views=3)
+    centre = cached_features(model, records, cache_dir, cpu, None, 4, 0)
+    assert views["features"].shape == (3, len(records), model.cfg.encoder.feature_dim)
+    torch.testing.assert_close(views["features"][0], centre["features"], rtol=0, atol=0)
+    ok = views["ok"]
+    assert not ok.all() and ok.sum() == len(records) - 1  # the broken image is unreadable in every view
+    f = views["features"][:, ok]
+    assert not torch.allclose(f[0], f[1]) and not torch.allclose(f[1], f[2])  # crops and flips differ
+    for p in cache_dir.glob("*.safetensors"):  # recomputed from scratch: the same crops (each view has its seed)
+        p.unlink()
+    again = cached_features(model, records, cache_dir, cpu, None, 4, 0, views=3)
+    torch.testing.assert_close(again["features"], views["features"], rtol=0, atol=0)
+    assert torch.equal(torch.get_rng_state(), rng)  # caching does not move the training run's random stream
+
+    ds = FeatureDataset(views)
+    i = int(ok.nonzero()[0])
+    drawn = {tuple(ds[i]["image"].tolist()) for _ in range(40)}
+    assert len(drawn) >= 2 and drawn <= {tuple(v[i].tolist()) for v in views["features"]}
+
+
+def test_feature_views_need_a_frozen_encoder(tiny_karpathy, tmp_path):
+    ann, root = tiny_karpathy
+    with pytest.raises(SystemExit, match="needs --freeze-encoder"):
+        train_mod.main(_args(ann, root, tmp_path / "x", "--feature-views", "2"))
 
 
 def test_image_blind_baseline_never_reads_images(tiny_karpathy, tmp_path, monkeypatch):

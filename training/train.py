@@ -73,6 +73,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--finetune-after", type=int, default=-1,
                    help="with --freeze-encoder: unfreeze the encoder from this epoch on (-1 = never)")
     g.add_argument("--feature-cache", default=".cache/features", help="where frozen-encoder features are cached")
+    g.add_argument("--feature-views", type=int, default=1, metavar="K",
+                   help="frozen encoder: cache K views of each training image (its centre crop and K-1 random crops "
+                        "and flips, as an unfrozen encoder trains on) and draw one per image per step")
     g.add_argument("--image-blind", action="store_true", help="baseline: v = 0, the decoder never sees the image")
     g.add_argument("--init-from", help="start from this saved model directory (its config and vocabulary)")
     g.add_argument("--fresh-decoder", action="store_true",
@@ -358,7 +361,7 @@ def main(args: argparse.Namespace) -> CaptionModel:
             train_ds, val_ds = FeatureDataset.placeholder(len(train_rec)), FeatureDataset.placeholder(len(val_rec))
         elif frozen:  # no augmentation with a frozen encoder: encode every image once, cached on disk
             train_ds = FeatureDataset(cached_features(model, train_rec, args.feature_cache, device, amp_dtype,
-                                                      args.eval_batch_size, args.workers))
+                                                      args.eval_batch_size, args.workers, args.feature_views))
             val_ds = FeatureDataset(cached_features(model, val_rec, args.feature_cache, device, amp_dtype,
                                                     args.eval_batch_size, args.workers))
         else:
@@ -415,6 +418,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise SystemExit("--scst and --image-blind do not go together")
         if args.scst_samples < (2 if args.scst_baseline == "mean" else 1):
             raise SystemExit("--scst-samples must be >= 2 with --scst-baseline mean")
+    if args.feature_views < 1:
+        raise SystemExit("--feature-views must be >= 1 (1 = the centre crop only)")
+    if args.feature_views > 1 and not args.freeze_encoder:
+        raise SystemExit("--feature-views caches frozen-encoder features: it needs --freeze-encoder")
     if args.fresh_decoder and not args.init_from:
         raise SystemExit("--fresh-decoder needs --init-from: the model whose encoder and vocabulary it keeps")
     if args.lr is None:
