@@ -9,7 +9,12 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from captioner.config import EncoderConfig
+from torch.utils.data import DataLoader
+
+from captioner.checkpoint import save_pretrained
+from captioner.config import IMAGENET_MEAN, IMAGENET_STD, DecoderConfig, EncoderConfig, ModelConfig, PreprocessConfig
+from captioner.model import CaptionModel
+from captioner.tokenizer import Vocabulary
 from captioner.encoder import VGGEncoder
 from tests.test_train import tiny_karpathy  # noqa: F401  (fixture)
 from training import distill
@@ -105,6 +110,48 @@ def test_init_from_warm_restarts_from_an_earlier_run(tiny_karpathy, tiny_teacher
         distill.main(_args(ann, root, tmp_path / "d2", "--resume", "--init-from", str(tmp_path / "d1")))
     with pytest.raises(SystemExit, match="--init-from: .* not found"):
         distill.main(_args(ann, root, tmp_path / "d3", "--init-from", str(tmp_path / "nowhere")))
+
+
+def test_init_from_a_caption_model_fits_the_heads_to_its_encoder(tiny_karpathy, tiny_teacher, tmp_path,  # noqa: F811
+                                                                  one_thread):
+    """A saved model (e.g. the shipped one, whose distillation state is gone) can be distilled further: the student
+    takes its encoder and preprocessing, and least-squares heads make its first predictions already good."""
+    ann, root = tiny_karpathy
+    distill.main(_args(ann, root, tmp_path / "d1", "--epochs", "6"))
+    first_kl = _rows(tmp_path / "d1")[0]["val_kl"]
+    with safe_open(str(tmp_path / "d1" / "encoder.safetensors"), "pt") as f:
+        meta = f.metadata()
+    cfg = ModelConfig(encoder=EncoderConfig(**json.loads(meta["encoder"])),
+                      preprocess=PreprocessConfig(**json.loads(meta["preprocess"])),
+                      decoder=DecoderConfig(embed_dim=8, hidden_dim=8), vocab_size=len(Vocabulary(["a"])))
+    model = CaptionModel(cfg)
+    model.encoder.load_imagenet(str(tmp_path / "d1" / "encoder.safetensors"))
+    save_pretrained(model, Vocabulary(["a"]), tmp_path / "model")
+
+    # other student flags are ignored: the model's layout and crop size are used
+    args = _args(ann, root, tmp_path / "d2", "--epochs", "0", "--init-from", str(tmp_path / "model"))
+    args.encoder_layers, args.image_size = "4,M", 16
+    student = distill.main(args)
+    assert student.size == cfg.preprocess.image_size
+    for k, v in model.encoder.state_dict().items():
+        assert torch.equal(student.encoder.state_dict()[k], v), k
+
+    distill.main(_args(ann, root, tmp_path / "d3", "--epochs", "1", "--init-from", str(tmp_path / "model")))
+    resumed = distill.main(_args(ann, root, tmp_path / "d3", "--epochs", "2", "--resume", "--image-size", "16"))
+    assert resumed.size == cfg.preprocess.image_size  # a resumed run keeps its own layout, not the flags'
+    assert [r["epoch"] for r in _rows(tmp_path / "d3")] == [0, 1]
+
+    teacher = TinyTeacher()
+    _, val_paths = distill.image_paths(args)
+    loader = DataLoader(distill.CropDataset(val_paths, 32, train=False), 4, collate_fn=distill.collate)
+    norm = (torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+    cpu = torch.device("cpu")
+    fitted = distill.evaluate(student, teacher, loader, cpu, None, norm, 1.0)
+    nn.init.normal_(student.to_logits.weight, std=0.05)
+    nn.init.normal_(student.to_features.weight, std=0.05)
+    fresh = distill.evaluate(student, teacher, loader, cpu, None, norm, 1.0)
+    assert fitted["val_kl"] < 0.7 * fresh["val_kl"] and fitted["val_kl"] < first_kl, (fitted, fresh, first_kl)
+    assert fitted["val_cosine"] > fresh["val_cosine"]
 
 
 def test_val_images_are_never_trained_on(tiny_karpathy, tiny_teacher, tmp_path):  # noqa: F811

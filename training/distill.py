@@ -26,12 +26,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from captioner.config import override_encoder, preset
+from captioner.checkpoint import load_pretrained
+from captioner.config import ModelConfig, override_encoder, preset
 from captioner.encoder import VGGEncoder
 from captioner.inputs import expand_inputs
 from captioner.preprocess import ImageError, load_image
@@ -85,9 +87,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="run directory: encoder.safetensors, metrics.jsonl, training state")
     g.add_argument("--resume", action="store_true", help="continue the run in --out")
-    g.add_argument("--init-from", metavar="RUN",
+    g.add_argument("--init-from", metavar="RUN|MODEL",
                    help="start the student (and the teacher-feature statistics) from an earlier run's last state, "
-                        "with a fresh optimizer and schedule: a warm restart for a run whose val KL was still falling")
+                        "with a fresh optimizer and schedule: a warm restart for a run whose val KL was still falling; "
+                        "or from a saved caption model's encoder (its layout and preprocessing; the student flags are "
+                        "ignored), whose two prediction heads are first fitted to the teacher by least squares")
     return p
 
 
@@ -188,10 +192,13 @@ class Student(nn.Module):
         f, logits = teacher_out
         return (f.float() - self.t_mean) / self.t_std, logits
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, 3, T, T) in 0..1; the student sees the same view at its own, smaller size
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
-        v = self.encoder((x - self.mean) / self.std)  # (B, D)
+        return self.encoder((x - self.mean) / self.std)  # (B, D)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v = self.embed(x)
         return self.to_features(v), self.to_logits(v)
 
 
@@ -213,19 +220,39 @@ def prepare(batch: torch.Tensor, device, mixup: float, mean, std):
 
 
 @torch.no_grad()
-def teacher_statistics(student: Student, teacher, loader, device, norm, limit: int) -> None:
-    """Mean and std of each teacher feature over (up to ``limit``) training images' centre crops."""
-    feats, n = [], 0
+def teacher_statistics(student: Student, teacher, loader, device, norm, limit: int, fit_heads: bool = False) -> None:
+    """Mean and std of each teacher feature over (up to ``limit``) training images' centre crops; with ``fit_heads``
+    (a student whose encoder already knows something) also the heads that best predict, from its v, the
+    standardised features and the logits (centred per image: softmax ignores a shift), by ridge regression."""
+    feats, logits, vs, n = [], [], [], 0
+    was_training = student.training
+    student.eval()
     for batch in tqdm(loader, desc="teacher statistics", disable=not is_main(), dynamic_ncols=True, leave=False):
         if batch.size(0) == 0:
             continue
-        feats.append(teacher(prepare(batch, device, 0.0, *norm)[1])[0].float())
+        x, xt = prepare(batch, device, 0.0, *norm)
+        f, lg = teacher(xt)
+        feats.append(f.float())
+        if fit_heads:
+            logits.append(lg.float() - lg.float().mean(-1, keepdim=True))
+            vs.append(student.embed(x).float())
         n += batch.size(0)
         if n >= limit:
             break
+    student.train(was_training)
     f = torch.cat(feats)
     student.t_mean.copy_(f.mean(0))
     student.t_std.copy_(f.std(0).clamp_min(1e-3))
+    if fit_heads:
+        v = torch.cat(vs)
+        v1 = torch.cat([v, torch.ones_like(v[:, :1])], 1)  # (N, D + 1): the last row of the solution is the bias
+        gram = v1.T @ v1
+        gram += 1e-3 * gram.diagonal().mean() * torch.eye(len(gram), device=gram.device)
+        for head, target in ((student.to_features, (f - student.t_mean) / student.t_std),
+                             (student.to_logits, torch.cat(logits))):
+            w = torch.linalg.solve(gram, v1.T @ target)  # (D + 1, out)
+            head.weight.copy_(w[:-1].T)
+            head.bias.copy_(w[-1])
 
 
 # -------------------------------------------------------------------------------------------------- train and eval
@@ -302,8 +329,9 @@ def main(args: argparse.Namespace):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.resume and args.init_from:
         raise SystemExit("--resume continues the run in --out; --init-from starts a new one: use one")
-    if args.init_from and not (Path(args.init_from) / STATE).is_file():
-        raise SystemExit(f"--init-from: {Path(args.init_from) / STATE} not found")
+    init_model = bool(args.init_from) and (Path(args.init_from) / "config.json").is_file()
+    if args.init_from and not init_model and not (Path(args.init_from) / STATE).is_file():
+        raise SystemExit(f"--init-from: {Path(args.init_from) / STATE} not found (nor a model's config.json)")
     rank, world, device = init_distributed(args.device)
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
@@ -312,11 +340,22 @@ def main(args: argparse.Namespace):
         out.mkdir(parents=True, exist_ok=True)
     amp_dtype, use_scaler = amp_settings(args.amp, device)
 
-    cfg = override_encoder(preset(args.arch), args.encoder_layers, args.fc_dims, args.image_size)
+    last = out / "last_encoder.safetensors"
+    if init_model:
+        model, _ = load_pretrained(args.init_from, "cpu")
+        cfg, encoder = model.cfg, model.encoder
+    elif args.resume and last.is_file():  # the run's own layout, whatever flags (or model) it started from
+        with safe_open(str(last), "pt") as f:
+            meta = f.metadata()
+        cfg = ModelConfig.from_dict({k: json.loads(meta[k]) for k in ("encoder", "preprocess")})
+        encoder = VGGEncoder(cfg.encoder)
+    else:
+        cfg = override_encoder(preset(args.arch), args.encoder_layers, args.fc_dims, args.image_size)
+        encoder = VGGEncoder(cfg.encoder)
     train_paths, val_paths = image_paths(args)
 
     teacher = TEACHERS[args.teacher]().to(device)
-    student = Student(VGGEncoder(cfg.encoder), teacher.feature_dim, teacher.num_classes,
+    student = Student(encoder, teacher.feature_dim, teacher.num_classes,
                       cfg.preprocess.image_size, cfg.preprocess.mean, cfg.preprocess.std).to(device)
     norm = (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
             torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
@@ -337,15 +376,18 @@ def main(args: argparse.Namespace):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("cosine", args.warmup_steps, steps))
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     start, best = 0, -math.inf
-    if args.init_from:
+    if args.init_from and not init_model:
         student.load_state_dict(torch.load(Path(args.init_from) / STATE, map_location="cpu",
                                            weights_only=True)["student"])
         if is_main():
             log.info("student initialised from %s", Path(args.init_from) / STATE)
     elif not args.resume:
+        if init_model and is_main():
+            log.info("student encoder from the model %s (%s, %d px); fitting its heads to the teacher",
+                     args.init_from, cfg.encoder.arch, cfg.preprocess.image_size)
         teacher_statistics(student, teacher, DataLoader(CropDataset(train_paths, args.teacher_size, train=False),
                                                         args.batch_size, num_workers=args.workers, collate_fn=collate),
-                           device, norm, args.statistics_images)
+                           device, norm, args.statistics_images, fit_heads=init_model)
     if args.resume:
         if not (out / STATE).is_file():
             raise SystemExit(f"--resume: {out / STATE} not found")
