@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from captioner.model import CaptionModel
-
 from captioner.preprocess import train_transform
 
 from .datasets import CaptionDataset, ImageRecord, collate
