@@ -359,7 +359,7 @@ def main(args: argparse.Namespace) -> CaptionModel:
             p_.requires_grad_(not frozen)
         if args.image_blind:  # the images are never looked at: skip reading them
             train_ds, val_ds = FeatureDataset.placeholder(len(train_rec)), FeatureDataset.placeholder(len(val_rec))
-        elif frozen:  # no augmentation with a frozen encoder: encode every image once, cached on disk
+        elif frozen:  # encode every image once (or --feature-views crops of it), cached on disk
             train_ds = FeatureDataset(cached_features(model, train_rec, args.feature_cache, device, amp_dtype,
                                                       args.eval_batch_size, args.workers, args.feature_views))
             val_ds = FeatureDataset(cached_features(model, val_rec, args.feature_cache, device, amp_dtype,
