@@ -29,7 +29,7 @@ from captioner.decoder import Decoder
 from captioner.model import CaptionModel
 from captioner.tokenizer import PAD_ID, Vocabulary
 
-from .datasets import CaptionDataset, collate, encode_captions, pad_captions, read_dataset
+from .datasets import CaptionDataset, ImageRecord, collate, encode_captions, pad_captions, read_dataset
 from .distributed import average_buffers, barrier, cleanup, init_distributed, is_main
 from .cider import CiderD
 from .features import FeatureDataset, cached_features
@@ -238,6 +238,23 @@ def evaluate(model: CaptionModel, loader, records, caps, vocab: Vocabulary, args
 
 # ----------------------------------------------------------------------------- main
 
+def read_records(args: argparse.Namespace) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """The training and validation images, in the order (and so under the feature-cache keys) training uses."""
+    train_rec = read_dataset(args.dataset, args.annotations, args.images, args.train_split)
+    if args.dataset == "coco":
+        if not (args.val_annotations and args.val_images):
+            raise SystemExit("--dataset coco needs --val-annotations and --val-images")
+        val_rec = read_dataset("coco", args.val_annotations, args.val_images, args.val_split)
+    else:
+        val_rec = read_dataset(args.dataset, args.val_annotations or args.annotations, args.val_images or args.images,
+                               args.val_split)
+    if args.max_train_images:
+        train_rec = train_rec[: args.max_train_images]
+    if args.max_val_images:
+        val_rec = val_rec[: args.max_val_images]
+    return train_rec, [r for r in val_rec if r.captions]
+
+
 def _loader(ds, batch_size, shuffle, workers, seed, epoch, world, rank):
     if world > 1:
         sampler = DistributedSampler(ds, world, rank, shuffle=shuffle, seed=seed, drop_last=shuffle)
@@ -282,19 +299,7 @@ def main(args: argparse.Namespace) -> CaptionModel:
     amp_dtype, use_scaler = amp_settings(args.amp, device)
     check_args(args)
 
-    train_rec = read_dataset(args.dataset, args.annotations, args.images, args.train_split)
-    if args.dataset == "coco":
-        if not (args.val_annotations and args.val_images):
-            raise SystemExit("--dataset coco needs --val-annotations and --val-images")
-        val_rec = read_dataset("coco", args.val_annotations, args.val_images, args.val_split)
-    else:
-        val_rec = read_dataset(args.dataset, args.val_annotations or args.annotations, args.val_images or args.images,
-                               args.val_split)
-    if args.max_train_images:
-        train_rec = train_rec[: args.max_train_images]
-    if args.max_val_images:
-        val_rec = val_rec[: args.max_val_images]
-    val_rec = [r for r in val_rec if r.captions]
+    train_rec, val_rec = read_records(args)
 
     state = None
     if args.resume:

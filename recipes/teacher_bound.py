@@ -1,0 +1,99 @@
+"""How much better could captions get with a perfect student? A diagnostic, not part of the default recipe.
+
+Writes the distillation teacher's features (EfficientNet-Lite0, 224 px centre crop, pooled 1280-d, PCA to the
+model's v size and scaled like its v) into a feature cache under the keys of MODEL's own encoder, so that a
+frozen-encoder run reading that cache fits a decoder to the teacher's features instead of the student's:
+
+    python recipes/teacher_bound.py --model captioner/models/default --out runs/teacher-cache -- \\
+        --annotations $D/dataset_flickr8k.json --images $D
+    captioner train --init-from captioner/models/default --fresh-decoder --seed 1 --freeze-encoder \\
+        --feature-cache runs/teacher-cache --annotations $D/dataset_flickr8k.json --images $D --epochs 12 \\
+        --output runs/teacher-bound
+
+It also prints how much of the teacher's (reduced) features the student's v explains linearly (ridge R^2, fitted
+on train, measured on val). Needs pip install -e ".[distill]"; one torch process at a time on a small CPU.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from captioner.checkpoint import load_pretrained
+from captioner.config import PreprocessConfig
+from training import train as train_mod
+from training.datasets import CaptionDataset, collate
+from training.distill import IMAGENET_MEAN, IMAGENET_STD, TEACHERS
+from training.features import cache_key, compute_features
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="captioner/models/default", help="saved model whose cache keys are used")
+    p.add_argument("--teacher", choices=sorted(TEACHERS), default="efficientnet-lite0")
+    p.add_argument("--teacher-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--out", required=True, help="feature cache folder to write")
+    p.add_argument("data", nargs=argparse.REMAINDER,
+                   help="after --: the data flags of the captioner train run that will read the cache "
+                        "(--annotations, --images, splits, --max-train-images, ...)")
+    return p
+
+
+@torch.no_grad()
+def teacher_features(teacher, records, size: int, batch_size: int, workers: int) -> torch.Tensor:
+    """(N, teacher_dim) pooled features of each image's centre crop, as distillation measures the teacher; rows
+    of unreadable images stay 0 (the student's cache marks them not ok)."""
+    ds = CaptionDataset(records, PreprocessConfig(image_size=size, resize=size, mean=IMAGENET_MEAN, std=IMAGENET_STD))
+    out = torch.zeros(len(records), teacher.feature_dim)
+    for b in tqdm(DataLoader(ds, batch_size, num_workers=workers, collate_fn=collate), desc="teacher"):
+        if b["images"].size(0):
+            out[b["indices"]] = teacher(b["images"])[0].float()
+    return out
+
+
+def ridge_r2(x_fit, y_fit, x, y, lam: float = 1e-2) -> float:
+    def aug(a):
+        return torch.cat([a, torch.ones(len(a), 1)], 1).double()
+    a = aug(x_fit)
+    w = torch.linalg.solve(a.T @ a + lam * len(a) * torch.eye(a.size(1), dtype=a.dtype), a.T @ y_fit.double())
+    resid = ((aug(x) @ w - y.double()) ** 2).sum()
+    return float(1 - resid / ((y.double() - y_fit.double().mean(0)) ** 2).sum())
+
+
+def main(args: argparse.Namespace) -> None:
+    model, _ = load_pretrained(args.model, "cpu")
+    teacher = TEACHERS[args.teacher]().to(memory_format=torch.channels_last)
+    data = [a for a in args.data if a != "--"]
+    train_args = train_mod.get_args_parser().parse_args([*data, "--output", "unused"])
+    rows = {}
+    for split, rec in zip(("train", "val"), train_mod.read_records(train_args)):  # the records training will key
+        t = teacher_features(teacher, rec, args.teacher_size, args.batch_size, args.workers)
+        v, ok = compute_features(model, rec, torch.device("cpu"), None, args.batch_size, args.workers)
+        rows[split] = (cache_key(model, rec), t, v, ok)
+    fit = next(iter(rows))
+    good = rows[fit][3]
+    t_fit, v_fit = rows[fit][1][good], rows[fit][2][good]
+    mu, dim = t_fit.mean(0), v_fit.size(1)
+    _, s, basis = torch.pca_lowrank(t_fit - mu, q=min(dim, *t_fit.shape), center=False, niter=6)
+    print(f"{basis.size(1)} principal components keep {float((s ** 2).sum() / ((t_fit - mu) ** 2).sum()):.1%} "
+          f"of the teacher's feature variance on {fit}")
+    basis = torch.cat([basis, basis.new_zeros(basis.size(0), dim - basis.size(1))], 1)  # (teacher_dim, dim)
+    scale = v_fit.std() / ((t_fit - mu) @ basis).std()  # the student's overall scale, so lr and init still fit
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for split, (key, t, v, ok) in rows.items():
+        z = ((t - mu) @ basis) * scale
+        save_file({"features": z.float().contiguous(), "ok": ok}, str(out / f"{key}.safetensors"))
+        r2 = ridge_r2(v_fit, (t_fit - mu) @ basis, v[ok], (t[ok] - mu) @ basis)
+        print(f"{split}: {len(z)} teacher features -> {out / key}.safetensors; the student's v explains "
+              f"R^2 = {r2:.3f} of them (ridge fitted on {fit})")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
