@@ -17,6 +17,7 @@ other views itself. It also prints how much of the teacher's (reduced) features 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -58,13 +59,13 @@ def teacher_features(teacher, records, size: int, batch_size: int, workers: int)
     return out
 
 
-def ridge_r2(x_fit, y_fit, x, y, lam: float = 1e-2) -> float:
+def ridge(x, y, lam: float = 1e-2):
+    """The ridge regression x -> y (with a bias) as a function."""
     def aug(a):
         return torch.cat([a, torch.ones(len(a), 1)], 1).double()
-    a = aug(x_fit)
-    w = torch.linalg.solve(a.T @ a + lam * len(a) * torch.eye(a.size(1), dtype=a.dtype), a.T @ y_fit.double())
-    resid = ((aug(x) @ w - y.double()) ** 2).sum()
-    return float(1 - resid / ((y.double() - y_fit.double().mean(0)) ** 2).sum())
+    a = aug(x)
+    w = torch.linalg.solve(a.T @ a + lam * len(a) * torch.eye(a.size(1), dtype=a.dtype), a.T @ y.double())
+    return lambda x_: aug(x_) @ w
 
 
 def main(args: argparse.Namespace) -> None:
@@ -77,24 +78,26 @@ def main(args: argparse.Namespace) -> None:
         t = teacher_features(teacher, rec, args.teacher_size, args.batch_size, args.workers)
         v, ok = compute_features(model, rec, torch.device("cpu"), None, args.batch_size, args.workers)
         rows[split] = (cache_key(model, rec), t, v, ok)
-    fit = next(iter(rows))
-    good = rows[fit][3]
-    t_fit, v_fit = rows[fit][1][good], rows[fit][2][good]
+    _, t_fit, v_fit, ok = rows["train"]  # PCA, scale and ridge are fitted on the training images
+    t_fit, v_fit = t_fit[ok], v_fit[ok]
     mu, dim = t_fit.mean(0), v_fit.size(1)
     _, s, basis = torch.pca_lowrank(t_fit - mu, q=min(dim, *t_fit.shape), center=False, niter=6)
     print(f"{basis.size(1)} principal components keep {float((s ** 2).sum() / ((t_fit - mu) ** 2).sum()):.1%} "
-          f"of the teacher's feature variance on {fit}")
+          f"of the teacher's feature variance on train")
     basis = torch.cat([basis, basis.new_zeros(basis.size(0), dim - basis.size(1))], 1)  # (teacher_dim, dim)
     scale = v_fit.std() / ((t_fit - mu) @ basis).std()  # the student's overall scale, so lr and init still fit
+    predict = ridge(v_fit, (t_fit - mu) @ basis)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for split, (key, t, v, ok) in rows.items():
-        z = ((t - mu) @ basis) * scale
-        save_file({"features": z.float().contiguous(), "ok": ok}, str(out / f"{key}.safetensors"))
-        r2 = ridge_r2(v_fit, (t_fit - mu) @ basis, v[ok], (t[ok] - mu) @ basis)
-        print(f"{split}: {len(z)} teacher features -> {out / key}.safetensors; the student's v explains "
-              f"R^2 = {r2:.3f} of them (ridge fitted on {fit})")
-
+        z = (t - mu) @ basis
+        tmp, path = out / f"{key}.tmp{os.getpid()}", out / f"{key}.safetensors"
+        save_file({"features": (z * scale).float().contiguous(), "ok": ok}, str(tmp))
+        os.replace(tmp, path)  # a half-written cache file must never be read as features
+        resid = ((predict(v[ok]) - z[ok].double()) ** 2).sum()
+        r2 = 1 - resid / (z[ok].double() ** 2).sum()  # variance around the training mean (z's origin)
+        print(f"{split}: {len(z)} teacher features -> {path}; the student's v explains R^2 = {float(r2):.3f} "
+              f"of them (ridge fitted on train)")
 
 if __name__ == "__main__":
     main(get_args_parser().parse_args())
