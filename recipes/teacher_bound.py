@@ -12,7 +12,8 @@ frozen-encoder run reading that cache fits a decoder to the teacher's features i
 
 Only the evaluation view (centre crop) is written: a run with --feature-views K > 1 would compute the student's
 other views itself. It also prints how much of the teacher's (reduced) features the student's v explains linearly
-(ridge R^2, fitted on train, measured on val). Needs pip install -e ".[distill]"; one torch process at a time on a small CPU.
+(ridge R^2, fitted on train, measured on val). Needs pip install -e ".[distill]"; one torch process at a time on
+a small CPU.
 """
 from __future__ import annotations
 

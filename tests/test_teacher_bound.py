@@ -16,7 +16,7 @@ from captioner.tokenizer import Vocabulary
 from tests.test_distill import tiny_teacher  # noqa: F401  (fixture)
 from tests.test_train import tiny_karpathy  # noqa: F401  (fixture)
 from training import train as train_mod
-from training.features import compute_features
+from training.features import cache_key, compute_features
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,13 +47,10 @@ def test_teacher_features_replace_the_students_in_training(tiny_karpathy, tiny_t
 
     model, _ = load_pretrained(tmp_path / "model")
     train_rec, val_rec = train_mod.read_records(train_mod.get_args_parser().parse_args([*data, "--output", "x"]))
-    files = sorted(cache.glob("*.safetensors"))
-    assert len(files) == 2
-    for f in files:
-        saved = load_file(str(f))
-        n = len(train_rec) if len(saved["ok"]) == len(train_rec) else len(val_rec)
-        assert saved["features"].shape == (n, 32)
-    train_file = next(load_file(str(f)) for f in files if len(load_file(str(f))["ok"]) == len(train_rec))
+    assert len(list(cache.glob("*.safetensors"))) == 2
+    train_file, val_file = (load_file(str(cache / f"{cache_key(model, rec)}.safetensors"))
+                            for rec in (train_rec, val_rec))
+    assert train_file["features"].shape == (len(train_rec), 32) and val_file["features"].shape == (len(val_rec), 32)
     student_v, ok = compute_features(model, train_rec, torch.device("cpu"), None, 4, 0)
     assert torch.equal(train_file["ok"], ok) and not ok.all()  # the corrupt training image stays marked
     assert not torch.allclose(train_file["features"][ok], student_v[ok], atol=1e-3)  # the teacher's, not v
