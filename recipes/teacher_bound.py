@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -49,14 +50,18 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 @torch.no_grad()
-def teacher_features(teacher, records, size: int, batch_size: int, workers: int) -> torch.Tensor:
+def teacher_features(teacher, records, size: int, batch_size: int, workers: int,
+                     seen_at: int | None = None) -> torch.Tensor:
     """(N, teacher_dim) pooled features of each image's centre crop, as distillation measures the teacher; rows
-    of unreadable images stay 0 (the student's cache marks them not ok)."""
-    ds = CaptionDataset(records, PreprocessConfig(image_size=size, resize=size, mean=IMAGENET_MEAN, std=IMAGENET_STD))
+    of unreadable images stay 0 (the student's cache marks them not ok). With ``seen_at``, the crop is first
+    reduced to that many pixels and resized back up: the teacher sees only what a student at that size sees."""
+    at = seen_at or size
+    ds = CaptionDataset(records, PreprocessConfig(image_size=at, resize=at, mean=IMAGENET_MEAN, std=IMAGENET_STD))
     out = torch.zeros(len(records), teacher.feature_dim)
     for b in tqdm(DataLoader(ds, batch_size, num_workers=workers, collate_fn=collate), desc="teacher"):
         if b["images"].size(0):
-            out[b["indices"]] = teacher(b["images"])[0].float()
+            x = b["images"] if at == size else F.interpolate(b["images"], size=(size, size), mode="bilinear")
+            out[b["indices"]] = teacher(x)[0].float()
     return out
 
 
@@ -67,6 +72,12 @@ def ridge(x, y, lam: float = 1e-2):
     a = aug(x)
     w = torch.linalg.solve(a.T @ a + lam * len(a) * torch.eye(a.size(1), dtype=a.dtype), a.T @ y.double())
     return lambda x_: aug(x_) @ w
+
+
+def explained(predict, x: torch.Tensor, z: torch.Tensor) -> float:
+    """R^2 of predict(x) for z, around z's origin (the training mean, where the cache's features are centred)."""
+    z = z.double()
+    return float(1 - ((predict(x) - z) ** 2).sum() / (z ** 2).sum())
 
 
 def main(args: argparse.Namespace) -> None:
@@ -95,10 +106,9 @@ def main(args: argparse.Namespace) -> None:
         tmp, path = out / f"{key}.tmp{os.getpid()}", out / f"{key}.safetensors"
         save_file({"features": (z * scale).float().contiguous(), "ok": ok}, str(tmp))
         os.replace(tmp, path)  # a half-written cache file must never be read as features
-        resid = ((predict(v[ok]) - z[ok].double()) ** 2).sum()
-        r2 = 1 - resid / (z[ok].double() ** 2).sum()  # variance around the training mean (z's origin)
-        print(f"{split}: {len(z)} teacher features -> {path}; the student's v explains R^2 = {float(r2):.3f} "
-              f"of them (ridge fitted on train)")
+        print(f"{split}: {len(z)} teacher features -> {path}; the student's v explains R^2 = "
+              f"{explained(predict, v[ok], z[ok]):.3f} of them (ridge fitted on train)")
+
 
 if __name__ == "__main__":
     main(get_args_parser().parse_args())

@@ -319,6 +319,15 @@ def save_encoder(encoder: VGGEncoder, path: Path, meta: dict) -> None:
     os.replace(tmp, path)
 
 
+def encoder_layout(path: Path) -> tuple[ModelConfig, VGGEncoder]:
+    """The config (encoder + preprocessing) that save_encoder wrote into ``path``, and an encoder of that layout
+    (weights not loaded: ``encoder.load_imagenet(path)`` does that)."""
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    cfg = ModelConfig.from_dict({k: json.loads(meta[k]) for k in ("encoder", "preprocess")})
+    return cfg, VGGEncoder(cfg.encoder)
+
+
 def save_state(path: Path, student, optimizer, scheduler, scaler, epoch: int, best: float) -> None:
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save({"student": student.state_dict(), "optimizer": optimizer.state_dict(),
@@ -347,10 +356,7 @@ def main(args: argparse.Namespace):
         model, _ = load_pretrained(args.init_from, "cpu")
         cfg, encoder = model.cfg, model.encoder
     elif args.resume and last.is_file():  # the run's own layout, whatever flags (or model) it started from
-        with safe_open(str(last), "pt") as f:
-            meta = f.metadata()
-        cfg = ModelConfig.from_dict({k: json.loads(meta[k]) for k in ("encoder", "preprocess")})
-        encoder = VGGEncoder(cfg.encoder)
+        cfg, encoder = encoder_layout(last)
     else:
         cfg = override_encoder(preset(args.arch), args.encoder_layers, args.fc_dims, args.image_size)
         encoder = VGGEncoder(cfg.encoder)
