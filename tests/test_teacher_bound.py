@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from captioner.checkpoint import load_pretrained, save_pretrained
 from captioner.config import DecoderConfig, EncoderConfig, ModelConfig, PreprocessConfig
@@ -109,6 +109,9 @@ def test_probe_measures_the_model_a_distilled_encoder_and_the_teacher(tiny_karpa
     assert torch.equal(same, probe.teacher_features(teacher, recs, 32, 4, 0))
     assert not torch.allclose(small, same, atol=1e-3)
 
+    save_file(model.encoder.state_dict(), str(tmp_path / "bare.safetensors"))  # weights without a layout
+    with pytest.raises(ValueError, match="no encoder layout"):
+        r2("--encoder", str(tmp_path / "bare.safetensors"))
     with pytest.raises(SystemExit, match="no teacher features"):
         probe.main(probe.get_args_parser().parse_args([
             "--model", str(tmp_path / "model"), "--cache", str(tmp_path / "empty"), "--", *data]))

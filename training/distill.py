@@ -323,7 +323,9 @@ def encoder_layout(path: Path) -> tuple[ModelConfig, VGGEncoder]:
     """The config (encoder + preprocessing) that save_encoder wrote into ``path``, and an encoder of that layout
     (weights not loaded: ``encoder.load_imagenet(path)`` does that)."""
     with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
+        meta = f.metadata() or {}
+    if not {"encoder", "preprocess"} <= set(meta):
+        raise ValueError(f"{path}: no encoder layout in its metadata (not an encoder file of captioner distill)")
     cfg = ModelConfig.from_dict({k: json.loads(meta[k]) for k in ("encoder", "preprocess")})
     return cfg, VGGEncoder(cfg.encoder)
 
