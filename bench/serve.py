@@ -116,19 +116,18 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, checkpoint: Path, device: str, max_batch_size: int, max_delay_ms: float | None,
-                 threads: int | None) -> None:
+    """`captioner serve` as a subprocess on 127.0.0.1 and a free port, with extra ``flags``."""
+
+    def __init__(self, checkpoint: Path | None, *flags: str, device: str = "cpu") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "captioner", "serve", "--checkpoint", str(checkpoint), "--device", device,
-               "--host", "127.0.0.1", "--port", str(self.port), "--max-batch-size", str(max_batch_size),
-               "--max-queue", "4096", "--log-level", "warning"]
-        if max_delay_ms is not None:
-            cmd += ["--max-delay-ms", str(max_delay_ms)]
-        if threads:
-            cmd += ["--torch-threads", str(threads)]
+        cmd = [sys.executable, "-m", "captioner", "serve", "--device", device, "--host", "127.0.0.1",
+               "--port", str(self.port), *flags]
+        if checkpoint:
+            cmd += ["--checkpoint", str(checkpoint)]
         self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     def wait_ready(self, timeout: float = 180) -> None:
         import httpx
@@ -145,6 +144,13 @@ class Server:
                 pass
             time.sleep(0.2)
         sys.exit("server not ready in time")
+
+    def metric(self, name: str) -> float:
+        """The sum of a metric's samples (all label values)."""
+        import httpx
+
+        return sum(float(line.split()[-1]) for line in httpx.get(self.url + "/metrics").text.splitlines()
+                   if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{"))
 
     def metrics(self) -> tuple[float, float, float]:
         """(batches, images, seconds in the model) from the batch-size and inference-time histograms."""
@@ -274,8 +280,14 @@ def main(args: argparse.Namespace) -> int:
           f"{args.rounds} rounds of {args.requests} requests per throughput run")
 
     # both servers up first (idle servers cost nothing), then every measurement alternates with its reference
-    dyn = Server(ckpt, args.device, args.max_batch_size, args.max_delay_ms, args.threads)
-    one = Server(ckpt, args.device, 1, args.max_delay_ms, args.threads)
+    def flags(max_batch_size: int) -> list[str]:
+        f = ["--max-batch-size", str(max_batch_size), "--max-queue", "4096", "--log-level", "warning"]
+        if args.max_delay_ms is not None:
+            f += ["--max-delay-ms", str(args.max_delay_ms)]
+        return f + (["--torch-threads", str(args.threads)] if args.threads else [])
+
+    dyn = Server(ckpt, *flags(args.max_batch_size), device=args.device)
+    one = Server(ckpt, *flags(1), device=args.device)
     dyn.wait_ready()
     one.wait_ready()
     engine = load_model(ckpt, args.device)

@@ -6,6 +6,7 @@ so a crash leaves either the old checkpoint or the new one, never a mix.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
@@ -91,6 +93,32 @@ def read_config(path: str | Path) -> ModelConfig:
         raise CheckpointError(f"{path / CONFIG}: {e}") from None
 
 
+MAX_PARAMETERS = 2**31  # 8 GiB of fp32 weights: far beyond any model of this design; a config past it is corrupt
+
+
+def _check_plausible(path: Path, cfg: ModelConfig) -> None:
+    """Build the model on the meta device (no memory) and compare it with the weight file's header before any
+    allocation: a config.json with hidden_dim 300000 must be a clear error, not a 360 GB allocation."""
+    try:
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in CaptionModel(cfg).state_dict().items()}
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path / CONFIG}: describes no buildable model ({e})") from None
+    n = sum(math.prod(s) for s in shapes.values())
+    if n > MAX_PARAMETERS:
+        raise CheckpointError(f"{path / CONFIG}: implausible config: it describes a model of {n:,} parameters "
+                              f"({n * 4 / 2**30:,.0f} GiB in fp32; the limit is {MAX_PARAMETERS:,}); check its "
+                              "encoder and decoder sizes")
+    try:
+        with safe_open(str(path / WEIGHTS), framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:  # truncated or not a safetensors file
+        raise CheckpointError(f"{path / WEIGHTS}: unreadable safetensors file ({e})") from None
+    bad = [f"{k} {stored[k]} != {shapes[k]}" for k in shapes if k in stored and stored[k] != shapes[k]]
+    if bad:  # load_state_dict would raise a bare RuntimeError
+        raise CheckpointError(f"{path / WEIGHTS} does not match config.json: shape mismatch for {bad[:4]}")
+
+
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tuple[CaptionModel, Vocabulary]:
     path = Path(path)
     cfg = read_config(path)
@@ -100,16 +128,13 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise CheckpointError(f"{path / VOCAB}: {e}") from None
     if len(vocab) != cfg.vocab_size:
         raise CheckpointError(f"{path}: vocab.json has {len(vocab)} entries, config.vocab_size is {cfg.vocab_size}")
+    _check_plausible(path, cfg)
     model = CaptionModel(cfg)
     try:
         state = load_file(str(path / WEIGHTS), device="cpu")
-    except (SafetensorError, OSError) as e:  # truncated or not a safetensors file
+    except (SafetensorError, OSError) as e:  # the header was fine but the data is cut short
         raise CheckpointError(f"{path / WEIGHTS}: unreadable safetensors file ({e})") from None
     own = model.state_dict()
-    bad = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}"
-           for k, v in state.items() if k in own and v.shape != own[k].shape]
-    if bad:  # load_state_dict would raise a bare RuntimeError
-        raise CheckpointError(f"{path / WEIGHTS} does not match config.json: shape mismatch for {bad[:4]}")
     state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -120,3 +145,20 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tup
 def read_metrics(path: str | Path) -> dict | None:
     f = Path(path) / METRICS
     return json.loads(f.read_text()) if f.is_file() else None
+
+
+def load_training_state(path: str | Path) -> dict:
+    """A run's training_state.pt (optimizer, scheduler, RNG, epoch), loaded without unpickling code
+    (weights_only=True); a truncated or foreign file is a CheckpointError naming it, not a traceback."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (zip, pickle and EOF errors all mean: this file is damaged)
+        raise CheckpointError(f"{path}: unreadable training state ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                              "the run was interrupted while writing it or the file is damaged: resume from a "
+                              "copy, or start the run again without --resume") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a training state (a {type(state).__name__}, expected a dict)")
+    return state

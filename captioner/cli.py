@@ -27,7 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     module, argv = _route_task(argv, commands[argv[0]][0])
     mod = importlib.import_module(module)
     args = mod.get_args_parser().parse_args(argv[1:])
-    result = mod.main(args)
+    from .checkpoint import CheckpointError
+
+    try:
+        result = mod.main(args)
+    except CheckpointError as e:  # a damaged or implausible model or run directory: say which, no traceback
+        print(f"captioner {argv[0]}: {e}", file=sys.stderr)
+        return 2
     return result if isinstance(result, int) else 0
 
 

@@ -157,7 +157,10 @@ def sample(
     for t in range(max_length + 1):
         logits, state = decoder.step(tok, state, iv, t)
         logp = _mask_specials(F.log_softmax(logits.float(), -1), t, max_length)
-        scaled = logp / temperature
+        # shift the best word to 0 before dividing: the quotient is then <= 0, the best word's exactly 0, and
+        # softmax never sees inf - inf; a temperature below float32's smallest normal (1e-300 would round to 0,
+        # and 0/0 is nan) is raised to it, which is greedy decoding either way
+        scaled = (logp - logp.amax(-1, keepdim=True)) / max(temperature, torch.finfo(logp.dtype).tiny)
         if top_k and top_k < scaled.size(1):
             kth = scaled.topk(top_k, dim=1).values[:, -1:]
             scaled = scaled.masked_fill(scaled < kth, NEG_INF)

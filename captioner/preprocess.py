@@ -33,9 +33,27 @@ def draft(im: Image.Image, min_side: int | None) -> None:
             im.draft("RGB", (math.ceil(im.width * scale), math.ceil(im.height * scale)))
 
 
-def load_image(src: ImageInput, max_pixels: int | None = 178_956_970, min_side: int | None = None) -> Image.Image:
+# Resizing the shorter side to ``resize`` scales the longer one by the same factor: a 1x20000 PNG of 118 bytes would
+# become a 128x2,560,000 strip (1 GB). Real photos stay far below this (panoramas ~ 4:1-8:1).
+MAX_ASPECT_RATIO = 20.0
+
+
+def check_shape(w: int, h: int, min_side: int | None, max_aspect: float | None = MAX_ASPECT_RATIO) -> None:
+    """Refuse, before any pixel is decoded, a w x h image the resize to ``min_side`` would blow up."""
+    if w < 1 or h < 1:
+        raise ImageError(f"image has no pixels ({w}x{h})")
+    if min_side and max_aspect and max(w, h) > max_aspect * min(w, h):
+        long = math.ceil(min_side * max(w, h) / min(w, h))
+        size = f"{long}x{min_side}" if w > h else f"{min_side}x{long}"
+        raise ImageError(f"image is {w}x{h}, an aspect ratio of {max(w, h) / min(w, h):,.1f}:1; the limit is "
+                         f"{max_aspect:g}:1 (preprocessing would resize it to {size} pixels)")
+
+
+def load_image(src: ImageInput, max_pixels: int | None = 178_956_970, min_side: int | None = None,
+               max_aspect: float | None = MAX_ASPECT_RATIO) -> Image.Image:
     """Open a path, bytes or PIL image as an RGB PIL image, with a clear error for bad input. ``min_side``: the
-    shorter side the caller resizes to next (PreprocessConfig.resize), which lets JPEGs decode at reduced scale."""
+    shorter side the caller resizes to next (PreprocessConfig.resize), which lets JPEGs decode at reduced scale;
+    with it, images more elongated than ``max_aspect``:1 are refused before decoding (check_shape)."""
     if isinstance(src, Image.Image):
         return src.convert("RGB")
     if isinstance(src, (bytes, bytearray)):
@@ -53,6 +71,10 @@ def load_image(src: ImageInput, max_pixels: int | None = 178_956_970, min_side: 
         with Image.open(fp) as im:
             if max_pixels is not None and im.width * im.height > max_pixels:
                 raise ImageError(f"{name}: {im.width}x{im.height} exceeds the {max_pixels}-pixel limit")
+            try:
+                check_shape(im.width, im.height, min_side, max_aspect)
+            except ImageError as e:
+                raise ImageError(f"{name}: {e}") from None
             draft(im, min_side)
             return im.convert("RGB")  # forces a full decode, so truncated files fail here
     except ImageError:

@@ -4,7 +4,8 @@
     captioner serve --checkpoint runs/x/best --host 0.0.0.0 --port 8080 --max-batch-size 64 --api-key "$KEY"
 
 Every flag has a CAPTIONER_* environment variable (e.g. CAPTIONER_MAX_BATCH_SIZE=64); flags win.
-SIGTERM / Ctrl-C: stop accepting, answer every accepted request, exit 0.
+SIGTERM / Ctrl-C: stop accepting, answer every queued request, cut uploads still arriving after --shutdown-timeout,
+exit 0.
 """
 from __future__ import annotations
 
@@ -30,6 +31,13 @@ def get_args_parser() -> argparse.ArgumentParser:
       help="seconds before a request gets 504 and its work is dropped (default 30)")
     a("--max-upload-bytes", type=int, default=None, help="largest image upload (default 10 MiB)")
     a("--max-image-pixels", type=int, default=None, help="largest width x height (default 40,000,000)")
+    a("--max-aspect-ratio", type=float, default=None,
+      help="most elongated image, longer/shorter side (default 20): the resize would blow up thinner ones")
+    a("--client-timeout", dest="client_timeout_s", type=float, default=None,
+      help="seconds a client may take to send its request headers, or pause while sending a body (default 10)")
+    a("--shutdown-timeout", dest="shutdown_timeout_s", type=float, default=None,
+      help="after SIGTERM, cut uploads still arriving after this many seconds; queued requests are still "
+           "answered (default 20)")
     a("--decode-workers", type=int, default=None, help="threads decoding uploaded images (default 4)")
     a("--api-key", dest="api_keys", action="append", default=None,
       help="require this key (Authorization: Bearer or X-API-Key); repeat for several (env: comma-separated)")
@@ -53,7 +61,7 @@ def main(args: argparse.Namespace) -> int:
     from captioner.checkpoint import CheckpointError, read_config
 
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
 
         from service.settings import Settings
     except ImportError as e:
@@ -87,18 +95,12 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from service.app import create_app
 
+    from service.server import serve
+
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=None, access_log=settings.log_level == "debug")
-    server = uvicorn.Server(config)
     svc = app.state.svc
-
-    def fatal(msg: str) -> None:
-        server.should_exit = True  # uvicorn checks this every tick and shuts down cleanly
-
-    svc.on_fatal = fatal
     logging.getLogger("service").info("settings: %s", settings.public_dict())
-    server.run()
+    serve(app, settings)
     if svc.error:
         print(f"captioner serve: model failed to load: {svc.error}", file=sys.stderr)
         return 1

@@ -3,7 +3,7 @@
     uvicorn --factory service.app:create_app        # settings from CAPTIONER_* environment variables
     captioner serve --checkpoint DIR                 # the same, with flags
 
-Middlewares, outermost first: request metrics -> CORS -> API keys -> body size limit -> routes.
+Middlewares, outermost first: request metrics -> CORS -> API keys -> body size and pace -> routes.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from captioner.api import Captioner
 
 from .errors import install_handlers
 from .metrics import Metrics
-from .middleware import APIKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from .middleware import APIKeyMiddleware, BodyGuardMiddleware, MetricsMiddleware
 from .routers import captions, health, models, vqa
 from .settings import Settings
 from .state import ServiceState
@@ -34,6 +34,11 @@ try:
     VERSION = _pkg_version("captioner")
 except Exception:  # noqa: BLE001  (running from a source tree that is not installed)
     VERSION = "0"
+
+
+def body_limit(settings: Settings) -> int:
+    """The largest request body: an image at the upload limit, base64-encoded (4/3), plus the form fields."""
+    return settings.max_upload_bytes * 4 // 3 + 256 * 1024
 
 
 def create_app(settings: Settings | None = None, captioner: Captioner | None = None) -> FastAPI:
@@ -69,8 +74,8 @@ def create_app(settings: Settings | None = None, captioner: Captioner | None = N
         return FileResponse(STATIC / "index.html")
 
     # add_middleware wraps: the last added runs first
-    body_limit = settings.max_upload_bytes * 4 // 3 + 256 * 1024  # base64 + form fields fit under it
-    app.add_middleware(BodyLimitMiddleware, max_bytes=body_limit)
+    app.add_middleware(BodyGuardMiddleware, max_bytes=body_limit(settings), idle_s=settings.client_timeout_s,
+                       total_s=settings.request_timeout_s, cut=svc.uploads_cut)
     if settings.api_keys:
         app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
     if settings.cors_origins:

@@ -12,13 +12,14 @@
 ``fn(list[item]) -> list[value]`` runs in one worker thread, so the event loop never blocks on the model and
 batches reach the device one at a time. A value that is an Exception instance fails only its own item.
 
-One asyncio task forms batches: it waits for a first item, then takes more until ``max_batch_size`` or until
-``max_delay_ms`` has passed since the first. While a batch runs in the thread, new requests queue up, so under
-load the next batch is full the moment the device is free (no delay is added when it is busy).
+When ``fn`` raises, the batch is split in halves and each half runs again, down to single items, so only the
+item(s) that raise alone fail (BatchFailedError) and every other item gets its normal value: one poisoned request
+never fails its neighbours. A batch of n with one culprit costs about 2·log2(n) extra calls.
 
-With ``idle_start=True`` the wait is spent only on items known to be coming: callers ``announce()`` an item before
-the slow work that precedes ``submit()`` (reading and decoding an upload), and a forming batch stops waiting as soon
-as nothing is queued or announced. A lone request on an idle server then runs at once instead of paying max_delay.
+Items carry their deadline: one whose caller has gone (timed out, disconnected) or whose deadline has passed is
+skipped while the batch forms, and its place goes to the next queued item, so batches stay full of live work.
+(Predicting that an item *will* expire during its batch was tried and dropped: batch times under a burst of
+uploads vary 15x with CPU contention, and the prediction threw away more servable requests than it saved work.)
 """
 from __future__ import annotations
 
@@ -74,8 +75,9 @@ class BatchStats:
     size: int
     queue_waits_s: list[float]
     inference_s: float
-    failed: bool
-    dropped: int  # items skipped because their caller had already gone (timeout, disconnect)
+    failed: bool  # fn raised on the whole batch (its items were then retried in halves)
+    dropped: int  # items skipped because their caller had gone (timeout, disconnect) or could not be served in time
+    isolated: int = 0  # items that raised on their own after their batch failed: the culprits, failed alone
 
 
 @dataclass
@@ -83,6 +85,7 @@ class _Item:
     payload: Any
     future: asyncio.Future
     enqueued: float
+    deadline: float  # perf_counter time after which nobody waits for the answer (inf: no timeout)
 
 
 _STOP = object()
@@ -190,10 +193,11 @@ class DynamicBatcher(Generic[T, R]):
         if self.qsize() >= self.max_queue:
             raise QueueFullError(f"{self.qsize()} requests are waiting (max_queue={self.max_queue})")
         loop = asyncio.get_running_loop()
-        item = _Item(payload, loop.create_future(), time.perf_counter())
+        timeout = self.timeout_s if timeout is None else timeout
+        now = time.perf_counter()
+        item = _Item(payload, loop.create_future(), now, now + timeout if timeout is not None else float("inf"))
         self._items.append(item)
         self._not_empty.set()
-        timeout = self.timeout_s if timeout is None else timeout
         try:
             # on timeout (or when the caller is cancelled) wait_for cancels the future: the worker skips the item
             return await asyncio.wait_for(item.future, timeout)
@@ -225,16 +229,23 @@ class DynamicBatcher(Generic[T, R]):
             self._stop_queued = False
         return item
 
+    def _admit(self, item: _Item) -> bool:
+        """Whether a queued item still deserves a place in the batch being formed: its caller is waiting (not
+        timed out, not disconnected) and its deadline has not passed. Its place otherwise goes to the next item,
+        so batches stay full of work someone will read."""
+        if item.future.done():
+            return False
+        if item.deadline <= time.perf_counter():
+            item.future.set_exception(RequestTimeoutError("its deadline passed before its batch ran"))
+            return False
+        return True
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         stopping = False
         while not stopping:
-            first = await self._next(None)
-            if first is _STOP:
-                break
-            batch = [first]
-            self._forming = 1
-            deadline = loop.time() + self.max_delay
+            batch: list[_Item] = []
+            deadline = None  # until the first admitted item: wait as long as it takes
             while len(batch) < self.max_batch_size:
                 nxt = await self._next(deadline)
                 if nxt is None:
@@ -242,47 +253,68 @@ class DynamicBatcher(Generic[T, R]):
                 if nxt is _STOP:
                     stopping = True
                     break
+                if not self._admit(nxt):
+                    self._report(BatchStats(0, [], 0.0, False, 1))  # counted now: no batch may follow soon
+                    continue
                 batch.append(nxt)
                 self._forming = len(batch)
+                if deadline is None:
+                    deadline = loop.time() + self.max_delay
             self._forming = 0
-            await self._run_batch(batch)
+            if batch:
+                await self._run_batch(batch)
         log.debug("%s: worker stopped", self.name)
 
     async def _run_batch(self, batch: list[_Item]) -> None:
-        # callers that timed out or disconnected while waiting have cancelled futures: drop their work
-        live = [it for it in batch if not it.future.done()]
+        start = time.perf_counter()
+        live = [it for it in batch if not it.future.done()]  # cancelled while the batch was forming
         dropped = len(batch) - len(live)
         if not live:
             self._report(BatchStats(0, [], 0.0, False, dropped))
             return
-        start = time.perf_counter()
         waits = [start - it.enqueued for it in live]
         self.in_flight = len(live)
-        failed = False
         try:
-            values = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.fn, [it.payload for it in live])
-            if len(values) != len(live):
-                raise RuntimeError(f"batch function returned {len(values)} values for {len(live)} items")
-        except Exception as e:  # noqa: BLE001  (any failure of the batch fails its items, never the worker)
-            failed = True
-            error_id = uuid.uuid4().hex[:12]
-            log.error("%s: batch of %d failed, error id %s", self.name, len(live), error_id, exc_info=e)
-            for it in live:
-                if not it.future.done():
-                    it.future.set_exception(BatchFailedError(error_id, e))
-        else:
-            elapsed = time.perf_counter() - start
-            for it, value, wait in zip(live, values, waits):
-                if it.future.done():  # timed out while its batch ran: nobody is waiting
-                    continue
-                if isinstance(value, BaseException):
-                    it.future.set_exception(value)
-                else:
-                    it.future.set_result(Result(value, wait, elapsed, len(live)))
+            failed, isolated = await self._call(live, start, len(live))
         finally:
             self.in_flight = 0
-        self._report(BatchStats(len(live), waits, time.perf_counter() - start, failed, dropped))
+        elapsed = time.perf_counter() - start
+        self._report(BatchStats(len(live), waits, elapsed, failed, dropped, isolated))
+
+    async def _call(self, items: list[_Item], start: float, batch_size: int) -> tuple[bool, int]:
+        """Run fn on items and settle their futures; on an exception retry in halves. Returns (raised, the number
+        of items that raised alone)."""
+        items = [it for it in items if not it.future.done()]  # a retry skips callers that gave up meanwhile
+        if not items:
+            return False, 0
+        try:
+            values = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.fn, [it.payload for it in items])
+            if len(values) != len(items):
+                raise RuntimeError(f"batch function returned {len(values)} values for {len(items)} items")
+        except Exception as e:  # noqa: BLE001  (any failure of the batch fails its items, never the worker)
+            if len(items) > 1:
+                log.warning("%s: batch of %d raised %s: %s; retrying in halves to find the culprit", self.name,
+                            len(items), type(e).__name__, e)
+                half = len(items) // 2
+                isolated = 0
+                for part in (items[:half], items[half:]):
+                    isolated += (await self._call(part, start, batch_size))[1]
+                return True, isolated
+            error_id = uuid.uuid4().hex[:12]
+            log.error("%s: an item failed on its own, error id %s", self.name, error_id, exc_info=e)
+            if not items[0].future.done():
+                items[0].future.set_exception(BatchFailedError(error_id, e))
+            return True, 1
+        elapsed = time.perf_counter() - start
+        for it, value in zip(items, values):
+            if it.future.done():  # timed out while its batch ran: nobody is waiting
+                continue
+            if isinstance(value, BaseException):
+                it.future.set_exception(value)
+            else:
+                it.future.set_result(Result(value, start - it.enqueued, elapsed, batch_size))
+        return False, 0
 
     def _report(self, stats: BatchStats) -> None:
         if self.on_batch:

@@ -34,6 +34,11 @@ class InputError(Exception):
         return cls(422, (), "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in errors), errors=errors)
 
 
+class ClientGone(Exception):
+    """The client disconnected before its answer: its queued work was withdrawn. The 499 it gets (nginx's
+    'client closed request') is never read by anyone; it is there for the request metrics."""
+
+
 class ServiceUnavailable(Exception):
     def __init__(self, msg: str, retry_after: int = 1) -> None:
         super().__init__(msg)
@@ -47,8 +52,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ImageRejected)
     async def _image(request: Request, e: ImageRejected) -> JSONResponse:
-        kind = {413: "too_large", 415: "unsupported_format", 422: "invalid_image"}.get(e.status, "invalid_image")
-        return JSONResponse({"detail": [{"loc": ["body", e.field], "msg": e.message, "type": kind}]},
+        return JSONResponse({"detail": [{"loc": ["body", e.field], "msg": e.message, "type": e.kind}]},
                             status_code=e.status)
 
     @app.exception_handler(ServiceUnavailable)
@@ -72,6 +76,10 @@ def install_handlers(app: FastAPI) -> None:
         # the traceback was logged once per batch by the batcher, under the same id
         return JSONResponse({"detail": "internal error while running the model", "error_id": e.error_id},
                             status_code=500)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, e: ClientGone) -> JSONResponse:
+        return JSONResponse({"detail": "client closed the connection before the answer"}, status_code=499)
 
     @app.exception_handler(VQAUnsupported)
     async def _no_vqa(request: Request, e: VQAUnsupported) -> JSONResponse:

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from captioner.config import PreprocessConfig
-from captioner.preprocess import draft, to_tensor
+from captioner.preprocess import MAX_ASPECT_RATIO, ImageError, check_shape, draft, to_tensor
 
 # formats PIL decodes safely from memory; others (EPS needs Ghostscript, PDF, ...) are refused
 ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
@@ -23,11 +23,12 @@ ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
 class ImageRejected(Exception):
     """An upload the service will not use. ``status``: 413 too large, 415 unsupported format, 422 corrupt."""
 
-    def __init__(self, status: int, message: str, field: str = "image") -> None:
+    def __init__(self, status: int, message: str, field: str = "image", kind: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.field = field
+        self.kind = kind or {413: "too_large", 415: "unsupported_format"}.get(status, "invalid_image")
 
 
 def decode_base64(text: object, max_bytes: int) -> bytes:
@@ -48,8 +49,10 @@ def decode_base64(text: object, max_bytes: int) -> bytes:
         raise ImageRejected(422, f"image is not valid base64 ({e})") from None
 
 
-def load_upload(data: bytes, cfg: PreprocessConfig, transform, max_bytes: int, max_pixels: int) -> torch.Tensor:
-    """Bytes -> normalised (3, S, S) float tensor; raises ImageRejected with the status and reason."""
+def load_upload(data: bytes, cfg: PreprocessConfig, transform, max_bytes: int, max_pixels: int,
+                max_aspect: float = MAX_ASPECT_RATIO) -> torch.Tensor:
+    """Bytes -> normalised (3, S, S) float tensor; raises ImageRejected with the status and reason. Every limit
+    is checked from the header, before a pixel is decoded."""
     if not data:
         raise ImageRejected(422, "image is empty")
     if len(data) > max_bytes:
@@ -70,11 +73,13 @@ def load_upload(data: bytes, cfg: PreprocessConfig, transform, max_bytes: int, m
         w, h = im.size
         if w * h > max_pixels:  # checked before decoding: a decompression bomb never gets expanded
             raise ImageRejected(413, f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
-        if w < 1 or h < 1:
-            raise ImageRejected(422, f"image has no pixels ({w}x{h})")
+        try:  # and what the resize would make of it: a thin strip of a few bytes can resize to gigabytes
+            check_shape(w, h, cfg.resize, max_aspect)
+        except ImageError as e:
+            raise ImageRejected(422, str(e), kind="aspect_ratio" if w and h else "invalid_image") from None
         try:
             draft(im, cfg.resize)
-            rgb = im.convert("RGB")  # decodes: truncated or corrupt data fails here: truncated or corrupt data fails here
+            rgb = im.convert("RGB")  # decodes: truncated or corrupt data fails here
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise ImageRejected(422, f"corrupt or truncated {im.format} image ({e})") from None
     return to_tensor(rgb, cfg, transform)

@@ -36,7 +36,11 @@ class Metrics:
                                    buckets=_LATENCY_BUCKETS, registry=r)
         self.images = Counter("captioner_images_processed", "images run through the model, by task",
                               ["task"], registry=r)
-        self.batch_errors = Counter("captioner_batch_errors", "batches that raised", registry=r)
+        self.batch_errors = Counter("captioner_batch_errors", "batches that raised (then retried in halves)",
+                                    registry=r)
+        self.isolated = Counter("captioner_isolated_failures",
+                                "requests that raised on their own after their batch raised: only these failed",
+                                registry=r)
         self.dropped = Counter("captioner_dropped_requests",
                                "queued requests skipped because their caller had gone (timeout, disconnect)",
                                registry=r)
@@ -56,6 +60,7 @@ class Metrics:
             self.queue_wait.observe(w)
         if stats.failed:
             self.batch_errors.inc()
+            self.isolated.inc(stats.isolated)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

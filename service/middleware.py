@@ -1,7 +1,8 @@
 """Pure ASGI middlewares (no BaseHTTPMiddleware: it buffers and breaks streaming): request metrics, API keys,
-request body size."""
+request body size and pace."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -12,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .metrics import Metrics
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 async def send_json(send: Send, status: int, body: dict, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
@@ -46,7 +48,8 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             endpoint = _endpoint(scope, self.paths)
-            self.metrics.requests.labels(endpoint, scope["method"], str(status)).inc()
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"  # label values stay bounded
+            self.metrics.requests.labels(endpoint, method, str(status)).inc()
             self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - start)
 
 
@@ -90,51 +93,91 @@ class APIKeyMiddleware:
                         [(b"www-authenticate", b'Bearer realm="captioner"')])
 
 
-class BodyLimitMiddleware:
-    """Refuses request bodies over ``max_bytes`` with 413: at once from Content-Length, or while streaming."""
+class BodyGuardMiddleware:
+    """Bounds what a request body may cost: over ``max_bytes`` -> 413 (at once from Content-Length, or while
+    streaming); a body that pauses ``idle_s`` or is not complete ``total_s`` after the request began -> 408; after
+    ``cut`` is set (shutdown grace over) an upload still arriving -> 503. Once the body is complete, receive()
+    passes straight through (the app may wait on it for the client's disconnect)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, idle_s: float, total_s: float,
+                 cut: "asyncio.Event | None" = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.idle_s = idle_s
+        self.total_s = total_s
+        self.cut = cut
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        detail = {"detail": [{"loc": ["body"], "type": "too_large",
-                              "msg": f"request body is larger than the {self.max_bytes}-byte limit"}]}
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await send_json(send, 413, detail)
+            return await send_json(send, 413, self._too_large())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.total_s
+        received, complete, started = 0, False, False
+        refusal: tuple[int, dict] | None = None
 
-        received, too_large, started = 0, False, False
-
-        async def limited_receive() -> Message:
-            nonlocal received, too_large
-            message = await receive()
+        async def guarded_receive() -> Message:
+            nonlocal received, complete, refusal
+            if complete:
+                return await receive()
+            message = await self._next(receive, loop, deadline)
+            if isinstance(message, tuple):  # refused: stop the app reading; its answer is replaced below
+                refusal = message
+                raise BodyRefused()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    too_large = True
-                    # stop the app reading; whatever it answers is replaced by the 413 below
-                    raise BodyTooLarge()
+                    refusal = (413, self._too_large())
+                    raise BodyRefused()
+                complete = not message.get("more_body", False)
             return message
 
         async def guarded_send(message: Message) -> None:
             nonlocal started
-            if too_large:
+            if refusal is not None:
                 if message["type"] == "http.response.start" and not started:
                     started = True
-                    await send_json(send, 413, detail)
+                    await send_json(send, *refusal, [(b"connection", b"close")])
                 return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, guarded_send)
-        except BodyTooLarge:
+            await self.app(scope, guarded_receive, guarded_send)
+        except BodyRefused:
             if not started:
-                await send_json(send, 413, detail)
+                await send_json(send, *refusal, [(b"connection", b"close")])
+
+    async def _next(self, receive: Receive, loop, deadline: float) -> Message | tuple[int, dict]:
+        """The next body message, or (status, body) when the client is too slow or the shutdown cut came first."""
+        timeout = min(self.idle_s, deadline - loop.time())
+        recv = asyncio.ensure_future(receive())
+        waiters = {recv}
+        cut = None
+        if self.cut is not None:
+            cut = asyncio.ensure_future(self.cut.wait())
+            waiters.add(cut)
+        try:
+            done, _ = await asyncio.wait(waiters, timeout=max(timeout, 0), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if cut is not None:
+                cut.cancel()
+        if recv in done:
+            return recv.result()
+        recv.cancel()
+        if cut is not None and cut in done:
+            return 503, {"detail": "server is shutting down: the upload did not finish within the shutdown grace "
+                                   "period; send it again to another replica"}
+        why = (f"no body data for {self.idle_s:g} s" if timeout == self.idle_s
+               else f"the body was not complete {self.total_s:g} s after the request began")
+        return 408, {"detail": [{"loc": ["body"], "type": "timeout", "msg": f"request body too slow: {why}"}]}
+
+    def _too_large(self) -> dict:
+        return {"detail": [{"loc": ["body"], "type": "too_large",
+                            "msg": f"request body is larger than the {self.max_bytes}-byte limit"}]}
 
 
-class BodyTooLarge(Exception):
+class BodyRefused(Exception):
     pass

@@ -10,6 +10,7 @@ MAX_LENGTH = 100
 MAX_QUESTION_CHARS = 500
 MAX_CHOICE_CHARS = 200
 MAX_CHOICES = 32
+MIN_TEMPERATURE = 0.01  # below it sampling is greedy decoding in all but name
 
 
 class CaptionParams(BaseModel):
@@ -19,10 +20,22 @@ class CaptionParams(BaseModel):
     beam_size: int = Field(3, ge=1, le=MAX_BEAM, description="beam width (1 = greedy)")
     # declared before num_captions: fields validate in order and the num_captions check reads these two
     sample: bool = Field(False, description="sample instead of beam search (num_captions independent samples)")
-    num_captions: int = Field(1, ge=1, le=MAX_BEAM, description="captions returned, best first (<= beam_size)")
+    num_captions: int = Field(1, ge=1, le=MAX_BEAM,
+                              description="captions returned, best first; at most beam_size unless sample is true")
     max_length: int | None = Field(None, ge=1, le=MAX_LENGTH, description="most words (default: the model's)")
-    temperature: float = Field(1.0, gt=0, le=10, description="sampling temperature")
+    temperature: float = Field(1.0, ge=MIN_TEMPERATURE, le=10,
+                               description="sampling temperature (lower: closer to greedy)")
     top_k: int = Field(0, ge=0, le=10_000, description="sample from the k most likely words (0 = all)")
+
+    @field_validator("sample", mode="before")
+    @classmethod
+    def _form_bool(cls, v: object) -> object:
+        # a form field is text: only true/false (any case) mean a boolean, not pydantic's lax 0/1/on/off/yes/no
+        if isinstance(v, str):
+            if v.lower() not in ("true", "false"):
+                raise ValueError("must be true or false")
+            return v.lower() == "true"
+        return v
 
     @field_validator("num_captions")
     @classmethod
@@ -72,3 +85,43 @@ class VQAResponse(BaseModel):
 def finite(x: float) -> float | None:
     """JSON has no inf/nan."""
     return x if math.isfinite(x) else None
+
+
+# ---------------------------------------------------------------------------------------------- error bodies
+
+class ErrorItem(BaseModel):
+    loc: list[str | int] = Field(description="where: ['body', field, (item)] or ['header', name]")
+    msg: str
+    type: str
+
+
+class InputErrorBody(BaseModel):
+    """FastAPI's validation shape: input errors (408, 413, 415, 422)."""
+    detail: list[ErrorItem]
+
+
+class ErrorBody(BaseModel):
+    """Every other error: a message, and for 500 the id logged with the traceback."""
+    detail: str
+    error_id: str | None = None
+
+
+_ERROR_TEXT = {
+    401: (ErrorBody, "missing or invalid API key (only when the server has API keys; WWW-Authenticate: Bearer)"),
+    408: (InputErrorBody, "the request body paused longer than the client timeout, or was not complete within "
+                          "the request timeout"),
+    413: (InputErrorBody, "upload, body or a form part too large, or an image with too many pixels"),
+    415: (InputErrorBody, "not an image, an image format the service does not take, or an unsupported content type"),
+    422: (InputErrorBody, "a bad parameter, question or choice, a missing, corrupt, truncated or too elongated "
+                          "image, or malformed JSON/form data; detail[].loc names the field"),
+    500: (ErrorBody, "the model raised on this request alone (its batch neighbours were answered); error_id is in "
+                     "the server log"),
+    501: (ErrorBody, "the model lacks the head this endpoint needs"),
+    503: (ErrorBody, "queue full, model loading, or shutting down (Retry-After); an upload cut at shutdown"),
+    504: (ErrorBody, "not answered within the request timeout (decoding and queueing included)"),
+}
+
+
+def error_responses(*codes: int) -> dict:
+    """OpenAPI ``responses`` for a route's error codes, with their body schemas."""
+    return {c: {"model": _ERROR_TEXT[c][0], "description": _ERROR_TEXT[c][1]} for c in codes}

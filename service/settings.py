@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from captioner.preprocess import MAX_ASPECT_RATIO
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CAPTIONER_", extra="ignore")
@@ -43,11 +45,22 @@ class Settings(BaseSettings):
                                 description="after a batch's first request, wait at most this long for requests already "
                                             "received (still uploading/decoding); a lone request runs at once")
     max_queue: int = Field(256, ge=1, description="requests waiting beyond this are refused with 503")
-    request_timeout_s: float = Field(30.0, gt=0, description="a request not answered by then gets 504 and is dropped")
+    request_timeout_s: float = Field(30.0, gt=0, le=3600, description="a request not answered this long after its "
+                                     "headers arrived gets 504 (408 if its body had not arrived) and is dropped")
+
+    # slow clients and shutdown
+    client_timeout_s: float = Field(10.0, gt=0, le=600, description="a connection whose request headers are not "
+                                    "complete after this long is closed; a body that pauses this long gets 408")
+    shutdown_timeout_s: float = Field(
+        20.0, ge=0, le=600, description="after SIGTERM, uploads still arriving after this long are cut (503); "
+                                        "requests already queued are answered, each within its request timeout")
 
     # input limits
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height above this is refused (413)")
+    max_aspect_ratio: float = Field(MAX_ASPECT_RATIO, ge=1, le=1000,
+                                    description="longer side / shorter side above this is refused (422): "
+                                                "preprocessing would resize a thin strip to millions of pixels")
     decode_workers: int = Field(4, ge=1, le=64, description="threads that decode and preprocess uploaded images")
 
     @field_validator("api_keys", "cors_origins", mode="before")

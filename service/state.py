@@ -38,6 +38,7 @@ class ServiceState:
         self.on_fatal: Callable[[str], None] | None = None  # set by `captioner serve`: stop the server
         self._load_task: asyncio.Task | None = None
         self.load_seconds: float | None = None
+        self.uploads_cut = asyncio.Event()  # set shutdown_timeout_s after SIGTERM: uploads still arriving are cut
 
     @property
     def ready(self) -> bool:
@@ -104,6 +105,17 @@ class ServiceState:
             if has_vqa(cap):
                 jobs[-1] = VQAJob(x, "what is it", ["a dog", "a cat"])
             engine(jobs)
+
+    def begin_drain(self) -> None:
+        """SIGTERM arrived (the server stops accepting connections): new requests on open connections get 503,
+        uploads still arriving after shutdown_timeout_s are cut, queued requests are answered."""
+        if self.status in ("shutting down", "stopped"):
+            return
+        if self.status != "error":
+            self.status = "shutting down"
+        self.metrics.ready.set(0)
+        log.info("shutdown requested: uploads still arriving in %g s will be cut", self.settings.shutdown_timeout_s)
+        asyncio.get_running_loop().call_later(self.settings.shutdown_timeout_s, self.uploads_cut.set)
 
     async def stop(self) -> None:
         """Refuse new requests (503), answer every accepted one, release the threads."""

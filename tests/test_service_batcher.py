@@ -153,23 +153,70 @@ def test_timed_out_item_is_dropped_before_its_batch():
     assert sum(s.dropped for s in stats) == 1
 
 
-def test_failing_batch_fails_only_its_items_and_the_worker_goes_on(caplog):
-    fn = Recorder()
+def test_a_raising_item_fails_alone_and_its_neighbours_are_answered(caplog):
+    fn, stats = Recorder(), []
 
     async def main():
-        b = DynamicBatcher(fn, max_batch_size=2, max_delay_ms=20)
+        b = DynamicBatcher(fn, max_batch_size=2, max_delay_ms=20, on_batch=stats.append)
         await b.start()
-        bad = await asyncio.gather(b.submit("boom"), b.submit(1), return_exceptions=True)
+        pair = await asyncio.gather(b.submit("boom"), b.submit(1), return_exceptions=True)
         good = await b.submit(2)
         await b.stop()
-        return bad, good
+        return pair, good
 
-    with caplog.at_level(logging.ERROR, logger="service.batcher"):
-        bad, good = run(main())
-    assert all(isinstance(e, BatchFailedError) for e in bad)
-    assert bad[0].error_id == bad[1].error_id and len(bad[0].error_id) >= 8
-    assert bad[0].error_id in caplog.text and "boom in batch" in caplog.text  # the id leads to the traceback
-    assert good.value == 20
+    with caplog.at_level(logging.WARNING, logger="service.batcher"):
+        (bad, neighbour), good = run(main())
+    assert isinstance(bad, BatchFailedError) and len(bad.error_id) >= 8
+    assert bad.error_id in caplog.text and "boom in batch" in caplog.text  # the id leads to the traceback
+    assert neighbour.value == 10 and neighbour.batch_size == 2  # answered as if nothing had happened
+    assert fn.batches == [["boom", 1], ["boom"], [1], [2]]  # the batch, then its halves, then the worker goes on
+    assert (stats[0].failed, stats[0].isolated, stats[0].size) == (True, 1, 2)
+    assert good.value == 20 and not stats[1].failed
+
+
+@pytest.mark.parametrize("poison", [[5], [0, 7], [1, 2, 3, 4, 5, 6, 7, 0]])
+def test_bisection_finds_every_culprit_in_a_batch_of_8(poison):
+    fn, stats = Recorder(), []
+    items = ["boom" if i in poison else i for i in range(8)]
+
+    async def main():
+        b = DynamicBatcher(fn, max_batch_size=8, max_delay_ms=50, on_batch=stats.append)
+        await b.start()
+        rs = await asyncio.gather(*(b.submit(x) for x in items), return_exceptions=True)
+        await b.stop()
+        return rs
+
+    rs = run(main())
+    for i, r in enumerate(rs):
+        if i in poison:
+            assert isinstance(r, BatchFailedError), (i, r)
+        else:
+            assert r.value == i * 10, (i, r)
+    assert len(stats) == 1 and stats[0].isolated == len(poison) and stats[0].failed
+    calls = len(fn.batches) - 1
+    assert calls <= 2 * len(poison) * 3  # each culprit costs at most 2 calls per level of the 3-level split
+    assert fn.batches[0] == items
+
+
+def test_an_item_whose_caller_gave_up_leaves_its_batch_place_to_the_next():
+    fn, stats = Recorder(sleep=0.2), []
+
+    async def main():
+        b = DynamicBatcher(fn, max_batch_size=2, max_delay_ms=0, on_batch=stats.append)
+        await b.start()
+        first = asyncio.create_task(b.submit(1))
+        await asyncio.sleep(0.02)  # item 1 runs alone for 0.2 s; meanwhile three more queue up
+        gone = asyncio.create_task(b.submit(2, timeout=0.1))  # gives up while item 1 runs
+        rest = [asyncio.create_task(b.submit(i)) for i in (3, 4)]
+        with pytest.raises(RequestTimeoutError):
+            await gone
+        out = [await first, *[await t for t in rest]]
+        await b.stop()
+        return out
+
+    assert [r.value for r in run(main())] == [10, 30, 40]
+    assert fn.batches == [[1], [3, 4]]  # item 2's work never ran, and its place went to item 4: a full batch
+    assert sum(s.dropped for s in stats) == 1
 
 
 def test_exception_value_fails_only_that_item():
@@ -195,8 +242,8 @@ def test_wrong_number_of_results_is_a_batch_failure():
         await b.stop()
         return rs
 
-    rs = run(main())
-    assert all(isinstance(e, BatchFailedError) and "returned 1 values for 2" in str(e) for e in rs)
+    rs = run(main())  # the halves return 0 values for 1 item: each fails alone, with the reason
+    assert all(isinstance(e, BatchFailedError) and "returned 0 values for 1" in str(e) for e in rs)
 
 
 def test_stop_drains_every_accepted_item_then_refuses():

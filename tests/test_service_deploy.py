@@ -53,6 +53,10 @@ def test_compose_defaults_are_valid_settings(monkeypatch):
     s = Settings()
     assert s.checkpoint is None and s.device is None and s.api_keys == [] and s.cors_origins == []
     assert s.max_batch_size == 32 and s.max_delay_ms == 5 and s.request_timeout_s == 30
+    # after SIGTERM the server is gone by shutdown + request timeout: inside docker's grace, so no SIGKILL
+    # drops an accepted request
+    grace = int(re.fullmatch(r"(\d+)s", compose()["x-api"]["stop_grace_period"]).group(1))
+    assert s.shutdown_timeout_s + s.request_timeout_s + 5 < grace
 
 
 def test_dockerfile_is_slim_non_root_and_probes_readiness():

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from captioner.checkpoint import CheckpointError
 from training import evaluate as evaluate_mod
 from training import train as train_mod
 from training.datasets import read_dataset
@@ -110,7 +111,7 @@ def test_resume_continues_exactly(tiny_karpathy, tmp_path, monkeypatch):
 
 def test_resume_without_state_is_a_clear_error(tiny_karpathy, tmp_path):
     ann, root = tiny_karpathy
-    with pytest.raises(SystemExit, match="training_state.pt not found"):
+    with pytest.raises(CheckpointError, match="training_state.pt not found"):
         train_mod.main(_args(ann, root, tmp_path / "nothing", "--resume"))
 
 

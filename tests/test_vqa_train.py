@@ -10,6 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from captioner.api import Captioner
+from captioner.checkpoint import CheckpointError
 from captioner.cli import main as cli
 from training import train_vqa
 
@@ -105,8 +106,9 @@ def test_resume_is_exact(data, tmp_path, monkeypatch):
     a, b = load_file(straight / "last" / "model.safetensors"), load_file(split / "last" / "model.safetensors")
     assert any(not torch.equal(first[k], b[k]) for k in b)  # the resumed run did train
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(SystemExit, match="training_state.pt not found"):
-        cli(_vqa_args(data, tmp_path / "nothing", "--resume"))
+    assert cli(_vqa_args(data, tmp_path / "nothing", "--resume")) == 2  # "...training_state.pt not found", one line
+    with pytest.raises(CheckpointError, match="training_state.pt not found"):
+        train_vqa.main(train_vqa.get_args_parser().parse_args(_vqa_args(data, tmp_path / "nothing", "--resume")[1:]))
 
 
 def test_evaluate_with_baselines(data, trained, tmp_path, capsys):

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from captioner.checkpoint import load_pretrained
+from captioner.checkpoint import load_pretrained, load_training_state
 from captioner.config import ModelConfig, override_encoder, preset
 from captioner.encoder import VGGEncoder
 from captioner.inputs import expand_inputs
@@ -390,8 +390,7 @@ def main(args: argparse.Namespace):
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     start, best = 0, -math.inf
     if args.init_from and not init_model:
-        student.load_state_dict(torch.load(Path(args.init_from) / STATE, map_location="cpu",
-                                           weights_only=True)["student"])
+        student.load_state_dict(load_training_state(Path(args.init_from) / STATE)["student"])
         if is_main():
             log.info("student initialised from %s", Path(args.init_from) / STATE)
     elif not args.resume:
@@ -402,9 +401,7 @@ def main(args: argparse.Namespace):
                                                         args.batch_size, num_workers=args.workers, collate_fn=collate),
                            device, norm, args.statistics_images, fit_heads=init_model)
     if args.resume:
-        if not (out / STATE).is_file():
-            raise SystemExit(f"--resume: {out / STATE} not found")
-        st = torch.load(out / STATE, map_location="cpu", weights_only=True)
+        st = load_training_state(out / STATE)
         student.load_state_dict(st["student"])
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from tqdm import tqdm
 
-from captioner.checkpoint import VQA_METRICS, load_pretrained, read_metrics, save_pretrained
+from captioner.checkpoint import VQA_METRICS, load_pretrained, load_training_state, read_metrics, save_pretrained
 from captioner.config import override_encoder, preset
 from captioner.decoder import Decoder
 from captioner.model import CaptionModel
@@ -303,10 +303,8 @@ def main(args: argparse.Namespace) -> CaptionModel:
 
     state = None
     if args.resume:
-        if not (last / STATE).is_file():
-            raise SystemExit(f"--resume: {last / STATE} not found")
+        state = load_training_state(last / STATE)
         model, vocab = load_pretrained(last, "cpu")
-        state = torch.load(last / STATE, map_location="cpu", weights_only=True)
     elif args.init_from:
         model, vocab = load_pretrained(args.init_from, "cpu")
         if args.fresh_decoder:

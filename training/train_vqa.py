@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from captioner.checkpoint import load_pretrained, save_pretrained
+from captioner.checkpoint import load_pretrained, load_training_state, save_pretrained
 from captioner.config import ModelConfig, PreprocessConfig, VQAConfig, override_encoder, preset
 from captioner.model import CaptionModel
 from captioner.preprocess import _interp
@@ -284,12 +284,10 @@ def main(args: argparse.Namespace) -> CaptionModel:
 
     state = None
     if args.resume:
-        if not (last / STATE).is_file():
-            raise SystemExit(f"--resume: {last / STATE} not found")
+        state = load_training_state(last / STATE)
         model, vocab = load_pretrained(last, "cpu")
         if model.vqa is None:
             raise SystemExit(f"--resume: {last} has no VQA head")
-        state = torch.load(last / STATE, map_location="cpu", weights_only=True)
     elif args.init_from:
         model, vocab = load_pretrained(args.init_from, "cpu")
         if model.vqa is None:

@@ -3,20 +3,24 @@ loop, submitting to the batcher with what is left of the request's time budget."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 
-from ..errors import InputError, ServiceUnavailable
+from ..batcher import RequestTimeoutError
+from ..errors import ClientGone, InputError, ServiceUnavailable
 from ..images import ImageRejected, decode_base64, load_upload
 from ..schemas import ModelRef, Timings
 from ..state import ServiceState
 
 MAX_FORM_FIELDS = 64
-MAX_FIELD_BYTES = 64 * 1024  # one non-file multipart field (questions and choices are far shorter)
+MAX_FIELD_BYTES = 64 * 1024  # one form field other than the image (questions and choices are far shorter)
 
 
 def service(request: Request) -> ServiceState:
@@ -37,6 +41,7 @@ class RequestInput:
     fields: dict  # scalar parameters, as sent (strings for multipart)
     lists: dict[str, object] = field(default_factory=dict)  # list fields (e.g. choices), as sent
     received: float = 0.0  # perf_counter when the handler started
+    json: bool = False  # fields came typed (JSON), not as form strings
 
 
 async def read_input(request: Request, svc: ServiceState, list_fields: tuple[str, ...] = ()) -> RequestInput:
@@ -45,7 +50,7 @@ async def read_input(request: Request, svc: ServiceState, list_fields: tuple[str
     max_bytes = svc.settings.max_upload_bytes
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):  # urlencoded: image as base64
-        async with request.form(max_files=1, max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FIELD_BYTES) as form:
+        async with read_form(request, svc) as form:
             images = form.getlist("image")
             if not images:
                 raise InputError(422, ("body", "image"), "field required: an image file", "missing")
@@ -66,6 +71,7 @@ async def read_input(request: Request, svc: ServiceState, list_fields: tuple[str
                     raise InputError(422, ("body", k), "must be a form field, not a file")
                 if k in fields:
                     raise InputError(422, ("body", k), "given more than once")
+                check_field_size(k, v)
                 if v.strip() != "":  # HTML forms send empty strings for blank inputs: use the default
                     fields[k] = v.strip()
             lists: dict[str, object] = {}
@@ -73,17 +79,13 @@ async def read_input(request: Request, svc: ServiceState, list_fields: tuple[str
                 vals = form.getlist(k)
                 if any(isinstance(v, UploadFile) for v in vals):
                     raise InputError(422, ("body", k), "must be form fields, not files")
+                for v in vals:
+                    check_field_size(k, v)
                 if len(vals) == 1 and vals[0].lstrip().startswith("["):  # one field holding a JSON list
-                    try:
-                        vals = json.loads(vals[0])
-                    except json.JSONDecodeError:
-                        pass
+                    vals = parse_json(vals[0].encode(), ("body", k))
                 lists[k] = vals if vals else None
     elif ctype == "application/json" or ctype.endswith("+json"):
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(422, ("body",), f"invalid JSON: {e}", "json_invalid") from None
+        body = parse_json(await request.body(), ("body",))
         if not isinstance(body, dict):
             raise InputError(422, ("body",), "JSON body must be an object", "model_attributes_type")
         if "image" not in body:
@@ -95,21 +97,86 @@ async def read_input(request: Request, svc: ServiceState, list_fields: tuple[str
         raise InputError(415, ("header", "content-type"),
                          f"unsupported content type {ctype or '(none)'!r}: send multipart/form-data or application/json",
                          "unsupported_media_type")
-    return RequestInput(data, fields, lists, t0)
+    return RequestInput(data, fields, lists, t0, ctype.endswith("json"))
 
 
-async def decode(svc: ServiceState, data: bytes):
-    """Bytes -> (3, S, S) tensor in the decode threads; ImageRejected carries the 413/415/422 reason."""
+@contextlib.asynccontextmanager
+async def read_form(request: Request, svc: ServiceState):
+    """The parsed form; Starlette's 400s (too many files or fields, a part too large, malformed data) become the
+    413/422 the API documents. A text field may hold the whole base64 image, so parts may be as large as the body
+    limit; every field but the image is then held to MAX_FIELD_BYTES (check_field_size)."""
+    from ..app import body_limit
+
+    try:
+        form = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS, max_part_size=body_limit(svc.settings))
+    except (HTTPException, MultiPartException) as e:
+        msg = getattr(e, "detail", None) or getattr(e, "message", str(e))
+        if msg.startswith("Too many files"):
+            raise InputError(422, ("body", "image"), "send exactly one file (the image)", "too_many") from None
+        if msg.startswith("Too many fields"):
+            raise InputError(422, ("body",), f"at most {MAX_FORM_FIELDS} form fields", "too_many") from None
+        if "exceeded maximum size" in msg:
+            raise InputError(413, ("body",), f"a form field is larger than the request body limit ({msg})",
+                             "too_large") from None
+        raise InputError(422, ("body",), f"malformed form data: {msg}", "form_invalid") from None
+    try:
+        yield form
+    finally:
+        await form.close()  # uploaded files spooled to disk
+
+
+def check_field_size(name: str, value: str) -> None:
+    if name != "image" and len(value) > MAX_FIELD_BYTES:
+        raise InputError(422, ("body", name), f"is {len(value)} characters long; a form field other than the image "
+                                              f"may hold at most {MAX_FIELD_BYTES}", "string_too_long")
+
+
+def parse_json(raw: bytes, loc: tuple):
+    """JSON text -> value, or 422 naming ``loc``: syntax errors, nesting past Python's recursion limit (the C
+    parser raises RecursionError: 100,000 brackets cost microseconds) and integers longer than Python parses."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and the 4,300-digit integer limit are ValueErrors
+        raise InputError(422, loc, f"invalid JSON: {e}", "json_invalid") from None
+
+
+def remaining(svc: ServiceState, received: float) -> float:
+    return max(svc.settings.request_timeout_s - (time.perf_counter() - received), 1e-3)
+
+
+async def decode(svc: ServiceState, data: bytes, received: float):
+    """Bytes -> (3, S, S) tensor in the decode threads, within the request's time budget (504 past it);
+    ImageRejected carries the 413/415/422 reason."""
     s, cap = svc.settings, svc.captioner
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(svc.decode_pool, load_upload, data, cap.cfg.preprocess, cap.transform,
-                                      s.max_upload_bytes, s.max_image_pixels)
+    work = loop.run_in_executor(svc.decode_pool, load_upload, data, cap.cfg.preprocess, cap.transform,
+                                s.max_upload_bytes, s.max_image_pixels, s.max_aspect_ratio)
+    try:
+        return await asyncio.wait_for(work, remaining(svc, received))
+    except asyncio.TimeoutError:
+        raise RequestTimeoutError("decoding the image took longer than the request timeout") from None
 
 
-async def run(svc: ServiceState, job, received: float, arrival=None):
-    """Submit a job with the rest of the request's time budget; batcher errors map to 503/504/500."""
-    remaining = svc.settings.request_timeout_s - (time.perf_counter() - received)
-    return await svc.batcher.submit(job, timeout=max(remaining, 1e-3), arrival=arrival)
+async def run(svc: ServiceState, job, request: Request, received: float, arrival=None):
+    """Submit a job with the rest of the request's time budget; batcher errors map to 503/504/500. A client that
+    disconnects while its job waits withdraws it (the batcher skips cancelled items): nobody would read the answer."""
+    submit = asyncio.ensure_future(svc.batcher.submit(job, timeout=remaining(svc, received), arrival=arrival))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({submit, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not submit.done():  # the client went (or this handler was cancelled): withdraw the job
+            submit.cancel()
+    if submit in done:
+        return submit.result()
+    raise ClientGone()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone. The body is fully read by now, so receive() only answers disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def model_ref(svc: ServiceState) -> ModelRef:

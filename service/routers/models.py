@@ -6,7 +6,7 @@ from dataclasses import asdict
 from fastapi import APIRouter, Request
 
 from ..engine import has_vqa
-from ..schemas import MAX_BEAM, MAX_CHOICES, MAX_LENGTH
+from ..schemas import MAX_BEAM, MAX_CHOICES, MAX_LENGTH, error_responses
 from .common import service
 
 router = APIRouter(tags=["models"])
@@ -46,6 +46,6 @@ def describe(svc) -> dict:
     }
 
 
-@router.get("/v1/models", summary="The served model")
+@router.get("/v1/models", summary="The served model", responses=error_responses(401, 503))
 async def list_models(request: Request) -> dict:
     return {"models": [describe(service(request))]}

@@ -9,38 +9,42 @@ from captioner.tokenizer import tokenize
 
 from ..engine import VQAJob, VQAUnsupported, has_vqa
 from ..errors import InputError
-from ..schemas import MAX_CHOICE_CHARS, MAX_CHOICES, MAX_QUESTION_CHARS, VQAResponse
+from ..schemas import MAX_CHOICE_CHARS, MAX_CHOICES, MAX_QUESTION_CHARS, VQAResponse, error_responses
 from .common import decode, model_ref, read_input, run, service, timings
 
 router = APIRouter(tags=["vqa"])
 
+# "at least one word" (the model's tokenizer must find one) and "distinct after tokenization" are rules JSON Schema
+# cannot state exactly; the descriptions say them and the server answers 422 naming the field
+_QUESTION = {"type": "string", "minLength": 1, "maxLength": MAX_QUESTION_CHARS,
+             "description": "must contain at least one word"}
+_CHOICES = {"type": "array", "minItems": 2, "maxItems": MAX_CHOICES, "uniqueItems": True,
+            "items": {"type": "string", "minLength": 1, "maxLength": MAX_CHOICE_CHARS},
+            "description": "answers with at least one word each, distinct after tokenization ('Red.' and 'red' "
+                           "are the same answer)"}
+_FORM = {"type": "object", "required": ["image", "question", "choices"], "additionalProperties": False,
+         "properties": {"image": {"type": "string", "format": "binary", "minLength": 1}, "question": _QUESTION,
+                        "choices": {**_CHOICES, "description": "repeat the field once per choice, or send one "
+                                                                "field holding a JSON list"}}}
 _OPENAPI = {
     "requestBody": {
         "required": True,
         "content": {
-            "multipart/form-data": {"schema": {
-                "type": "object", "required": ["image", "question", "choices"],
-                "properties": {
-                    "image": {"type": "string", "format": "binary"},
-                    "question": {"type": "string", "maxLength": MAX_QUESTION_CHARS},
-                    "choices": {"type": "array", "items": {"type": "string", "maxLength": MAX_CHOICE_CHARS},
-                                "minItems": 2, "maxItems": MAX_CHOICES,
-                                "description": "repeat the field once per choice"}}},
+            "multipart/form-data": {"schema": _FORM, "encoding": {"choices": {"style": "form", "explode": True}}},
+            "application/x-www-form-urlencoded": {
+                "schema": {**_FORM, "properties": {**_FORM["properties"], "image": {
+                    "type": "string", "minLength": 1, "description": "base64 image data"}}},
                 "encoding": {"choices": {"style": "form", "explode": True}}},
             "application/json": {"schema": {
-                "type": "object", "required": ["image", "question", "choices"],
+                "type": "object", "required": ["image", "question", "choices"], "additionalProperties": False,
                 "properties": {
-                    "image": {"type": "string", "format": "byte", "description": "base64 image data"},
-                    "question": {"type": "string", "maxLength": MAX_QUESTION_CHARS},
-                    "choices": {"type": "array", "items": {"type": "string", "maxLength": MAX_CHOICE_CHARS},
-                                "minItems": 2, "maxItems": MAX_CHOICES}}}},
+                    "image": {"type": "string", "format": "byte", "minLength": 1,
+                              "description": "base64 image data (or a data:image/...;base64, URL)"},
+                    "question": _QUESTION, "choices": _CHOICES}}},
         },
     }
 }
-_ERRORS = {413: {"description": "image or body too large"}, 415: {"description": "unsupported image format"},
-           422: {"description": "invalid question, choices or image; detail[].loc names the field"},
-           501: {"description": "this model has no VQA head"}, 503: {"description": "busy or not ready"},
-           504: {"description": "timed out"}}
+_ERRORS = error_responses(401, 408, 413, 415, 422, 500, 501, 503, 504)
 
 
 def _norm(text: str) -> str:
@@ -118,9 +122,9 @@ async def answer_question(request: Request) -> VQAResponse:
                     check(value, vcfg)
                 except VQAInputError as e:
                     raise InputError(422, ("body", name), str(e)) from None
-        pixels = await decode(svc, inp.image)
+        pixels = await decode(svc, inp.image, inp.received)
         decoded = time.perf_counter()
-        res = await run(svc, VQAJob(pixels, question, choices), inp.received, arrival)
+        res = await run(svc, VQAJob(pixels, question, choices), request, inp.received, arrival)
     a = res.value
     return VQAResponse(answer=a.text, index=a.index, probs=[float(p) for p in a.probs], question=question,
                        choices=choices, model=model_ref(svc), timings=timings(inp.received, decoded, res),
