@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import os
 import signal
 import sys
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .inputs import InputError, Item, assign_image_ids, dataset_items, expand_inputs, parse_shard, shard
 from .config import PreprocessConfig
+from .fileio import write_json_atomic
 from .preprocess import ImageError, eval_transform, load_image
 from .writers import RecordWriter, drop_errors, format_for, in_input_order, read_records, records_path, write_output
 
@@ -73,6 +75,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--shard", help="i/n: caption only the i-th of n shards (0-based) into OUT.shard{i}-of-{n}.jsonl; "
                                    "join them with `captioner merge --out OUT` (automatic under torchrun)")
     g.add_argument("--retry-errors", action="store_true", help="on resume, redo images that failed before")
+    again = g.add_mutually_exclusive_group()
+    again.add_argument("--restart", action="store_true",
+                       help="start over: discard what an earlier run wrote to --out (by default a rerun resumes it)")
+    again.add_argument("--resume-anyway", action="store_true",
+                       help="resume although the earlier run used other decoding options or another model (by "
+                            "default that is refused: the output would mix two kinds of captions)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -176,6 +184,31 @@ class StopFlag:
 # ---------------------------------------------------------------------------------------------- running
 
 
+def check_options(rpath: str, options: dict, anyway: bool) -> str | None:
+    """The options that shape the captions are kept beside the records (RECORDS.options.json). A rerun into records
+    made with other options is refused (the message, for exit 2) unless ``anyway``; otherwise they are recorded."""
+    side = Path(str(rpath) + ".options.json")
+    has_records = Path(rpath).stat().st_size > 0
+    if has_records and side.is_file():
+        try:
+            before = json.loads(side.read_text())
+        except (OSError, ValueError):
+            before = {}
+        changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in options.items() if before.get(k) != v]
+        if changed and not anyway:
+            return (f"{rpath} holds captions made with other options ({'; '.join(changed)}); pass --restart to "
+                    "start over, --resume-anyway to add to it, or another --out")
+        if changed:
+            _err(f"warning: resuming {rpath} although these options changed: {'; '.join(changed)}")
+            return None
+    if not has_records or not side.is_file():
+        write_json_atomic(side, options, indent=1)
+    return None
+
+
+SHOWN_ERRORS = 5  # unreadable images named on stderr per run; every one is an error record in the output
+
+
 @dataclass
 class Summary:
     images: int = 0  # images of this process's share of the input
@@ -199,6 +232,8 @@ class Summary:
              f"{self.skipped} skipped as already done")
         if self.failed_before:
             s += f" ({self.failed_before} of them failed before; --retry-errors redoes them)"
+        if self.failed > SHOWN_ERRORS:
+            s += f" (the first {SHOWN_ERRORS} failures are named above; every one is an error record in the output)"
         s += f"; {self.seconds:.1f} s, {self.images_per_s:.1f} images/s"
         if self.interrupted:
             s += f"; stopped by {signal.Signals(self.interrupted).name}, {self.images - self.skipped - self.done} left"
@@ -257,6 +292,8 @@ def caption_items(cap, todo: Sequence[tuple[int, Item]], out_path: str, gen: dic
                 recs = {j: _record(*todo[j], captions=c) for j, c in zip(b["pos"], caps)}
                 recs.update({j: _record(*todo[j], error=e) for j, e in b["errors"]})
                 writer.write([recs[j] for j in sorted(recs)])
+                for j, e in b["errors"][:max(0, SHOWN_ERRORS - s.failed)]:  # the first few reasons, on stderr
+                    bar.write(f"skipped {e}", file=sys.stderr)  # the message names the file
                 s.captioned += len(caps)
                 s.failed += len(b["errors"])
                 bar.update(len(recs))
@@ -393,6 +430,16 @@ def run(args: argparse.Namespace) -> RunResult:
         open(rpath, "ab").close()
     except OSError as e:
         return usage(f"cannot write {rpath}: {e}")
+    gen = dict(beam_size=args.beam_size, num_captions=args.num_captions, max_length=args.max_length,
+               length_penalty=args.length_penalty, block_trigrams=args.block_trigrams, do_sample=args.sample,
+               temperature=args.temperature, top_k=args.top_k)
+    options = {"model": f"{cap.cfg.name} v{cap.cfg.version}", "checkpoint": str(ckpt.resolve()),
+               "precision": args.precision, "seed": args.seed, **gen}
+    if args.restart:
+        open(rpath, "wb").close()
+    problem = check_options(rpath, options, args.resume_anyway)
+    if problem:
+        return usage(problem)
     if args.retry_errors and (n := drop_errors(rpath)):
         _err(f"retrying {n} images that failed before")
     prev = read_records(rpath, repair=True, keep=False)
@@ -404,9 +451,6 @@ def run(args: argparse.Namespace) -> RunResult:
     todo = [(pos, it) for pos, it in mine if it.key not in done]
     failed_before = sum(done.get(it.key, False) for _, it in mine)
 
-    gen = dict(beam_size=args.beam_size, num_captions=args.num_captions, max_length=args.max_length,
-               length_penalty=args.length_penalty, block_trigrams=args.block_trigrams, do_sample=args.sample,
-               temperature=args.temperature, top_k=args.top_k)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     tag = f"shard {my_shard[0]}/{my_shard[1]}" if my_shard else "captioning"
@@ -430,7 +474,7 @@ def run(args: argparse.Namespace) -> RunResult:
     code = EXIT_FAILED if s.failed + s.failed_before else EXIT_OK
 
     # the final output
-    title = f"Captions by {ckpt.name}"
+    title = f"Captions by {cap.cfg.name} v{cap.cfg.version}"
     if my_shard is None:
         if fmt != "jsonl":
             write_output(args.out, fmt, in_input_order(read_records(rpath).records), title=title,

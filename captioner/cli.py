@@ -18,23 +18,48 @@ def main(argv: list[str] | None = None) -> int:
         "serve": ("captioner.serve_cli", "run the REST service (captions, VQA, web page) with dynamic batching"),
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        p = argparse.ArgumentParser("captioner", description="Image captioning: train, evaluate, caption.")
+        p = argparse.ArgumentParser("captioner", description="Image captioning: train, evaluate, caption. Errors in "
+                                    "your input print one line; add --debug to any command for the traceback.")
         p.add_argument("command", choices=sorted(commands), help="; ".join(f"{k}: {v[1]}" for k, v in commands.items()))
         p.parse_args(argv[:1])  # prints help or the error and exits
         return 2
     import importlib
 
+    debug = "--debug" in argv[1:]
+    argv = [a for a in argv if a != "--debug"]
     module, argv = _route_task(argv, commands[argv[0]][0])
     mod = importlib.import_module(module)
     args = mod.get_args_parser().parse_args(argv[1:])
-    from .checkpoint import CheckpointError
-
     try:
         result = mod.main(args)
-    except CheckpointError as e:  # a damaged or implausible model or run directory: say which, no traceback
-        print(f"captioner {argv[0]}: {e}", file=sys.stderr)
+    except _expected_errors() as e:
+        if debug:
+            raise
+        # what the user can fix (a missing file, a damaged checkpoint, a dataset in another format): one line
+        print(f"captioner {argv[0]}: error: {_one_line(e)}\n(run with --debug for the traceback)", file=sys.stderr)
         return 2
     return result if isinstance(result, int) else 0
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors about the user's input, as opposed to bugs: these print one line, others a traceback."""
+    from .checkpoint import CheckpointError
+    from .preprocess import ImageError
+
+    errors: list[type[BaseException]] = [CheckpointError, ImageError, FileNotFoundError, NotADirectoryError,
+                                         IsADirectoryError, PermissionError]
+    for module, name in (("training.datasets", "DatasetError"), ("captioner.vqa", "VQAInputError"),
+                         ("captioner.vqa", "VQAUnavailableError")):
+        cls = getattr(sys.modules.get(module), name, None)  # only modules the command loaded can raise them
+        if cls is not None:
+            errors.append(cls)
+    return tuple(errors)
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.filename}: {e.strerror or e}"
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 # `train`/`evaluate --task vqa|joint` go to the VQA modules; `--task caption` (the default) is dropped for the

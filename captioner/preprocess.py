@@ -34,8 +34,9 @@ def draft(im: Image.Image, min_side: int | None) -> None:
 
 
 # Resizing the shorter side to ``resize`` scales the longer one by the same factor: a 1x20000 PNG of 118 bytes would
-# become a 128x2,560,000 strip (1 GB). Real photos stay far below this (panoramas ~ 4:1-8:1).
-MAX_ASPECT_RATIO = 20.0
+# become a 128x2,560,000 strip (1 GB). At 100:1 the strip is at most 256x25,600 (20 MB); photos stay far below it
+# (panoramas ~ 4:1-8:1), and only the centre square of a stranger shape is ever seen by the model.
+MAX_ASPECT_RATIO = 100.0
 
 
 def check_shape(w: int, h: int, min_side: int | None, max_aspect: float | None = MAX_ASPECT_RATIO) -> None:

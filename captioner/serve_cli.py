@@ -32,7 +32,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--max-upload-bytes", type=int, default=None, help="largest image upload (default 10 MiB)")
     a("--max-image-pixels", type=int, default=None, help="largest width x height (default 40,000,000)")
     a("--max-aspect-ratio", type=float, default=None,
-      help="most elongated image, longer/shorter side (default 20): the resize would blow up thinner ones")
+      help="most elongated image, longer/shorter side (default 100): the resize would blow up thinner ones")
     a("--client-timeout", dest="client_timeout_s", type=float, default=None,
       help="seconds a client may take to send its request headers, or pause while sending a body (default 10)")
     a("--shutdown-timeout", dest="shutdown_timeout_s", type=float, default=None,

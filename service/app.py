@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
@@ -58,9 +59,10 @@ def create_app(settings: Settings | None = None, captioner: Captioner | None = N
             await svc.stop()
             log.info("stopped")
 
-    app = FastAPI(title="captioner", version=VERSION, lifespan=lifespan,
-                  description="Image captions and multiple-choice answers, dynamically batched. "
-                              "Send images as multipart `image` files or base64 JSON; no URLs are fetched.")
+    # /docs and /redoc from assets in the fastapi-offline wheel: air-gapped deployments get their API docs too
+    app = FastAPIOffline(title="captioner", version=VERSION, lifespan=lifespan, favicon_url="/static/favicon.svg",
+                         description="Image captions and multiple-choice answers, dynamically batched. "
+                                     "Send images as multipart `image` files or base64 JSON; no URLs are fetched.")
     app.state.svc = svc
     install_handlers(app)
     routers = (captions.router, vqa.router, models.router, health.router)
@@ -73,6 +75,10 @@ def create_app(settings: Settings | None = None, captioner: Captioner | None = N
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> FileResponse:  # browsers ask for it on pages that name none (/metrics, JSON views)
+        return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
+
     # add_middleware wraps: the last added runs first
     app.add_middleware(BodyGuardMiddleware, max_bytes=body_limit(settings), idle_s=settings.client_timeout_s,
                        total_s=settings.request_timeout_s, cut=svc.uploads_cut)
@@ -81,6 +87,6 @@ def create_app(settings: Settings | None = None, captioner: Captioner | None = N
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-API-Key", "Content-Type"], max_age=600)
-    paths = {"/", "/docs", "/openapi.json", *(r.path for rt in routers for r in rt.routes)}
+    paths = {"/", "/docs", "/redoc", "/openapi.json", "/favicon.ico", *(r.path for rt in routers for r in rt.routes)}
     app.add_middleware(MetricsMiddleware, metrics=metrics, paths=paths)
     return app

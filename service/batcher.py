@@ -14,7 +14,9 @@ batches reach the device one at a time. A value that is an Exception instance fa
 
 When ``fn`` raises, the batch is split in halves and each half runs again, down to single items, so only the
 item(s) that raise alone fail (BatchFailedError) and every other item gets its normal value: one poisoned request
-never fails its neighbours. A batch of n with one culprit costs about 2·log2(n) extra calls.
+never fails its neighbours. A batch of n with one culprit costs about 2·log2(n) extra calls; the split stops after
+enough calls for RETRY_CULPRITS culprits (30 for n = 32), and what is still unresolved then fails together, so a
+batch where everything raises (a broken device) costs at most 31 calls, not 2n - 1 = 63.
 
 Items carry their deadline: one whose caller has gone (timed out, disconnected) or whose deadline has passed is
 skipped while the batch forms, and its place goes to the next queued item, so batches stay full of live work.
@@ -27,6 +29,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -77,7 +80,7 @@ class BatchStats:
     inference_s: float
     failed: bool  # fn raised on the whole batch (its items were then retried in halves)
     dropped: int  # items skipped because their caller had gone (timeout, disconnect) or could not be served in time
-    isolated: int = 0  # items that raised on their own after their batch failed: the culprits, failed alone
+    isolated: int = 0  # items failed after their batch raised: the culprits (and, past the retry budget, the rest)
 
 
 @dataclass
@@ -89,6 +92,7 @@ class _Item:
 
 
 _STOP = object()
+RETRY_CULPRITS = 3  # a failed batch is split far enough to isolate this many culprits (2·log2(n) calls each)
 
 
 class Arrival:
@@ -281,9 +285,12 @@ class DynamicBatcher(Generic[T, R]):
         elapsed = time.perf_counter() - start
         self._report(BatchStats(len(live), waits, elapsed, failed, dropped, isolated))
 
-    async def _call(self, items: list[_Item], start: float, batch_size: int) -> tuple[bool, int]:
-        """Run fn on items and settle their futures; on an exception retry in halves. Returns (raised, the number
-        of items that raised alone)."""
+    async def _call(self, items: list[_Item], start: float, batch_size: int, budget: list[int] | None = None
+                    ) -> tuple[bool, int]:
+        """Run fn on items and settle their futures; on an exception retry in halves while ``budget`` (extra calls
+        left, shared by the whole split) lasts. Returns (raised, the number of items failed)."""
+        if budget is None:  # enough for RETRY_CULPRITS culprits; a batch where everything raises stops there
+            budget = [RETRY_CULPRITS * 2 * max(1, math.ceil(math.log2(max(len(items), 2))))]
         items = [it for it in items if not it.future.done()]  # a retry skips callers that gave up meanwhile
         if not items:
             return False, 0
@@ -293,19 +300,23 @@ class DynamicBatcher(Generic[T, R]):
             if len(values) != len(items):
                 raise RuntimeError(f"batch function returned {len(values)} values for {len(items)} items")
         except Exception as e:  # noqa: BLE001  (any failure of the batch fails its items, never the worker)
-            if len(items) > 1:
+            if len(items) > 1 and budget[0] >= 2:
                 log.warning("%s: batch of %d raised %s: %s; retrying in halves to find the culprit", self.name,
                             len(items), type(e).__name__, e)
+                budget[0] -= 2
                 half = len(items) // 2
-                isolated = 0
+                failed = 0
                 for part in (items[:half], items[half:]):
-                    isolated += (await self._call(part, start, batch_size))[1]
-                return True, isolated
+                    failed += (await self._call(part, start, batch_size, budget))[1]
+                return True, failed
             error_id = uuid.uuid4().hex[:12]
-            log.error("%s: an item failed on its own, error id %s", self.name, error_id, exc_info=e)
-            if not items[0].future.done():
-                items[0].future.set_exception(BatchFailedError(error_id, e))
-            return True, 1
+            what = "an item failed on its own" if len(items) == 1 else \
+                f"{len(items)} items failed together (the retry budget for this batch is spent)"
+            log.error("%s: %s, error id %s", self.name, what, error_id, exc_info=e)
+            for it in items:
+                if not it.future.done():
+                    it.future.set_exception(BatchFailedError(error_id, e))
+            return True, len(items)
         elapsed = time.perf_counter() - start
         for it, value in zip(items, values):
             if it.future.done():  # timed out while its batch ran: nobody is waiting

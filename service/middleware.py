@@ -59,7 +59,7 @@ def _endpoint(scope: Scope, known: frozenset[str]) -> str:
     path = getattr(scope.get("route"), "path", None) or scope["path"]
     if path in known:
         return path
-    return "/static" if path.startswith("/static/") else "other"
+    return "/static" if path.startswith(("/static/", "/static-offline-docs/")) else "other"
 
 
 class APIKeyMiddleware:
@@ -159,14 +159,16 @@ class BodyGuardMiddleware:
         if self.cut is not None:
             cut = asyncio.ensure_future(self.cut.wait())
             waiters.add(cut)
+        done: set = set()
         try:
             done, _ = await asyncio.wait(waiters, timeout=max(timeout, 0), return_when=asyncio.FIRST_COMPLETED)
-        finally:
+        finally:  # also when this request is cancelled: no task is left pending
             if cut is not None:
                 cut.cancel()
+            if recv not in done:
+                recv.cancel()
         if recv in done:
             return recv.result()
-        recv.cancel()
         if cut is not None and cut in done:
             return 503, {"detail": "server is shutting down: the upload did not finish within the shutdown grace "
                                    "period; send it again to another replica"}

@@ -26,17 +26,29 @@ def header_timeout_protocol(timeout_s: float, base: type = AutoHTTPProtocol) -> 
     """uvicorn's HTTP protocol class (h11 or httptools) that closes connections slow to send a request head."""
 
     class HeaderTimeoutProtocol(base):
+        _head_timer = None
+
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._arm_head_timer()
+
+        def connection_lost(self, exc) -> None:
+            self._cancel_head_timer()
+            super().connection_lost(exc)
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
             self._arm_head_timer()  # the next request on this kept-alive connection gets the same bound
 
         def _arm_head_timer(self) -> None:
+            self._cancel_head_timer()
             self._head_cycle = self.cycle
-            self.loop.call_later(timeout_s, self._head_timeout)
+            self._head_timer = self.loop.call_later(timeout_s, self._head_timeout)
+
+        def _cancel_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
 
         def _head_timeout(self) -> None:
             # no request began since the timer was armed, and none is in progress: the head is too slow

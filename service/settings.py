@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     # input limits
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height above this is refused (413)")
-    max_aspect_ratio: float = Field(MAX_ASPECT_RATIO, ge=1, le=1000,
+    max_aspect_ratio: float = Field(MAX_ASPECT_RATIO, ge=1, le=10_000,
                                     description="longer side / shorter side above this is refused (422): "
                                                 "preprocessing would resize a thin strip to millions of pixels")
     decode_workers: int = Field(4, ge=1, le=64, description="threads that decode and preprocess uploaded images")

@@ -88,6 +88,8 @@ class ServiceState:
                 self.on_fatal(self.error)
             return
         self.load_seconds = time.perf_counter() - t0
+        if self.status not in ("loading", "warming up", "starting"):  # SIGTERM came while it loaded: stay down
+            return
         self.status = "ready"
         self.metrics.ready.set(1)
         cfg = self.captioner.cfg

@@ -404,3 +404,32 @@ def test_bad_loader_nice_is_a_usage_error(tmp_path, make_images, tiny_checkpoint
     monkeypatch.setenv("CAPTIONER_LOADER_NICE", "-5")
     assert caption("imgs", "--out", "o.jsonl", ckpt=tiny_checkpoint) == 2
     assert "CAPTIONER_LOADER_NICE must be 0..19" in capsys.readouterr().err
+
+
+def test_rerun_with_other_options_is_refused_unless_asked(tmp_path, make_images, tiny_checkpoint, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    make_images(3)
+    out = tmp_path / "caps.jsonl"
+    assert caption("images", "--out", out, ckpt=tiny_checkpoint) == 0
+    first = read_jsonl(out)
+    assert all(len(r["captions"]) == 1 for r in first)
+    capsys.readouterr()
+    # the review's case: a rerun asking for 3 captions with beam 5 must not report "skipped as already done"
+    assert caption("images", "--out", out, "--beam-size", "5", "--num-captions", "3", ckpt=tiny_checkpoint) == 2
+    err = capsys.readouterr().err
+    assert "beam_size 3 -> 5" in err and "num_captions 1 -> 3" in err and "--restart" in err
+    assert read_jsonl(out) == first  # nothing was touched
+    assert caption("images", "--out", out, "--beam-size", "5", "--num-captions", "3", "--resume-anyway",
+                   ckpt=tiny_checkpoint) == 0
+    assert "skipped as already done" in capsys.readouterr().err
+    assert caption("images", "--out", out, "--beam-size", "5", "--num-captions", "3", "--restart",
+                   ckpt=tiny_checkpoint) == 0
+    assert all(len(r["captions"]) == 3 for r in read_jsonl(out))
+    assert caption("images", "--out", out, "--beam-size", "5", "--num-captions", "3", ckpt=tiny_checkpoint) == 0
+
+
+def test_unreadable_inputs_are_named_on_stderr(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert caption("no_such_dir", "--out", tmp_path / "x.jsonl", ckpt=tiny_checkpoint) == 1
+    err = capsys.readouterr().err
+    assert "skipped no_such_dir: no such file" in err and "1 failed" in err

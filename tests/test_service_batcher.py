@@ -198,6 +198,22 @@ def test_bisection_finds_every_culprit_in_a_batch_of_8(poison):
     assert fn.batches[0] == items
 
 
+def test_a_batch_where_everything_raises_stops_splitting_at_the_retry_budget():
+    fn, stats = Recorder(), []
+
+    async def main():
+        b = DynamicBatcher(fn, max_batch_size=32, max_delay_ms=50, on_batch=stats.append)
+        await b.start()
+        rs = await asyncio.gather(*(b.submit("boom") for _ in range(32)), return_exceptions=True)
+        await b.stop()
+        return rs
+
+    rs = run(main())
+    assert all(isinstance(r, BatchFailedError) for r in rs)
+    assert len(fn.batches) <= 31  # not the 63 calls of a full split
+    assert stats[0].isolated == 32 and stats[0].failed
+
+
 def test_an_item_whose_caller_gave_up_leaves_its_batch_place_to_the_next():
     fn, stats = Recorder(sleep=0.2), []
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import httpx
+
 from _service_util import ROOT, serve_in_thread, tiny_vqa_checkpoint, wait_http_ready
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -39,6 +41,9 @@ def browser(tmp_path):
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage", "--window-size=1200,900", f"--user-data-dir={tmp_path / 'profile'}"):
         opts.add_argument(flag)
+    # no network beyond this machine: a page that needs a CDN (Swagger UI's default) fails here as it would
+    # on an air-gapped deployment
+    opts.add_argument("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1")
     service = webdriver.ChromeService(executable_path=CHROMEDRIVER)
     try:
         driver = webdriver.Chrome(options=opts, service=service)
@@ -90,3 +95,23 @@ def test_page_uploads_a_photo_shows_captions_and_answers(browser, tmp_path):
         wait.until(lambda d: "horses-beach" in (d.execute_script("return currentImage && currentImage.name") or ""))
         wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#captions li.caption")))
     assert (shots / "service_page.png").stat().st_size > 10_000
+
+
+def test_api_docs_render_without_internet(browser, tiny_checkpoint, tmp_path):
+    """/docs (Swagger UI) and /redoc load their scripts from the package, never a CDN."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(checkpoint=tiny_checkpoint, device="cpu"))
+    with serve_in_thread(app) as url:
+        wait_http_ready(None, url)
+        browser.get(url + "/docs")
+        wait = WebDriverWait(browser, 30)
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, ".opblock-summary-path")))
+        paths = {e.text.replace("\u200b", "") for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+        assert {"/v1/captions", "/v1/vqa", "/v1/models"} <= paths, paths
+        browser.save_screenshot(str(tmp_path / "docs.png"))
+        browser.get(url + "/redoc")
+        wait.until(lambda d: "Caption an image" in d.find_element(By.TAG_NAME, "body").text)
+        html = httpx.get(url + "/docs").text + httpx.get(url + "/redoc").text
+    assert "cdn." not in html and "fonts.googleapis" not in html

@@ -68,6 +68,9 @@ def read_karpathy(json_path: str | Path, image_root: str | Path, split: str) -> 
         raise DatasetError(f"unknown split {split!r}; choose from {', '.join(KARPATHY_SPLITS)}")
     ann = Path(json_path)
     data = _load_json(ann)
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        raise DatasetError(f"{ann.name} is an official COCO captions file (it has an 'annotations' list), not a "
+                           "Karpathy split file: add --dataset coco")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DatasetError(f"{ann.name}: not a Karpathy split file (expected an object with an 'images' list)")
     wanted = {"train": {"train", "restval"}}.get(split, {split})
@@ -104,6 +107,10 @@ def read_coco(annotations_json: str | Path, image_dir: str | Path, split: str | 
     data = _load_json(ann)
     if not isinstance(data, dict):
         raise DatasetError(f"{ann.name}: not a COCO annotation file (expected a JSON object)")
+    images = data.get("images")
+    if isinstance(images, list) and images and isinstance(images[0], dict) and "sentences" in images[0]:
+        raise DatasetError(f"{ann.name} is a Karpathy split file (its images carry 'sentences'), not an official "
+                           "COCO captions file: add --dataset karpathy")
     for key in ("images", "annotations"):
         if not isinstance(data.get(key), list):
             raise DatasetError(f"{ann.name}: not a COCO captions file (missing '{key}' list)")

@@ -42,8 +42,8 @@ def check_json_types(fields: dict) -> None:
         number = isinstance(v, (int, float)) and not isinstance(v, bool)
         if "boolean" in kinds:
             ok, want = isinstance(v, bool), "boolean"
-        elif "integer" in kinds:
-            ok, want = number and float(v).is_integer(), "integer"
+        elif "integer" in kinds:  # (not float(v): a 400-digit int overflows it; the range check comes next)
+            ok, want = number and (isinstance(v, int) or v.is_integer()), "integer"
         else:
             ok, want = number, "number"
         if not ok:
