@@ -273,16 +273,21 @@ def test_batch_exception_is_500_with_logged_error_id_and_service_goes_on(tiny_ch
     assert metric_value(text, "captioner_batch_errors_total") == 1
 
 
-def test_not_ready_is_503(tiny_checkpoint):
-    cap, _ = slowed(tiny_checkpoint, 0.0)
-    gate = threading.Event()
-    real = cap.caption_batch
+def blocked_warmup(checkpoint) -> tuple[Captioner, threading.Event]:
+    """A loaded tiny model whose caption decoding (and so the warm-up) waits until the event is set."""
+    cap = Captioner.from_pretrained(checkpoint, "cpu")
+    gate, real = threading.Event(), cap.caption_batch
 
     def blocked(*a, **k):
         gate.wait(10)
         return real(*a, **k)
 
-    cap.caption_batch = blocked  # warm-up hangs until released
+    cap.caption_batch = blocked
+    return cap, gate
+
+
+def test_not_ready_is_503(tiny_checkpoint):
+    cap, gate = blocked_warmup(tiny_checkpoint)
     app = create_app(Settings(checkpoint=tiny_checkpoint, device="cpu"), captioner=cap)
     with TestClient(app) as c:
         assert c.get("/healthz").status_code == 200

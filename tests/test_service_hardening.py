@@ -324,16 +324,9 @@ def test_slow_headers_and_stalled_bodies_are_cut_and_sigterm_exits_0_within_the_
 
 
 def test_sigterm_while_the_model_warms_up_keeps_the_service_down(tiny_checkpoint):
-    import threading
+    from test_service_app import blocked_warmup
 
-    cap = Captioner.from_pretrained(tiny_checkpoint, "cpu")
-    gate, real = threading.Event(), cap.caption_batch
-
-    def blocked(*a, **k):
-        gate.wait(10)
-        return real(*a, **k)
-
-    cap.caption_batch = blocked  # warm-up hangs until released
+    cap, gate = blocked_warmup(tiny_checkpoint)
     app = create_app(Settings(checkpoint=tiny_checkpoint, device="cpu"), captioner=cap)
     with TestClient(app) as c:
         assert c.get("/readyz").json()["status"] == "warming up"
