@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
+from .fileio import portable
 from .model import CaptionModel
 from .tokenizer import Vocabulary
 
@@ -61,7 +62,7 @@ def save_pretrained(
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         os.chmod(tmp / WEIGHTS, 0o644)  # safetensors writes 0600; the service may run as another user
         if metrics is not None:
-            (tmp / METRICS).write_text(json.dumps(metrics, indent=2))
+            (tmp / METRICS).write_text(json.dumps(portable(metrics), indent=2))  # no build paths in a model
         if card is not None:
             (tmp / CARD).write_text(card)
         for name, obj in (extra_files or {}).items():

@@ -42,3 +42,25 @@ def write_text_atomic(path: str | os.PathLike, fill: Callable[[IO[str]], None]) 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = None) -> None:
     write_text_atomic(path, lambda f: json.dump(obj, f, ensure_ascii=False, indent=indent, default=_json_default))
+
+
+def portable_path(value: str) -> str:
+    """A path as recorded in files that travel (metrics.json, model cards): relative to the working directory when
+    under it, else its last two parts (``/work/shared/data/flickr8k`` -> ``data/flickr8k``), so no machine's
+    layout leaks into a shipped model. Anything that is not an absolute path is returned unchanged."""
+    if not isinstance(value, str) or not os.path.isabs(value):
+        return value
+    p = Path(value)
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(Path(*p.parts[-2:])) if len(p.parts) > 2 else p.name
+
+
+def portable(obj: Any) -> Any:
+    """portable_path() on every string of a JSON-like structure."""
+    if isinstance(obj, dict):
+        return {k: portable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [portable(v) for v in obj]
+    return portable_path(obj) if isinstance(obj, str) else obj

@@ -44,6 +44,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--cors-origin", dest="cors_origins", action="append", default=None,
       help="allow browser calls from this origin; repeat for several; '*' for any")
     a("--log-level", choices=["critical", "error", "warning", "info", "debug"], default=None)
+    a("--log-format", choices=["text", "json"], default=None,
+      help="text lines (default) or one JSON object per line, for log shippers")
+    a("--no-access-log", dest="access_log", action="store_false", default=None,
+      help="no log line per request (by default: method, path, status, ms, batch size, request id)")
     a("--no-warmup", dest="warmup", action="store_false", default=None, help="skip the warm-up batches")
     a("--no-channels-last", dest="channels_last", action="store_false", default=None,
       help="keep NCHW convolutions (NHWC is the default: faster on CPU and GPU)")
@@ -92,8 +96,10 @@ def main(args: argparse.Namespace) -> int:
         return 2
     settings.checkpoint = ckpt
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from service.app import create_app
+    from service.logs import configure
+
+    configure(settings.log_level, settings.log_format)
 
     from service.server import serve
 

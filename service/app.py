@@ -88,5 +88,5 @@ def create_app(settings: Settings | None = None, captioner: Captioner | None = N
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-API-Key", "Content-Type"], max_age=600)
     paths = {"/", "/docs", "/redoc", "/openapi.json", "/favicon.ico", *(r.path for rt in routers for r in rt.routes)}
-    app.add_middleware(MetricsMiddleware, metrics=metrics, paths=paths)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, paths=paths, access_log=settings.access_log)
     return app

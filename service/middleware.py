@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
+import re
 import time
+import uuid
 from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -25,32 +28,58 @@ async def send_json(send: Send, status: int, body: dict, headers: Iterable[tuple
 
 
 class MetricsMiddleware:
-    """Counts every HTTP request by endpoint (the route's path template; 'other' for unknown paths) and status."""
+    """Counts every HTTP request by endpoint (the route's path template; 'other' for unknown paths) and status,
+    gives it an id (the client's X-Request-ID when it is a sane token, else a new one; returned in the response
+    header), and writes one access-log line for it."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, paths: Iterable[str]) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, paths: Iterable[str], access_log: bool = True) -> None:
         self.app = app
         self.metrics = metrics
         self.paths = frozenset(paths)
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         status = 500
         start = time.perf_counter()
+        request_id = _request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-request-id", request_id.encode())]}
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            seconds = time.perf_counter() - start
             endpoint = _endpoint(scope, self.paths)
             method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"  # label values stay bounded
             self.metrics.requests.labels(endpoint, method, str(status)).inc()
-            self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - start)
+            self.metrics.request_seconds.labels(endpoint).observe(seconds)
+            if self.access_log:
+                batch = scope["state"].get("batch_size")
+                fields = {"method": method if method != "other" else scope["method"][:16], "path": scope["path"][:200],
+                          "status": status, "ms": round(seconds * 1000, 1), "batch_size": batch,
+                          "request_id": request_id, "client": (scope.get("client") or ("-",))[0]}
+                access_log.info("%s %s %d %.1f ms%s id=%s", fields["method"], fields["path"], status, fields["ms"],
+                                f" batch={batch}" if batch else "", request_id, extra=fields)
+
+
+access_log = logging.getLogger("service.access")
+_SANE_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id" and _SANE_ID.fullmatch(value):
+            return value.decode()
+    return uuid.uuid4().hex[:16]
 
 
 def _endpoint(scope: Scope, known: frozenset[str]) -> str:

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["text", "json"] = Field("text", description="text lines, or one JSON object per line")
+    access_log: bool = Field(True, description="one log line per request, with its id (also the X-Request-ID "
+                                               "response header)")
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="accepted keys (env: comma-separated); empty = no authentication")
     cors_origins: Annotated[list[str], NoDecode] = Field(

@@ -313,3 +313,39 @@ def test_bad_vocab_json(tmp_path, text, match):
     (tmp_path / "vocab.json").write_text(text)
     with pytest.raises(ValueError, match=match):
         Vocabulary.load(tmp_path / "vocab.json")
+
+
+def _strings(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+    elif isinstance(obj, str):
+        yield obj
+
+
+def test_shipped_files_hold_no_absolute_path():
+    """metrics.json (served by /v1/models) and the model card must not show the build machine's folders."""
+    import os
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    shipped = [*root.glob("captioner/models/**/*.json"), *root.glob("captioner/models/**/README.md")]
+    assert shipped
+    for f in shipped:
+        if f.suffix == ".json":
+            bad = [s for s in _strings(json.loads(f.read_text())) if os.path.isabs(s)]
+        else:
+            bad = re.findall(r"(?<![\w.:/])/(?:work|home|root|tmp|Users|mnt|data)/[^\s`)\]]*", f.read_text())
+        assert not bad, (f, bad[:5])
+
+
+def test_saved_metrics_record_portable_paths(tmp_path, monkeypatch):
+    from captioner.fileio import portable_path
+
+    monkeypatch.chdir(tmp_path)
+    assert portable_path(str(tmp_path / "runs" / "x")) == "runs/x"  # under the working directory: relative
+    assert portable_path("/srv/datasets/flickr8k/images") == "flickr8k/images"
+    assert portable_path("runs/x") == "runs/x" and portable_path("a dog") == "a dog"

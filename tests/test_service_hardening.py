@@ -398,3 +398,26 @@ def test_resume_from_a_truncated_training_state_is_a_one_line_error(tiny_checkpo
              "--device", "cpu", "--epochs", "1")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "unreadable training state" in r.stderr and "training_state.pt" in r.stderr
+
+
+# ------------------------------------------------------------------ 7. request log
+
+def test_one_access_log_line_per_request_with_its_id(tiny_checkpoint, caplog):
+    import logging
+
+    from service.logs import JsonFormatter
+
+    with app_client(tiny_checkpoint) as c, caplog.at_level(logging.INFO, logger="service.access"):
+        wait_ready(c)
+        caplog.clear()
+        ok = post(c)
+        bad = c.post("/v1/captions", files={"image": ("x", b"not an image")}, headers={"X-Request-ID": "abc-123"})
+        nasty = c.get("/healthz", headers={"X-Request-ID": "x" * 500})
+    lines = [r for r in caplog.records if r.name == "service.access"]
+    assert [r.status for r in lines] == [200, 415, 200]
+    assert ok.headers["x-request-id"] == lines[0].request_id and len(lines[0].request_id) == 16
+    assert bad.headers["x-request-id"] == "abc-123" == lines[1].request_id  # a caller's own id is kept
+    assert nasty.headers["x-request-id"] != "x" * 500  # but not an unbounded one
+    assert lines[0].batch_size == 1 and "POST /v1/captions 200" in lines[0].getMessage()
+    as_json = json.loads(JsonFormatter().format(lines[1]))
+    assert as_json["status"] == 415 and as_json["request_id"] == "abc-123" and as_json["path"] == "/v1/captions"

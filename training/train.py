@@ -26,6 +26,7 @@ from tqdm import tqdm
 from captioner.checkpoint import VQA_METRICS, load_pretrained, load_training_state, read_metrics, save_pretrained
 from captioner.config import override_encoder, preset
 from captioner.decoder import Decoder
+from captioner.fileio import portable
 from captioner.model import CaptionModel
 from captioner.tokenizer import PAD_ID, Vocabulary
 
@@ -443,7 +444,8 @@ def carried_metrics(path, encoder_frozen: bool) -> dict:
 
 
 def _jsonable(d: dict) -> dict:
-    return {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool, type(None), list))}
+    """The run's arguments as recorded in metrics.json and the card: plain values, paths made portable."""
+    return portable({k: v for k, v in d.items() if isinstance(v, (str, int, float, bool, type(None), list))})
 
 
 def _card(metrics: dict, cfg) -> str:

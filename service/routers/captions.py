@@ -93,6 +93,7 @@ async def create_captions(request: Request) -> CaptionResponse:
         decoded = time.perf_counter()
         params = GenParams(p.beam_size, p.num_captions, p.max_length, p.sample, p.temperature, p.top_k)
         res = await run(svc, CaptionJob(pixels, params), request, inp.received, arrival)
+    request.state.batch_size = res.batch_size  # for the access log
     caps = [CaptionOut(caption=c.text, log_prob=finite(c.log_prob), score=finite(c.score)) for c in res.value]
     return CaptionResponse(captions=caps, model=model_ref(svc), timings=timings(inp.received, decoded, res),
                            batch_size=res.batch_size)

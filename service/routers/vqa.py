@@ -125,6 +125,7 @@ async def answer_question(request: Request) -> VQAResponse:
         pixels = await decode(svc, inp.image, inp.received)
         decoded = time.perf_counter()
         res = await run(svc, VQAJob(pixels, question, choices), request, inp.received, arrival)
+    request.state.batch_size = res.batch_size  # for the access log
     a = res.value
     return VQAResponse(answer=a.text, index=a.index, probs=[float(p) for p in a.probs], question=question,
                        choices=choices, model=model_ref(svc), timings=timings(inp.received, decoded, res),
