@@ -74,6 +74,12 @@ class Captioner:
         model, vocab = load_pretrained(path, dev)
         return cls(model, vocab, precision, path)
 
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (f"Captioner({c.name!r} v{c.version}, tasks={self.tasks}, {c.encoder.arch} encoder, "
+                f"{c.decoder.num_layers}x{c.decoder.cell} decoder, {c.vocab_size} words, device={self.device}, "
+                f"precision={self.precision})")
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -96,6 +102,10 @@ class Captioner:
     @torch.no_grad()
     def caption_batch(self, batch: torch.Tensor | None = None, features: torch.Tensor | None = None, **gen) -> list[list[Caption]]:
         """Caption a preprocessed batch (B, 3, S, S) or precomputed features (B, D); returns n-best per image."""
+        n, beam = gen.get("num_captions", 1), gen.get("beam_size", 3)
+        if not gen.get("do_sample") and not 1 <= n <= beam:
+            raise ValueError(f"num_captions ({n}) must be between 1 and beam_size ({beam}): pass beam_size={max(n, 1)} "
+                             "for that many beam-search captions, or do_sample=True for independent samples")
         v = self.encode(batch) if features is None else features.to(self.device)
         with autocast(self.device, self.precision):
             hyp = self.model.generate(features=v, **gen)

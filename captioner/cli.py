@@ -41,6 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     return result if isinstance(result, int) else 0
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default only when it has one and its help does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Errors about the user's input, as opposed to bugs: these print one line, others a traceback."""
     from .checkpoint import CheckpointError

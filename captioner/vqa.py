@@ -137,7 +137,8 @@ def check_choices(choices: object, cfg: VQAConfig) -> list[str]:
         c = _clean(c, f"choice {i + 1}", cfg)
         key = " ".join(tokenize(c))
         if key in seen:
-            raise VQAInputError(f"choices {seen[key] + 1} and {i + 1} are the same answer ({c!r})")
+            raise VQAInputError(f"choices {seen[key] + 1} and {i + 1} are the same answer "
+                                f"({out[seen[key]]!r} and {c!r})")
         seen[key] = i
         out.append(c)
     return out

@@ -244,3 +244,15 @@ def test_bf16_precision_on_cpu(tiny_checkpoint, make_images):
     assert len(out) == 2 and all(isinstance(c[0].log_prob, float) for c in out)
     with pytest.raises(ValueError, match="precision"):
         Captioner.from_pretrained(tiny_checkpoint, device="cpu", precision="fp8").caption(make_images(1)[0])
+
+
+def test_user_facing_messages_and_repr(tiny_checkpoint):
+    from captioner.api import Captioner
+
+    cap = Captioner.from_pretrained(tiny_checkpoint, "cpu")
+    img = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"num_captions \(5\) must be between 1 and beam_size \(3\).*beam_size=5"):
+        cap.caption(img, num_captions=5)
+    assert len(cap.caption(img, num_captions=5, do_sample=True)) == 5
+    r = repr(cap)
+    assert r.startswith("Captioner(") and "tasks=['caption']" in r and "device=cpu" in r and "precision=fp32" in r

@@ -56,6 +56,8 @@ def browser(tmp_path):
 
 def test_page_uploads_a_photo_shows_captions_and_answers(browser, tmp_path):
     ckpt = tiny_vqa_checkpoint(tmp_path / "tiny-vqa")
+    (ckpt / "metrics.json").write_text('{"domain": "tiny test shapes."}')
+    (ckpt / "README.md").write_text("# tiny\n\nA test model.\n")
     shots = Path(os.environ.get("CAPTIONER_SCREENSHOT_DIR", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
     from service.app import create_app
@@ -69,6 +71,9 @@ def test_page_uploads_a_photo_shows_captions_and_answers(browser, tmp_path):
         assert browser.title == "captioner"
         wait.until(EC.text_to_be_present_in_element((By.ID, "model-info"), "words"))
         assert "with multiple-choice VQA" in browser.find_element(By.ID, "model-info").text
+        domain = browser.find_element(By.ID, "model-domain")
+        assert domain.text == "What it knows: tiny test shapes. Model card"
+        assert domain.find_element(By.TAG_NAME, "a").get_attribute("href").endswith("/v1/models/card")
 
         # upload a photo through the file input: the page captions it at once
         browser.find_element(By.ID, "file-input").send_keys(str(PHOTO))
@@ -94,6 +99,15 @@ def test_page_uploads_a_photo_shows_captions_and_answers(browser, tmp_path):
         browser.find_elements(By.CSS_SELECTOR, ".sample")[0].click()  # horses-beach.jpg
         wait.until(lambda d: "horses-beach" in (d.execute_script("return currentImage && currentImage.name") or ""))
         wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#captions li.caption")))
+        selected = browser.find_elements(By.CSS_SELECTOR, ".sample.selected")
+        assert [s.get_attribute("data-src") for s in selected] == ["/static/samples/horses-beach.jpg"]
+        # a file that fails: the error shows, and the sample is no longer marked as the image in use
+        bad = tmp_path / "not-a-photo.jpg"
+        bad.write_bytes(b"not an image at all")
+        browser.find_element(By.ID, "file-input").send_keys(str(bad))
+        wait.until(EC.visibility_of_element_located((By.ID, "error")))
+        assert browser.find_elements(By.CSS_SELECTOR, ".sample.selected") == []
+        assert httpx.get(url + "/v1/models/card").text.startswith("# tiny")
     assert (shots / "service_page.png").stat().st_size > 10_000
 
 

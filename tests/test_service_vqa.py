@@ -56,7 +56,7 @@ def ask(c, question="what is on the grass", choices=CHOICES, data=JPG):
     ("what", [f"answer {i}" for i in range(33)], ["choices"], "at most 32"),
     ("what", ["a dog", ""], ["choices", 1], "word"),
     ("what", ["a dog", 3], ["choices", 1], "string"),
-    ("what", ["Red.", "blue", "red"], ["choices", 2], "duplicates choice 0"),
+    ("what", ["Red.", "blue", "red"], ["choices", 2], "'red' duplicates choice 0 ('Red.')"),
     ("what", ["a dog", "y" * 201], ["choices", 1], "limit"),
 ])
 def test_validate_vqa_names_the_field(question, choices, loc, word):

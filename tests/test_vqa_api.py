@@ -65,7 +65,7 @@ def test_answer_and_batches_agree(vqa_checkpoint, images):
     ("?!", ["red", "cat"], "has no words"),
     ("a dog?", ["red", "  "], "choice 2 is empty"),
     ("a dog?", ["red", "..."], "choice 2 .* has no words"),
-    ("a dog?", ["Red.", "cat", "red"], "choices 1 and 3 are the same answer"),
+    ("a dog?", ["Red.", "cat", "red"], r"choices 1 and 3 are the same answer \('Red\.' and 'red'\)"),
     ("x" * 1001, ["red", "cat"], "1001 characters long; the limit is 1000"),
     ("a dog?", ["red", "y" * 5000], "choice 2 is 5000 characters"),
     ("a dog?", "red, cat", "must be a list"),

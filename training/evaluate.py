@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from captioner.cli import HelpFormatter
 from captioner.api import Captioner
 from captioner.fileio import write_json_atomic
 
@@ -21,8 +22,11 @@ log = logging.getLogger("captioner.evaluate")
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("captioner evaluate", add_help=add_help, description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", help="checkpoint directory (default: the shipped model)")
+                                formatter_class=HelpFormatter)
+    p.add_argument("--task", choices=["caption", "vqa"], default="caption",
+                   help="caption: COCO caption metrics (these options); vqa: multiple-choice accuracy "
+                        "(see `captioner evaluate --task vqa --help`)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped model)")
     p.add_argument("--results", help="score this COCO results JSON instead of captioning")
     p.add_argument("--dataset", choices=["karpathy", "coco"], default="karpathy")
     p.add_argument("--annotations", required=True)

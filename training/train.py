@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from tqdm import tqdm
 
+from captioner.cli import HelpFormatter
 from captioner.checkpoint import VQA_METRICS, load_pretrained, load_training_state, read_metrics, save_pretrained
 from captioner.config import override_encoder, preset
 from captioner.decoder import Decoder
@@ -43,7 +44,10 @@ STATE = "training_state.pt"
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("captioner train", add_help=add_help, description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
+    p.add_argument("--task", choices=["caption", "vqa", "joint"], default="caption",
+                   help="caption: a caption model (these options); vqa or joint: a VQA head, alone or with captions "
+                        "(see `captioner train --task vqa --help`)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=["karpathy", "coco"], default="karpathy")
     g.add_argument("--annotations", required=True, help="Karpathy split JSON, or COCO captions_train*.json")

@@ -3,10 +3,15 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+from pathlib import Path
+
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from captioner.checkpoint import CARD
 
 from ..engine import has_vqa
-from ..schemas import MAX_BEAM, MAX_CHOICES, MAX_LENGTH, error_responses
+from ..schemas import MAX_BEAM, MAX_CHOICES, MAX_LENGTH, ErrorBody, error_responses
 from .common import service
 
 router = APIRouter(tags=["models"])
@@ -44,6 +49,19 @@ def describe(svc) -> dict:
         "batching": {"max_batch_size": svc.settings.max_batch_size, "max_delay_ms": svc.settings.max_delay_ms,
                      "encode_batch_size": svc.encode_batch_size, "channels_last": svc.settings.channels_last},
     }
+
+
+# response_class=Response: errors are documented as JSON, the card itself as text/markdown
+@router.get("/v1/models/card", summary="The served model's card (Markdown)", response_class=Response,
+            responses={200: {"description": "the card", "content": {"text/markdown": {"schema": {"type": "string"}}}},
+                       **error_responses(401, 503),
+                       404: {"model": ErrorBody, "description": "the model directory has no README.md card"}})
+async def model_card(request: Request):
+    svc = service(request)
+    card = Path(svc.captioner.path or "") / CARD
+    if not svc.captioner.path or not card.is_file():
+        return JSONResponse({"detail": "this model has no card (README.md)"}, status_code=404)
+    return Response(card.read_text(encoding="utf-8"), media_type="text/markdown; charset=utf-8")
 
 
 @router.get("/v1/models", summary="The served model", responses=error_responses(401, 503))

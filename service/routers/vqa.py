@@ -89,7 +89,7 @@ def validate_vqa(question: object, choices: object, max_choices: int = MAX_CHOIC
             raise InputError(422, loc, "must contain at least one word", "string_too_short")
         key = " ".join(words)  # "Red." and "red" are the same answer to the model
         if key in seen:
-            raise InputError(422, loc, f"duplicates choice {seen[key]} ({c!r})", "duplicate")
+            raise InputError(422, loc, f"{c!r} duplicates choice {seen[key]} ({out[seen[key]]!r})", "duplicate")
         seen[key] = i
         out.append(c)
     return question, out

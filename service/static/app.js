@@ -34,8 +34,10 @@ function fmtTimings(t, batch) {
     `model ${t.inference_ms.toFixed(1)} ms in a batch of ${batch})`;
 }
 
-function setImage(blob) {
+function setImage(blob, sample = null) {
   currentImage = blob;
+  // only the sample being shown is marked: an uploaded file (even one that fails) unmarks the previous sample
+  document.querySelectorAll(".sample").forEach((b) => b.classList.toggle("selected", b === sample));
   const img = $("preview");
   if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
   img.src = URL.createObjectURL(blob);
@@ -140,6 +142,15 @@ async function loadModelInfo() {
     const a = m.architecture;
     $("model-info").textContent = `${m.name} v${m.version}: ${a.encoder.arch} encoder + ${a.decoder.cell} decoder, ` +
       `${m.vocab_size} words, on ${m.device}` + (hasVqa ? ", with multiple-choice VQA" : " (no VQA head)");
+    const domain = m.metrics && m.metrics.domain;  // what the model knows, in one line, with its card
+    $("model-domain").textContent = domain ? `What it knows: ${domain} ` : "";
+    $("model-domain").hidden = !domain;
+    if (domain) {
+      const card = document.createElement("a");
+      card.href = "/v1/models/card";
+      card.textContent = "Model card";
+      $("model-domain").append(card);
+    }
     if (!hasVqa) {
       $("vqa-panel").classList.add("disabled");
       $("vqa-button").title = "this model has no VQA head";
@@ -174,7 +185,7 @@ function init() {
     const res = await fetch(b.dataset.src);
     const blob = await res.blob();
     blob.name = b.dataset.src.split("/").pop();
-    setImage(blob);
+    setImage(blob, b);
   }));
   $("caption-form").addEventListener("submit", (e) => { e.preventDefault(); caption(); });
   $("vqa-form").addEventListener("submit", (e) => { e.preventDefault(); ask(); });
