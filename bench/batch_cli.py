@@ -4,7 +4,7 @@
 
 raw   = Captioner.caption_batch on the same images already decoded and preprocessed into memory (same batch size,
         beam size, precision, device): the ceiling for the CLI.
-CLI   = `captioner caption` (caption_cli.run, in-process) on the image folders, end to end: model load, input
+CLI   = `captioner caption` (captioner.cli.caption.run, in-process) on the image folders, end to end: model load, input
         expansion, loader workers decoding JPEGs, captioning, fsynced JSONL writes.
 ratio = CLI images/s / raw images/s. Target: >= 0.85 with 2 workers on a 2-core CPU.
 
@@ -34,10 +34,11 @@ sys.path.insert(0, str(ROOT))
 import captioner  # noqa: E402,F401  (before torch, as in the `captioner` command: it sets OMP_WAIT_POLICY)
 import torch  # noqa: E402
 from captioner.api import Captioner  # noqa: E402
-from captioner.caption_cli import get_args_parser, loader_nice, run  # noqa: E402
+from captioner.cli.caption import loader_nice, run  # noqa: E402
+from captioner.cli.parsers import caption as get_args_parser  # noqa: E402
 from captioner.inputs import expand_inputs  # noqa: E402
 from captioner.preprocess import load_image  # noqa: E402
-from captioner.writers import read_records  # noqa: E402
+from captioner.cli.writers import read_records  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "coco-mini"
 

@@ -7,12 +7,23 @@ import os
 # while the model alone ran as fast. It must be set before torch loads OpenMP; an explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .api import Answer, Caption, Captioner
-from .config import DecoderConfig, EncoderConfig, ModelConfig, PreprocessConfig, VQAConfig, preset
-from .model import CaptionModel
-from .tokenizer import Vocabulary
-from .vqa import VQAInputError
-
-__all__ = ["Answer", "Caption", "Captioner", "CaptionModel", "DecoderConfig", "EncoderConfig", "ModelConfig",
-           "PreprocessConfig", "VQAConfig", "VQAInputError", "Vocabulary", "preset"]
+# the public names load on first use (PEP 562), so `import captioner` (and `captioner --help`) does not import torch
+_EXPORTS = {"Answer": "api", "Caption": "api", "Captioner": "api", "CaptionModel": "model", "DecoderConfig": "config",
+            "EncoderConfig": "config", "ModelConfig": "config", "PreprocessConfig": "config", "VQAConfig": "config",
+            "preset": "config", "Vocabulary": "tokenizer", "VQAInputError": "vqa"}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

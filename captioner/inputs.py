@@ -98,14 +98,6 @@ def expand_inputs(inputs: Sequence[str], warn=print) -> list[Item]:
     return dedupe([Item(p) for p in paths])
 
 
-def dataset_items(kind: str, annotations: str, images: str, split: str) -> list[Item]:
-    """The images of a dataset split, in annotation-file order, with their dataset image ids
-    (so a COCO results file written from them feeds ``captioner evaluate --results``)."""
-    from training.datasets import read_dataset  # training is only needed for --dataset
-
-    return dedupe([Item(r.path, r.image_id) for r in read_dataset(kind, annotations, images, split)])
-
-
 def dedupe(items: Sequence[Item]) -> list[Item]:
     seen: set[str] = set()
     out = []

@@ -30,6 +30,7 @@ from captioner.checkpoint import load_pretrained  # noqa: E402
 from training import train as train_mod  # noqa: E402
 from training.distill import TEACHERS, encoder_layout  # noqa: E402
 from training.features import cache_key, compute_features  # noqa: E402
+from captioner.cli import parsers
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -49,7 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict[str, float]:
     model, _ = load_pretrained(args.model, "cpu")
-    train_args = train_mod.get_args_parser().parse_args([*[a for a in args.data if a != "--"], "--output", "unused"])
+    train_args = parsers.train().parse_args([*[a for a in args.data if a != "--"], "--output", "unused"])
     records = dict(zip(("train", "val"), train_mod.read_records(train_args)))
     targets = {}
     for split, rec in records.items():  # keyed by --model's own encoder, before any swap below

@@ -33,6 +33,7 @@ from training import train as train_mod
 from training.datasets import CaptionDataset, collate
 from training.distill import IMAGENET_MEAN, IMAGENET_STD, TEACHERS
 from training.features import cache_key, compute_features
+from captioner.cli import parsers
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -84,7 +85,7 @@ def main(args: argparse.Namespace) -> None:
     model, _ = load_pretrained(args.model, "cpu")
     teacher = TEACHERS[args.teacher]().to(memory_format=torch.channels_last)
     data = [a for a in args.data if a != "--"]
-    train_args = train_mod.get_args_parser().parse_args([*data, "--output", "unused"])
+    train_args = parsers.train().parse_args([*data, "--output", "unused"])
     rows = {}
     for split, rec in zip(("train", "val"), train_mod.read_records(train_args)):  # the records training will key
         t = teacher_features(teacher, rec, args.teacher_size, args.batch_size, args.workers)

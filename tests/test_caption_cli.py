@@ -16,7 +16,7 @@ import torch
 
 from captioner.cli import main as cli
 from captioner.inputs import Item, assign_image_ids, expand_inputs, parse_shard, shard
-from captioner.writers import read_records
+from captioner.cli.writers import read_records
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -386,7 +386,7 @@ class _Niceness(torch.utils.data.Dataset):
                                                   ("cpu", "0", 0)])
 def test_cpu_runs_lower_the_loader_priority(device, env, lowered, monkeypatch):
     # on a CPU run the model is the bottleneck: the loader decodes in its gaps instead of preempting it (README)
-    from captioner.caption_cli import _worker_init, loader_nice
+    from captioner.cli.caption import _worker_init, loader_nice
 
     monkeypatch.delenv("CAPTIONER_LOADER_NICE", raising=False)
     if env is not None:

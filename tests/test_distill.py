@@ -18,6 +18,7 @@ from captioner.tokenizer import Vocabulary
 from captioner.encoder import VGGEncoder
 from tests.test_train import tiny_karpathy  # noqa: F401  (fixture)
 from training import distill
+from captioner.cli import parsers
 
 
 class TinyTeacher(nn.Module):
@@ -47,7 +48,7 @@ def tiny_teacher(monkeypatch):
 
 
 def _args(ann, root, out, *extra):
-    return distill.get_args_parser().parse_args([
+    return parsers.distill().parse_args([
         "--annotations", str(ann), "--images", str(root), "--out", str(out), "--teacher", "tiny",
         "--encoder-layers", "8,M,16,M,32,M", "--fc-dims", "32", "--image-size", "24", "--teacher-size", "32",
         "--batch-size", "4", "--workers", "0", "--amp", "off", "--warmup-steps", "2", "--lr", "3e-3", *extra])

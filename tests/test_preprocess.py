@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.caption_cli import ImageFiles
+from captioner.cli.caption import ImageFiles
 from captioner.config import PreprocessConfig
 from captioner.preprocess import ImageError, eval_transform, load_image, to_tensor
 from service.images import load_upload

@@ -12,7 +12,8 @@ from _service_util import ROOT
 yaml = pytest.importorskip("yaml", reason="pyyaml is in the test extra (pip install -e '.[test]')")
 pytest.importorskip("pydantic_settings", reason="service extra not installed (pip install -e '.[serve]')")
 
-from captioner import serve_cli  # noqa: E402
+from captioner.cli import parsers  # noqa: E402
+from captioner.cli import serve as serve_cli  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 
@@ -26,7 +27,7 @@ def test_compose_services_are_complete_and_point_at_real_things():
     assert (ROOT / api["build"]).is_dir() and (ROOT / api["build"] / "Dockerfile").is_file()
     cmd = api["command"]
     assert cmd[:2] == ["captioner", "serve"]
-    args = serve_cli.get_args_parser().parse_args(cmd[2:])  # every flag it passes exists
+    args = parsers.serve().parse_args(cmd[2:])  # every flag it passes exists
     assert args.host == "0.0.0.0" and args.port == 8000
     # the port the container listens on is the one published and probed
     assert any(str(p).endswith(":8000") for p in api["ports"])
@@ -84,7 +85,7 @@ def test_settings_from_environment_and_flags(monkeypatch, tmp_path):
     assert s.api_keys == ["key-aaaaaaaa", "key-bbbbbbbb"] and s.cors_origins == ["https://a.example", "https://b.example"]
     assert "key-aaaaaaaa" not in str(s.public_dict())
     # flags win over the environment
-    args = serve_cli.get_args_parser().parse_args(["--max-batch-size", "3", "--api-key", "key-cccccccc",
+    args = parsers.serve().parse_args(["--max-batch-size", "3", "--api-key", "key-cccccccc",
                                                    "--request-timeout", "2.5", "--no-warmup"])
     s = Settings(**{k: v for k, v in vars(args).items() if v is not None})
     assert s.max_batch_size == 3 and s.api_keys == ["key-cccccccc"] and s.request_timeout_s == 2.5 and not s.warmup
@@ -95,7 +96,7 @@ def test_settings_from_environment_and_flags(monkeypatch, tmp_path):
 
 
 def test_serve_refuses_to_start_without_a_model(tmp_path, monkeypatch, capsys):
-    parser = serve_cli.get_args_parser()
+    parser = parsers.serve()
     monkeypatch.delenv("CAPTIONER_CHECKPOINT", raising=False)
     # no --checkpoint and no shipped default model: a clear message and a non-zero status
     monkeypatch.setattr("captioner.api.default_checkpoint", lambda: tmp_path / "not-installed")
@@ -125,7 +126,7 @@ def test_serve_exits_non_zero_when_the_model_fails_to_load(tiny_checkpoint, tmp_
     broken = tmp_path / "broken"
     shutil.copytree(tiny_checkpoint, broken)
     (broken / "model.safetensors").write_bytes(b"not safetensors at all")
-    args = serve_cli.get_args_parser().parse_args(["--checkpoint", str(broken), "--device", "cpu", "--port", "0",
+    args = parsers.serve().parse_args(["--checkpoint", str(broken), "--device", "cpu", "--port", "0",
                                                    "--log-level", "warning"])
     assert serve_cli.main(args) == 1  # the server started, the background load failed, the server stopped
     assert "model failed to load" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from schemathesis.generation.modes import GenerationMode  # noqa: E402
 from _service_util import jpeg_bytes, serve_in_thread, tiny_vqa_checkpoint  # noqa: E402
 
 import os
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", 30))  # per operation and generation mode: ~1 minute for the whole API on the 2-core CPU
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", 30))  # per operation and generation mode; ~10 s for the whole API
 CONFIG = {
     "seed": 20261202,
     "generation": {"mode": "all", "max-examples": EXAMPLES, "deterministic": True},

@@ -17,6 +17,7 @@ from training import evaluate as evaluate_mod
 from training import train as train_mod
 from training.datasets import read_dataset
 from training.features import FeatureDataset, cached_features
+from captioner.cli import parsers
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20)}
 SHAPES = ("square", "stripe")
@@ -57,7 +58,7 @@ def tiny_karpathy(tmp_path):
 
 
 def _args(ann, root, out, *extra):
-    return train_mod.get_args_parser().parse_args([
+    return parsers.train().parse_args([
         "--annotations", str(ann), "--images", str(root), "--output", str(out), "--arch", "compact",
         "--image-size", "32", "--encoder-layers", "8,M,16,M,32,M", "--fc-dims", "32", "--embed-dim", "16", "--hidden-dim", "32", "--cell", "gru", "--min-count", "1",
         "--batch-size", "4", "--workers", "0", "--no-java", "--amp", "off", "--warmup-steps", "2",
@@ -192,7 +193,7 @@ def test_evaluate_command_writes_results_and_metrics(tiny_karpathy, tmp_path, ca
     ann, root = tiny_karpathy
     train_mod.main(_args(ann, root, tmp_path / "run", "--epochs", "1"))
     out = tmp_path / "results.json"
-    args = evaluate_mod.get_args_parser().parse_args([
+    args = parsers.evaluate().parse_args([
         "--checkpoint", str(tmp_path / "run" / "best"), "--annotations", str(ann), "--images", str(root),
         "--split", "val", "--out", str(out), "--no-java", "--workers", "0", "--device", "cpu"])
     m = evaluate_mod.main(args)
@@ -216,7 +217,7 @@ def _ddp_worker(rank, world, port, argv, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    model = train_mod.main(train_mod.get_args_parser().parse_args(argv))
+    model = train_mod.main(parsers.train().parse_args(argv))
     torch.save({k: v.clone() for k, v in model.state_dict().items()}, Path(out) / f"rank{rank}.pt")
 
 

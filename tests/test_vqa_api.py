@@ -10,7 +10,7 @@ from PIL import Image
 
 from captioner.api import Answer, Captioner
 from captioner.checkpoint import load_pretrained, save_pretrained
-from captioner.cli import _route_task
+from captioner.cli import _pick
 from captioner.cli import main as cli
 from captioner.tokenizer import Vocabulary
 from captioner.vqa import VQAInputError, VQAUnavailableError
@@ -140,14 +140,17 @@ def test_ask_cli(vqa_checkpoint, tiny_checkpoint, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
-def test_task_routing():
-    assert _route_task(["train", "--task", "vqa", "--output", "x"], "training.train") == (
-        "training.train_vqa", ["train", "--task", "vqa", "--output", "x"])
-    assert _route_task(["train", "--task=joint"], "training.train")[0] == "training.train_vqa"
-    assert _route_task(["evaluate", "--task", "vqa"], "training.evaluate")[0] == "training.evaluate_vqa"
-    assert _route_task(["train", "--output", "x", "--task", "caption", "--epochs", "1"], "training.train") == (
-        "training.train", ["train", "--output", "x", "--epochs", "1"])
-    assert _route_task(["evaluate", "--task=caption"], "training.evaluate") == ("training.evaluate", ["evaluate"])
-    assert _route_task(["caption", "--task", "vqa"], "captioner.caption_cli")[0] == "captioner.caption_cli"
+def test_task_is_an_ordinary_option_that_picks_the_options_and_the_module():
+    from captioner.cli import parsers
+
+    assert _pick("train", ["--task", "vqa", "--output", "x"]) == (parsers.train_vqa, "training.train_vqa")
+    assert _pick("train", ["--task=joint"])[1] == "training.train_vqa"
+    assert _pick("evaluate", ["--task", "vqa"])[1] == "training.evaluate_vqa"
+    assert _pick("train", ["--output", "x", "--task", "caption", "--epochs", "1"]) == (parsers.train, "training.train")
+    assert _pick("evaluate", ["--task=caption"]) == (parsers.evaluate, "training.evaluate")
+    assert _pick("caption", ["--task", "vqa"])[1] == "captioner.cli.caption"  # caption has no --task: argparse says so
     with pytest.raises(SystemExit, match="must be one of caption, vqa"):
-        _route_task(["evaluate", "--task", "joint"], "training.evaluate")
+        _pick("evaluate", ["--task", "joint"])
+    # every parser of a command with tasks declares --task, so the value the user gave is in its Namespace
+    assert parsers.train().parse_args(["--annotations", "a", "--images", "i", "--output", "o"]).task == "caption"
+    assert parsers.train_vqa().parse_args(["--task", "joint", "--output", "o"]).task == "joint"

@@ -13,6 +13,7 @@ from captioner.api import Captioner
 from captioner.checkpoint import CheckpointError
 from captioner.cli import main as cli
 from training import train_vqa
+from captioner.cli import parsers
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20)}
 TINY = ["--encoder-layers", "8,M,16,M,16,M", "--fc-dims", "32", "--image-size", "32", "--vqa-embed-dim", "16",
@@ -108,7 +109,7 @@ def test_resume_is_exact(data, tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert cli(_vqa_args(data, tmp_path / "nothing", "--resume")) == 2  # "...training_state.pt not found", one line
     with pytest.raises(CheckpointError, match="training_state.pt not found"):
-        train_vqa.main(train_vqa.get_args_parser().parse_args(_vqa_args(data, tmp_path / "nothing", "--resume")[1:]))
+        train_vqa.main(parsers.train_vqa().parse_args(_vqa_args(data, tmp_path / "nothing", "--resume")[1:]))
 
 
 def test_evaluate_with_baselines(data, trained, tmp_path, capsys):

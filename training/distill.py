@@ -47,54 +47,6 @@ STATE = "training_state.pt"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("captioner distill", add_help=add_help, description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("images (no labels are used)")
-    g.add_argument("inputs", nargs="*", help="extra image files, folders, globs or @list.txt")
-    g.add_argument("--dataset", choices=["karpathy", "coco"], default="karpathy")
-    g.add_argument("--annotations", help="take the images of this dataset split (with --images)")
-    g.add_argument("--images", help="image root of --annotations")
-    g.add_argument("--split", default="train", help="split of --annotations to learn from")
-    g.add_argument("--val-split", default="val", help="split of --annotations to report teacher agreement on")
-    g.add_argument("--max-val-images", type=int, default=500)
-    g.add_argument("--workers", type=int, default=2)
-    g = p.add_argument_group("student (the caption model's encoder)")
-    g.add_argument("--arch", default="compact", help="compact, vgg11/13/16/19 (optionally _bn)")
-    g.add_argument("--encoder-layers", help="custom VGG layer list, as for captioner train")
-    g.add_argument("--fc-dims", help="encoder FC widths, as for captioner train")
-    g.add_argument("--image-size", type=int, help="student crop size (use the caption model's)")
-    g = p.add_argument_group("teacher")
-    g.add_argument("--teacher", choices=sorted(TEACHERS), default="efficientnet-lite0")
-    g.add_argument("--teacher-size", type=int, default=224, help="crop size the teacher sees")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--feature-weight", type=float, default=1.0, help="weight of the cosine feature loss next to KL")
-    g.add_argument("--mixup", type=float, default=0.0,
-                   help="Beta(a, a) mixup of image pairs (0 = off; pays off only in long schedules)")
-    g.add_argument("--statistics-images", type=int, default=2048,
-                   help="training images that set the mean/std used to standardise the teacher's features")
-    g.add_argument("--min-scale", type=float, default=0.25, help="smallest random-resized-crop area")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=30)
-    g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--lr", type=float, default=2e-3)
-    g.add_argument("--weight-decay", type=float, default=0.05)
-    g.add_argument("--warmup-steps", type=int, default=200)
-    g.add_argument("--grad-clip", type=float, default=5.0)
-    g.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="NHWC weights for teacher and student (bench/distill.py: 1.3x per step on a 2-core CPU)")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("output")
-    g.add_argument("--out", required=True, help="run directory: encoder.safetensors, metrics.jsonl, training state")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out")
-    g.add_argument("--init-from", metavar="RUN|MODEL",
-                   help="start the student (and the teacher-feature statistics) from an earlier run's last state, "
-                        "with a fresh optimizer and schedule: a warm restart for a run whose val KL was still falling; "
-                        "or from a saved caption model's encoder (its layout and preprocessing; the student flags are "
-                        "ignored), whose two prediction heads are first fitted to the teacher by least squares")
-    return p
 
 
 # ---------------------------------------------------------------------------------------------------------- teacher
@@ -364,6 +316,8 @@ def main(args: argparse.Namespace):
         encoder = VGGEncoder(cfg.encoder)
     train_paths, val_paths = image_paths(args)
 
+    if args.teacher not in TEACHERS:
+        raise SystemExit(f"--teacher must be one of {', '.join(sorted(TEACHERS))}, got {args.teacher!r}")
     teacher = TEACHERS[args.teacher]().to(device)
     student = Student(encoder, teacher.feature_dim, teacher.num_classes,
                       cfg.preprocess.image_size, cfg.preprocess.mean, cfg.preprocess.std).to(device)
@@ -437,6 +391,3 @@ def main(args: argparse.Namespace):
     cleanup()
     return student
 
-
-if __name__ == "__main__":
-    main(get_args_parser().parse_args())

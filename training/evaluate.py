@@ -10,7 +10,6 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from captioner.cli import HelpFormatter
 from captioner.api import Captioner
 from captioner.fileio import write_json_atomic
 
@@ -20,31 +19,6 @@ from .metrics import format_metrics, read_results, score_captions, write_results
 log = logging.getLogger("captioner.evaluate")
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("captioner evaluate", add_help=add_help, description=__doc__,
-                                formatter_class=HelpFormatter)
-    p.add_argument("--task", choices=["caption", "vqa"], default="caption",
-                   help="caption: COCO caption metrics (these options); vqa: multiple-choice accuracy "
-                        "(see `captioner evaluate --task vqa --help`)")
-    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped model)")
-    p.add_argument("--results", help="score this COCO results JSON instead of captioning")
-    p.add_argument("--dataset", choices=["karpathy", "coco"], default="karpathy")
-    p.add_argument("--annotations", required=True)
-    p.add_argument("--images", required=True)
-    p.add_argument("--split", default="test")
-    p.add_argument("--max-images", type=int, default=0)
-    p.add_argument("--beam-size", type=int, default=3)
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--length-penalty", type=float, default=0.0)
-    p.add_argument("--block-trigrams", action="store_true")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--out", default="results.json", help="COCO results file to write")
-    p.add_argument("--metrics-out", help="metrics JSON (default: next to --out)")
-    p.add_argument("--no-java", action="store_true", help="Python tokenization, METEOR skipped")
-    return p
 
 
 def caption_records(cap: Captioner, records, batch_size: int, workers: int, **gen) -> dict:

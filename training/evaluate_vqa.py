@@ -35,27 +35,6 @@ from .vqa_data import EncodedQA, VQAExample, encode_examples, group_by_image, pi
 log = logging.getLogger("captioner.evaluate_vqa")
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("captioner evaluate --task vqa", add_help=add_help, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=["vqa"], default="vqa")
-    p.add_argument("--checkpoint", help="checkpoint directory with a VQA head (default: the shipped model)")
-    p.add_argument("--blind-checkpoint", help="a model trained with --image-blind, scored on the same questions")
-    p.add_argument("--dataset", choices=["easy-vqa", "v7w", "vqa-mc"], default="easy-vqa")
-    p.add_argument("--annotations", help="v7w: dataset_v7w_telling.json; vqa-mc: mscoco_*_annotations.json")
-    p.add_argument("--questions", help="vqa-mc: MultipleChoice_mscoco_*_questions.json")
-    p.add_argument("--images", help="image folder (v7w, vqa-mc)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--num-choices", type=int, default=4, help="easy-VQA: most choices per question")
-    p.add_argument("--seed", type=int, default=0, help="easy-VQA: distractor seed")
-    p.add_argument("--max-questions", type=int, default=0, help="score only the first N questions (0 = all)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--out", default="vqa_results.json", help="per-question predictions")
-    p.add_argument("--metrics-out", help="metrics JSON (default: next to --out)")
-    return p
 
 
 # ----------------------------------------------------------------------------- scoring

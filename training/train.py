@@ -23,7 +23,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from tqdm import tqdm
 
-from captioner.cli import HelpFormatter
 from captioner.checkpoint import VQA_METRICS, load_pretrained, load_training_state, read_metrics, save_pretrained
 from captioner.config import override_encoder, preset
 from captioner.decoder import Decoder
@@ -42,80 +41,6 @@ log = logging.getLogger("captioner.train")
 STATE = "training_state.pt"
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("captioner train", add_help=add_help, description=__doc__,
-                                formatter_class=HelpFormatter)
-    p.add_argument("--task", choices=["caption", "vqa", "joint"], default="caption",
-                   help="caption: a caption model (these options); vqa or joint: a VQA head, alone or with captions "
-                        "(see `captioner train --task vqa --help`)")
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=["karpathy", "coco"], default="karpathy")
-    g.add_argument("--annotations", required=True, help="Karpathy split JSON, or COCO captions_train*.json")
-    g.add_argument("--images", required=True, help="image root (Karpathy) or train image folder (COCO)")
-    g.add_argument("--val-annotations", help="COCO: captions_val*.json (Karpathy: same file as --annotations)")
-    g.add_argument("--val-images", help="COCO: val image folder")
-    g.add_argument("--train-split", default="train")
-    g.add_argument("--val-split", default="val")
-    g.add_argument("--max-train-images", type=int, default=0, help="use only the first N training images (0 = all)")
-    g.add_argument("--max-val-images", type=int, default=0, help="validate on the first N images (0 = all)")
-    g.add_argument("--min-count", type=int, default=5, help="words seen fewer times become <unk>")
-    g.add_argument("--max-length", type=int, default=16, help="longest caption in words")
-    g.add_argument("--captions-per-image", type=int, default=5, help="captions drawn per image per step")
-    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", default="compact", help="compact, vgg11/13/16/19 (optionally _bn)")
-    g.add_argument("--cell", choices=["rnn", "gru", "lstm"], default="rnn")
-    g.add_argument("--inject", choices=["every", "first"], default="every")
-    g.add_argument("--embed-dim", type=int, default=256)
-    g.add_argument("--hidden-dim", type=int, default=512)
-    g.add_argument("--num-layers", type=int, default=1)
-    g.add_argument("--dropout", type=float, default=0.5)
-    g.add_argument("--encoder-layers", help="custom VGG layer list, e.g. '32,M,64,M,128,M' (overrides --arch's)")
-    g.add_argument("--fc-dims", help="encoder FC widths, e.g. '512' or '4096,4096'; the last is v's size")
-    g.add_argument("--image-size", type=int, help="override the preset's crop size")
-    g.add_argument("--encoder-weights", help="'imagenet' (torchvision weights API), a local .pth state dict, or the encoder.safetensors of captioner distill")
-    g.add_argument("--freeze-encoder", action="store_true", help="train the decoder only (enables the feature cache)")
-    g.add_argument("--finetune-after", type=int, default=-1,
-                   help="with --freeze-encoder: unfreeze the encoder from this epoch on (-1 = never)")
-    g.add_argument("--feature-cache", default=".cache/features", help="where frozen-encoder features are cached")
-    g.add_argument("--feature-views", type=int, default=1, metavar="K",
-                   help="frozen encoder: cache K views of each training image (its centre crop and K-1 random crops "
-                        "and flips, as an unfrozen encoder trains on) and draw one per image per step")
-    g.add_argument("--image-blind", action="store_true", help="baseline: v = 0, the decoder never sees the image")
-    g.add_argument("--init-from", help="start from this saved model directory (its config and vocabulary)")
-    g.add_argument("--fresh-decoder", action="store_true",
-                   help="with --init-from: keep its encoder, vocabulary and VQA head but start a new caption decoder "
-                        "of the same shape from random weights (--seed): a decoder refitted to a final encoder "
-                        "(the default model's), or an ensemble member for `captioner export --add-decoders`")
-    g = p.add_argument_group("self-critical sequence training (needs --init-from or --resume)")
-    g.add_argument("--scst", action="store_true", help="optimise CIDEr-D of sampled captions instead of cross-entropy")
-    g.add_argument("--scst-samples", type=int, default=5, help="captions sampled per image per step")
-    g.add_argument("--scst-baseline", choices=["mean", "greedy"], default="mean",
-                   help="reward baseline: mean of the image's other samples, or its greedy caption")
-    g.add_argument("--scst-bleu-weight", type=float, default=0.0,
-                   help="reward = CIDEr-D + this x sentence BLEU-4 (0 = CIDEr-D alone)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=10)
-    g.add_argument("--batch-size", type=int, default=32, help="images per step per process")
-    g.add_argument("--lr", type=float, help="learning rate (default: 2e-3, or 5e-5 with --scst)")
-    g.add_argument("--encoder-lr", type=float, help="encoder learning rate (default: --lr)")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
-    g.add_argument("--warmup-steps", type=int, default=200)
-    g.add_argument("--grad-clip", type=float, default=5.0, help="max gradient norm (0 = off)")
-    g.add_argument("--label-smoothing", type=float, default=0.0)
-    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="NHWC memory format for the encoder (faster on CPU and GPU)")
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("run")
-    g.add_argument("--output", required=True, help="run directory: last/, best/, metrics.jsonl, curves.png")
-    g.add_argument("--resume", action="store_true", help="continue from OUTPUT/last exactly where it stopped")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--eval-beam", type=int, default=3)
-    g.add_argument("--eval-batch-size", type=int, default=64)
-    g.add_argument("--no-java", action="store_true", help="score with Python tokenization, skip METEOR")
-    return p
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -466,6 +391,3 @@ def _card(metrics: dict, cfg) -> str:
         lines.append(f"| {k} | {'n/a' if v is None else f'{100 * v:.1f}'} |")
     return "\n".join(lines) + "\n"
 
-
-if __name__ == "__main__":
-    main(get_args_parser().parse_args())

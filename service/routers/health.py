@@ -12,7 +12,8 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: 200 once the model is loaded and warmed up", responses={503: {"description": "loading, warming up, failed to load, or shutting down"}})
+@router.get("/readyz", summary="Readiness: 200 once the model is loaded and warmed up",
+            responses={503: {"description": "loading, warming up, failed to load, or shutting down"}})
 async def readyz(request: Request) -> JSONResponse:
     svc = request.app.state.svc
     body = {"status": svc.status}

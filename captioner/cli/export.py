@@ -16,27 +16,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import CARD, VQA_METRICS, CheckpointError, load_pretrained, read_metrics, save_pretrained
-from .decoder import DecoderEnsemble
-from .model import CaptionModel
-from .tokenizer import Vocabulary
+from ..checkpoint import CARD, VQA_METRICS, CheckpointError, load_pretrained, read_metrics, save_pretrained
+from ..decoder import DecoderEnsemble
+from ..model import CaptionModel
+from ..tokenizer import Vocabulary
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("captioner export", add_help=add_help, description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="trained checkpoint directory (e.g. runs/x/best)")
-    p.add_argument("--out", required=True, help="directory to write (replaced atomically)")
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="storage type of float weights")
-    p.add_argument("--name", help="model name recorded in config.json")
-    p.add_argument("--version", help="model version recorded in config.json")
-    p.add_argument("--metrics", action="append", default=[], metavar="JSON",
-                   help="evaluation metrics JSON to merge into metrics.json under 'evaluations' (repeatable)")
-    p.add_argument("--card", help="Markdown model card to ship as README.md (default: the checkpoint's own)")
-    p.add_argument("--add-decoders", nargs="+", default=[], metavar="DIR",
-                   help="ensemble: add the caption decoders of these checkpoints, trained on this one's frozen encoder "
-                        "with its vocabulary (`captioner train --init-from CHECKPOINT --fresh-decoder --freeze-encoder`)")
-    return p
 
 
 def _members(model: CaptionModel) -> list[nn.Module]:

@@ -50,14 +50,6 @@ def merge_parts(out: str, fmt: str, parts: list[str] | None = None, title: str =
     return len(records), sum("error" in r for r in records)
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("captioner merge", add_help=add_help, description=__doc__)
-    p.add_argument("parts", nargs="*", metavar="PART", help="part files (default: every OUT.shard*-of-N.jsonl)")
-    p.add_argument("--out", required=True, help="final output: .jsonl, .json (COCO results) or .html")
-    p.add_argument("--format", choices=["jsonl", "coco", "html"], help="output format (default: from --out's suffix)")
-    p.add_argument("--workers", type=int, default=4, help="threads making HTML thumbnails")
-    p.add_argument("--no-progress", action="store_true")
-    return p
 
 
 def main(args: argparse.Namespace) -> int:

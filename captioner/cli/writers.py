@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .fileio import write_json_atomic, write_text_atomic
-from .inputs import path_key
+from ..fileio import write_json_atomic, write_text_atomic
+from ..inputs import path_key
 
 FORMATS = ("jsonl", "coco", "html")
 _SUFFIX_FORMAT = {".jsonl": "jsonl", ".json": "coco", ".html": "html", ".htm": "html"}

@@ -25,64 +25,23 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .inputs import InputError, Item, assign_image_ids, dataset_items, expand_inputs, parse_shard, shard
-from .config import PreprocessConfig
-from .fileio import write_json_atomic
-from .preprocess import ImageError, eval_transform, load_image
+from ..inputs import InputError, Item, assign_image_ids, dedupe, expand_inputs, parse_shard, shard
+from ..config import PreprocessConfig
+from ..fileio import write_json_atomic
+from ..preprocess import ImageError, eval_transform, load_image
 from .writers import RecordWriter, drop_errors, format_for, in_input_order, read_records, records_path, write_output
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_MODEL, EXIT_ERROR, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 3, 4, 130, 143
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        "captioner caption", add_help=add_help, description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  captioner caption photos/ --out captions.jsonl\n"
-               "  captioner caption 'shots/**/*.png' @more.txt --out gallery.html --beam-size 5 --num-captions 3\n"
-               "  captioner caption --dataset karpathy --annotations dataset_coco.json --images coco/ --split test "
-               "--out results.json\n  torchrun --nproc_per_node=8 -m captioner caption photos/ --out captions.jsonl")
-    p.add_argument("inputs", nargs="*", metavar="INPUT",
-                   help="image files, folders (recursive), glob patterns (quote them; ** recurses), or @list.txt "
-                        "(one path per line, relative to the current directory)")
-    p.add_argument("--out", required=True, help="output file: .jsonl records, .json COCO results, or .html gallery")
-    p.add_argument("--format", choices=["jsonl", "coco", "html"], help="output format (default: from --out's suffix)")
-    p.add_argument("--checkpoint", help="model directory (default: the model shipped with the package)")
-    g = p.add_argument_group("dataset input (instead of INPUT)")
-    g.add_argument("--dataset", choices=["coco", "karpathy"], help="caption a dataset split; records get its image ids")
-    g.add_argument("--annotations", help="COCO captions JSON or Karpathy split JSON")
-    g.add_argument("--images", help="image folder of the dataset")
-    g.add_argument("--split", default="test", help="Karpathy split (for coco, just a label)")
-    g = p.add_argument_group("decoding")
-    g.add_argument("--beam-size", type=int, default=3)
-    g.add_argument("--num-captions", type=int, default=1, help="captions per image (<= beam size, or samples)")
-    g.add_argument("--max-length", type=int, help="longest caption in words (default: the model's)")
-    g.add_argument("--length-penalty", type=float, default=0.0)
-    g.add_argument("--block-trigrams", action="store_true")
-    g.add_argument("--sample", action="store_true", help="sample instead of beam search")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely words (0 = all)")
-    g.add_argument("--seed", type=int, help="random seed for --sample")
-    g = p.add_argument_group("execution")
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--workers", type=int, default=None,
-                   help="loader processes that read and preprocess images while the model runs (0 = in-process; "
-                        "default: the CPU cores per process, at most 8); on a CPU-only run they yield the cores to "
-                        "the model (nice 19; the environment variable CAPTIONER_LOADER_NICE=0..19 overrides)")
-    g.add_argument("--device",
-                   help="cpu, cuda, cuda:1 ... (default: CUDA if available; under torchrun cuda:LOCAL_RANK)")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    g.add_argument("--shard", help="i/n: caption only the i-th of n shards (0-based) into OUT.shard{i}-of-{n}.jsonl; "
-                                   "join them with `captioner merge --out OUT` (automatic under torchrun)")
-    g.add_argument("--retry-errors", action="store_true", help="on resume, redo images that failed before")
-    again = g.add_mutually_exclusive_group()
-    again.add_argument("--restart", action="store_true",
-                       help="start over: discard what an earlier run wrote to --out (by default a rerun resumes it)")
-    again.add_argument("--resume-anyway", action="store_true",
-                       help="resume although the earlier run used other decoding options or another model (by "
-                            "default that is refused: the output would mix two kinds of captions)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
+
+
+def dataset_items(kind: str, annotations: str, images: str, split: str) -> list[Item]:
+    """The images of a dataset split, in annotation-file order, with their dataset image ids
+    (so a COCO results file written from them feeds ``captioner evaluate --results``)."""
+    from training.datasets import read_dataset  # training is only needed for --dataset
+
+    return dedupe([Item(r.path, r.image_id) for r in read_dataset(kind, annotations, images, split)])
 
 
 def _err(msg: str) -> None:
@@ -369,8 +328,8 @@ def _validate(args) -> str | None:
 
 
 def run(args: argparse.Namespace) -> RunResult:
-    from .api import Captioner, default_checkpoint
-    from .checkpoint import CheckpointError
+    from ..api import Captioner, default_checkpoint
+    from ..checkpoint import CheckpointError
 
     def usage(msg: str) -> RunResult:
         _err(f"captioner caption: error: {msg}")

@@ -10,26 +10,15 @@ import argparse
 import json
 import sys
 
-from .checkpoint import CheckpointError
-from .preprocess import ImageError
-from .vqa import VQAInputError, VQAUnavailableError
+from ..checkpoint import CheckpointError
+from ..preprocess import ImageError
+from ..vqa import VQAInputError, VQAUnavailableError
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("captioner ask", add_help=add_help, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("image", help="image file")
-    p.add_argument("--question", "-q", required=True)
-    p.add_argument("--choice", "-c", action="append", default=[], help="a candidate answer; repeat for each")
-    p.add_argument("--checkpoint", help="checkpoint directory with a VQA head (default: the shipped model)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA if available)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    return p
 
 
 def main(args: argparse.Namespace) -> int:
-    from .api import Captioner
+    from ..api import Captioner
 
     try:
         cap = Captioner.from_pretrained(args.checkpoint, device=args.device, precision=args.precision)

@@ -1,0 +1,421 @@
+"""The options of every ``captioner`` command, and nothing else: argparse only, so `captioner CMD --help` never
+imports torch. Each command's description is its implementation module's docstring, read from the source file.
+
+    parsers.train().parse_args([...])     # -> the Namespace training.train.main() takes
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+from pathlib import Path
+
+
+def _doc(module: str) -> str:
+    """A module's docstring without importing it (the implementation modules import torch)."""
+    spec = importlib.util.find_spec(module)
+    return ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8"))) or ""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default only when it has one and its help does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def train(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("captioner train", add_help=add_help, description=_doc("training.train"),
+                                formatter_class=HelpFormatter)
+    p.add_argument("--task", choices=["caption", "vqa", "joint"], default="caption",
+                   help="caption: a caption model (these options); vqa or joint: a VQA head, alone or with captions "
+                        "(see `captioner train --task vqa --help`)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=["karpathy", "coco"], default="karpathy")
+    g.add_argument("--annotations", required=True, help="Karpathy split JSON, or COCO captions_train*.json")
+    g.add_argument("--images", required=True, help="image root (Karpathy) or train image folder (COCO)")
+    g.add_argument("--val-annotations", help="COCO: captions_val*.json (Karpathy: same file as --annotations)")
+    g.add_argument("--val-images", help="COCO: val image folder")
+    g.add_argument("--train-split", default="train")
+    g.add_argument("--val-split", default="val")
+    g.add_argument("--max-train-images", type=int, default=0, help="use only the first N training images (0 = all)")
+    g.add_argument("--max-val-images", type=int, default=0, help="validate on the first N images (0 = all)")
+    g.add_argument("--min-count", type=int, default=5, help="words seen fewer times become <unk>")
+    g.add_argument("--max-length", type=int, default=16, help="longest caption in words")
+    g.add_argument("--captions-per-image", type=int, default=5, help="captions drawn per image per step")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="compact", help="compact, vgg11/13/16/19 (optionally _bn)")
+    g.add_argument("--cell", choices=["rnn", "gru", "lstm"], default="rnn")
+    g.add_argument("--inject", choices=["every", "first"], default="every")
+    g.add_argument("--embed-dim", type=int, default=256)
+    g.add_argument("--hidden-dim", type=int, default=512)
+    g.add_argument("--num-layers", type=int, default=1)
+    g.add_argument("--dropout", type=float, default=0.5)
+    g.add_argument("--encoder-layers", help="custom VGG layer list, e.g. '32,M,64,M,128,M' (overrides --arch's)")
+    g.add_argument("--fc-dims", help="encoder FC widths, e.g. '512' or '4096,4096'; the last is v's size")
+    g.add_argument("--image-size", type=int, help="override the preset's crop size")
+    g.add_argument("--encoder-weights", help="'imagenet' (torchvision weights API), a local .pth state dict, or the encoder.safetensors of captioner distill")
+    g.add_argument("--freeze-encoder", action="store_true", help="train the decoder only (enables the feature cache)")
+    g.add_argument("--finetune-after", type=int, default=-1,
+                   help="with --freeze-encoder: unfreeze the encoder from this epoch on (-1 = never)")
+    g.add_argument("--feature-cache", default=".cache/features", help="where frozen-encoder features are cached")
+    g.add_argument("--feature-views", type=int, default=1, metavar="K",
+                   help="frozen encoder: cache K views of each training image (its centre crop and K-1 random crops "
+                        "and flips, as an unfrozen encoder trains on) and draw one per image per step")
+    g.add_argument("--image-blind", action="store_true", help="baseline: v = 0, the decoder never sees the image")
+    g.add_argument("--init-from", help="start from this saved model directory (its config and vocabulary)")
+    g.add_argument("--fresh-decoder", action="store_true",
+                   help="with --init-from: keep its encoder, vocabulary and VQA head but start a new caption decoder "
+                        "of the same shape from random weights (--seed): a decoder refitted to a final encoder "
+                        "(the default model's), or an ensemble member for `captioner export --add-decoders`")
+    g = p.add_argument_group("self-critical sequence training (needs --init-from or --resume)")
+    g.add_argument("--scst", action="store_true", help="optimise CIDEr-D of sampled captions instead of cross-entropy")
+    g.add_argument("--scst-samples", type=int, default=5, help="captions sampled per image per step")
+    g.add_argument("--scst-baseline", choices=["mean", "greedy"], default="mean",
+                   help="reward baseline: mean of the image's other samples, or its greedy caption")
+    g.add_argument("--scst-bleu-weight", type=float, default=0.0,
+                   help="reward = CIDEr-D + this x sentence BLEU-4 (0 = CIDEr-D alone)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--batch-size", type=int, default=32, help="images per step per process")
+    g.add_argument("--lr", type=float, help="learning rate (default: 2e-3, or 5e-5 with --scst)")
+    g.add_argument("--encoder-lr", type=float, help="encoder learning rate (default: --lr)")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    g.add_argument("--warmup-steps", type=int, default=200)
+    g.add_argument("--grad-clip", type=float, default=5.0, help="max gradient norm (0 = off)")
+    g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="NHWC memory format for the encoder (faster on CPU and GPU)")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("run")
+    g.add_argument("--output", required=True, help="run directory: last/, best/, metrics.jsonl, curves.png")
+    g.add_argument("--resume", action="store_true", help="continue from OUTPUT/last exactly where it stopped")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--eval-beam", type=int, default=3)
+    g.add_argument("--eval-batch-size", type=int, default=64)
+    g.add_argument("--no-java", action="store_true", help="score with Python tokenization, skip METEOR")
+    return p
+
+
+def train_vqa(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("captioner train --task vqa|joint", add_help=add_help,
+                                description=_doc("training.train_vqa"),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=["vqa", "joint"], required=True)
+    g = p.add_argument_group("VQA data")
+    g.add_argument("--vqa-dataset", choices=["easy-vqa", "v7w", "vqa-mc"], default="easy-vqa")
+    g.add_argument("--vqa-annotations", help="v7w: dataset_v7w_telling.json; vqa-mc: train annotations")
+    g.add_argument("--vqa-questions", help="vqa-mc: train MultipleChoice questions JSON")
+    g.add_argument("--vqa-images", help="v7w / vqa-mc: image folder")
+    g.add_argument("--vqa-val-annotations", help="default: --vqa-annotations")
+    g.add_argument("--vqa-val-questions", help="default: --vqa-questions")
+    g.add_argument("--vqa-val-images", help="default: --vqa-images")
+    g.add_argument("--vqa-train-split", default="train")
+    g.add_argument("--vqa-val-split", default="val")
+    g.add_argument("--num-choices", type=int, default=4, help="easy-VQA: most choices per question")
+    g.add_argument("--max-train-questions", type=int, default=0, help="first N training questions (0 = all)")
+    g.add_argument("--max-val-questions", type=int, default=0)
+    g.add_argument("--questions-per-image", type=int, default=8, help="questions drawn per image per step")
+    g.add_argument("--flip", action="store_true", help="random horizontal flips (off: answers may say left/right)")
+    g = p.add_argument_group("caption data (--task joint; as in `captioner train`)")
+    g.add_argument("--dataset", choices=["karpathy", "coco"], default="karpathy")
+    g.add_argument("--annotations", help="Karpathy split JSON, or COCO captions_train*.json")
+    g.add_argument("--images", help="image root (Karpathy) or train image folder (COCO)")
+    g.add_argument("--val-annotations")
+    g.add_argument("--val-images")
+    g.add_argument("--train-split", default="train")
+    g.add_argument("--val-split", default="val")
+    g.add_argument("--max-train-images", type=int, default=0)
+    g.add_argument("--max-val-images", type=int, default=0)
+    g.add_argument("--max-length", type=int, default=16, help="longest caption in words")
+    g.add_argument("--captions-per-image", type=int, default=5)
+    g.add_argument("--min-count", type=int, default=3, help="words (captions, questions, answers) seen fewer "
+                                                            "times become <unk>")
+    g.add_argument("--workers", type=int, default=2)
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="compact", help="compact, vgg11/13/16/19 (optionally _bn)")
+    g.add_argument("--encoder-layers", help="override the conv stack, e.g. 16,M,32,M,64,M,64,M")
+    g.add_argument("--fc-dims", help="override the encoder FC widths, e.g. 128 (v = the last)")
+    g.add_argument("--pool-size", type=int, help="override the pooled grid before the FC head (1 = global "
+                                                 "average; >1 keeps where things are)")
+    g.add_argument("--encoder-dropout", type=float, help="override the preset's dropout after each encoder FC")
+    g.add_argument("--image-size", type=int, help="override the preset's crop size")
+    g.add_argument("--resize", type=int, help="shorter side before cropping (default: 8/7 of --image-size)")
+    g.add_argument("--encoder-weights", help="'imagenet', a local .pth state dict, or the encoder.safetensors of captioner distill")
+    g.add_argument("--freeze-encoder", action="store_true", help="keep the encoder fixed (enables the feature cache)")
+    g.add_argument("--finetune-after", type=int, default=-1)
+    g.add_argument("--feature-cache", default=".cache/features")
+    g.add_argument("--image-blind", action="store_true", help="baseline: v = 0, the model never sees the image")
+    g.add_argument("--init-from", help="continue training this saved model with a VQA head (its config and vocabulary)")
+    g.add_argument("--vqa-cell", choices=["rnn", "gru", "lstm"], default="lstm")
+    g.add_argument("--vqa-embed-dim", type=int, default=128)
+    g.add_argument("--vqa-hidden-dim", type=int, default=256)
+    g.add_argument("--vqa-mlp-dim", type=int, default=512)
+    g.add_argument("--vqa-dropout", type=float, default=0.2)
+    g.add_argument("--max-choices", type=int, default=32)
+    g.add_argument("--cell", choices=["rnn", "gru", "lstm"], default="rnn", help="caption decoder cell")
+    g.add_argument("--inject", choices=["every", "first"], default="every")
+    g.add_argument("--embed-dim", type=int, help="caption decoder (default: 256 joint, 32 vqa: untrained there)")
+    g.add_argument("--hidden-dim", type=int, help="caption decoder (default: 512 joint, 32 vqa)")
+    g.add_argument("--num-layers", type=int, default=1)
+    g.add_argument("--dropout", type=float, default=0.5)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--batch-size", type=int, default=32, help="images per step per process (each task)")
+    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--encoder-lr", type=float)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    g.add_argument("--warmup-steps", type=int, default=200)
+    g.add_argument("--grad-clip", type=float, default=5.0)
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="caption loss only")
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("run")
+    g.add_argument("--output", required=True)
+    g.add_argument("--resume", action="store_true")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--eval-beam", type=int, default=3)
+    g.add_argument("--eval-batch-size", type=int, default=64)
+    g.add_argument("--no-java", action="store_true")
+    return p
+
+
+def distill(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("captioner distill", add_help=add_help, description=_doc("training.distill"),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("images (no labels are used)")
+    g.add_argument("inputs", nargs="*", help="extra image files, folders, globs or @list.txt")
+    g.add_argument("--dataset", choices=["karpathy", "coco"], default="karpathy")
+    g.add_argument("--annotations", help="take the images of this dataset split (with --images)")
+    g.add_argument("--images", help="image root of --annotations")
+    g.add_argument("--split", default="train", help="split of --annotations to learn from")
+    g.add_argument("--val-split", default="val", help="split of --annotations to report teacher agreement on")
+    g.add_argument("--max-val-images", type=int, default=500)
+    g.add_argument("--workers", type=int, default=2)
+    g = p.add_argument_group("student (the caption model's encoder)")
+    g.add_argument("--arch", default="compact", help="compact, vgg11/13/16/19 (optionally _bn)")
+    g.add_argument("--encoder-layers", help="custom VGG layer list, as for captioner train")
+    g.add_argument("--fc-dims", help="encoder FC widths, as for captioner train")
+    g.add_argument("--image-size", type=int, help="student crop size (use the caption model's)")
+    g = p.add_argument_group("teacher")
+    g.add_argument("--teacher", default="efficientnet-lite0", help="the ImageNet network (training.distill.TEACHERS)")
+    g.add_argument("--teacher-size", type=int, default=224, help="crop size the teacher sees")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--feature-weight", type=float, default=1.0, help="weight of the cosine feature loss next to KL")
+    g.add_argument("--mixup", type=float, default=0.0,
+                   help="Beta(a, a) mixup of image pairs (0 = off; pays off only in long schedules)")
+    g.add_argument("--statistics-images", type=int, default=2048,
+                   help="training images that set the mean/std used to standardise the teacher's features")
+    g.add_argument("--min-scale", type=float, default=0.25, help="smallest random-resized-crop area")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=30)
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--warmup-steps", type=int, default=200)
+    g.add_argument("--grad-clip", type=float, default=5.0)
+    g.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="NHWC weights for teacher and student (bench/distill.py: 1.3x per step on a 2-core CPU)")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="run directory: encoder.safetensors, metrics.jsonl, training state")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out")
+    g.add_argument("--init-from", metavar="RUN|MODEL",
+                   help="start the student (and the teacher-feature statistics) from an earlier run's last state, "
+                        "with a fresh optimizer and schedule: a warm restart for a run whose val KL was still falling; "
+                        "or from a saved caption model's encoder (its layout and preprocessing; the student flags are "
+                        "ignored), whose two prediction heads are first fitted to the teacher by least squares")
+    return p
+
+
+def evaluate(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("captioner evaluate", add_help=add_help, description=_doc("training.evaluate"),
+                                formatter_class=HelpFormatter)
+    p.add_argument("--task", choices=["caption", "vqa"], default="caption",
+                   help="caption: COCO caption metrics (these options); vqa: multiple-choice accuracy "
+                        "(see `captioner evaluate --task vqa --help`)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the shipped model)")
+    p.add_argument("--results", help="score this COCO results JSON instead of captioning")
+    p.add_argument("--dataset", choices=["karpathy", "coco"], default="karpathy")
+    p.add_argument("--annotations", required=True)
+    p.add_argument("--images", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--max-images", type=int, default=0)
+    p.add_argument("--beam-size", type=int, default=3)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--length-penalty", type=float, default=0.0)
+    p.add_argument("--block-trigrams", action="store_true")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--out", default="results.json", help="COCO results file to write")
+    p.add_argument("--metrics-out", help="metrics JSON (default: next to --out)")
+    p.add_argument("--no-java", action="store_true", help="Python tokenization, METEOR skipped")
+    return p
+
+
+def evaluate_vqa(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("captioner evaluate --task vqa", add_help=add_help,
+                                description=_doc("training.evaluate_vqa"),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=["vqa"], default="vqa")
+    p.add_argument("--checkpoint", help="checkpoint directory with a VQA head (default: the shipped model)")
+    p.add_argument("--blind-checkpoint", help="a model trained with --image-blind, scored on the same questions")
+    p.add_argument("--dataset", choices=["easy-vqa", "v7w", "vqa-mc"], default="easy-vqa")
+    p.add_argument("--annotations", help="v7w: dataset_v7w_telling.json; vqa-mc: mscoco_*_annotations.json")
+    p.add_argument("--questions", help="vqa-mc: MultipleChoice_mscoco_*_questions.json")
+    p.add_argument("--images", help="image folder (v7w, vqa-mc)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--num-choices", type=int, default=4, help="easy-VQA: most choices per question")
+    p.add_argument("--seed", type=int, default=0, help="easy-VQA: distractor seed")
+    p.add_argument("--max-questions", type=int, default=0, help="score only the first N questions (0 = all)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--out", default="vqa_results.json", help="per-question predictions")
+    p.add_argument("--metrics-out", help="metrics JSON (default: next to --out)")
+    return p
+
+
+def caption(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        "captioner caption", add_help=add_help, description=_doc("captioner.cli.caption"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  captioner caption photos/ --out captions.jsonl\n"
+               "  captioner caption 'shots/**/*.png' @more.txt --out gallery.html --beam-size 5 --num-captions 3\n"
+               "  captioner caption --dataset karpathy --annotations dataset_coco.json --images coco/ --split test "
+               "--out results.json\n  torchrun --nproc_per_node=8 -m captioner caption photos/ --out captions.jsonl")
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="image files, folders (recursive), glob patterns (quote them; ** recurses), or @list.txt "
+                        "(one path per line, relative to the current directory)")
+    p.add_argument("--out", required=True, help="output file: .jsonl records, .json COCO results, or .html gallery")
+    p.add_argument("--format", choices=["jsonl", "coco", "html"], help="output format (default: from --out's suffix)")
+    p.add_argument("--checkpoint", help="model directory (default: the model shipped with the package)")
+    g = p.add_argument_group("dataset input (instead of INPUT)")
+    g.add_argument("--dataset", choices=["coco", "karpathy"], help="caption a dataset split; records get its image ids")
+    g.add_argument("--annotations", help="COCO captions JSON or Karpathy split JSON")
+    g.add_argument("--images", help="image folder of the dataset")
+    g.add_argument("--split", default="test", help="Karpathy split (for coco, just a label)")
+    g = p.add_argument_group("decoding")
+    g.add_argument("--beam-size", type=int, default=3)
+    g.add_argument("--num-captions", type=int, default=1, help="captions per image (<= beam size, or samples)")
+    g.add_argument("--max-length", type=int, help="longest caption in words (default: the model's)")
+    g.add_argument("--length-penalty", type=float, default=0.0)
+    g.add_argument("--block-trigrams", action="store_true")
+    g.add_argument("--sample", action="store_true", help="sample instead of beam search")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely words (0 = all)")
+    g.add_argument("--seed", type=int, help="random seed for --sample")
+    g = p.add_argument_group("execution")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--workers", type=int, default=None,
+                   help="loader processes that read and preprocess images while the model runs (0 = in-process; "
+                        "default: the CPU cores per process, at most 8); on a CPU-only run they yield the cores to "
+                        "the model (nice 19; the environment variable CAPTIONER_LOADER_NICE=0..19 overrides)")
+    g.add_argument("--device",
+                   help="cpu, cuda, cuda:1 ... (default: CUDA if available; under torchrun cuda:LOCAL_RANK)")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    g.add_argument("--shard", help="i/n: caption only the i-th of n shards (0-based) into OUT.shard{i}-of-{n}.jsonl; "
+                                   "join them with `captioner merge --out OUT` (automatic under torchrun)")
+    g.add_argument("--retry-errors", action="store_true", help="on resume, redo images that failed before")
+    again = g.add_mutually_exclusive_group()
+    again.add_argument("--restart", action="store_true",
+                       help="start over: discard what an earlier run wrote to --out (by default a rerun resumes it)")
+    again.add_argument("--resume-anyway", action="store_true",
+                       help="resume although the earlier run used other decoding options or another model (by "
+                            "default that is refused: the output would mix two kinds of captions)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def ask(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("captioner ask", add_help=add_help, description=_doc("captioner.cli.ask"),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("image", help="image file")
+    p.add_argument("--question", "-q", required=True)
+    p.add_argument("--choice", "-c", action="append", default=[], help="a candidate answer; repeat for each")
+    p.add_argument("--checkpoint", help="checkpoint directory with a VQA head (default: the shipped model)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA if available)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def export(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("captioner export", add_help=add_help, description=_doc("captioner.cli.export"),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="trained checkpoint directory (e.g. runs/x/best)")
+    p.add_argument("--out", required=True, help="directory to write (replaced atomically)")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="storage type of float weights")
+    p.add_argument("--name", help="model name recorded in config.json")
+    p.add_argument("--version", help="model version recorded in config.json")
+    p.add_argument("--metrics", action="append", default=[], metavar="JSON",
+                   help="evaluation metrics JSON to merge into metrics.json under 'evaluations' (repeatable)")
+    p.add_argument("--card", help="Markdown model card to ship as README.md (default: the checkpoint's own)")
+    p.add_argument("--add-decoders", nargs="+", default=[], metavar="DIR",
+                   help="ensemble: add the caption decoders of these checkpoints, trained on this one's frozen encoder "
+                        "with its vocabulary (`captioner train --init-from CHECKPOINT --fresh-decoder --freeze-encoder`)")
+    return p
+
+
+def merge(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("captioner merge", add_help=add_help, description=_doc("captioner.cli.merge"))
+    p.add_argument("parts", nargs="*", metavar="PART", help="part files (default: every OUT.shard*-of-N.jsonl)")
+    p.add_argument("--out", required=True, help="final output: .jsonl, .json (COCO results) or .html")
+    p.add_argument("--format", choices=["jsonl", "coco", "html"], help="output format (default: from --out's suffix)")
+    p.add_argument("--workers", type=int, default=4, help="threads making HTML thumbnails")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def serve() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("captioner serve", description=_doc("captioner.cli.serve"),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--checkpoint", default=None, help="checkpoint directory (env CAPTIONER_CHECKPOINT; default: the shipped model)")
+    a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
+    a("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="autocast precision (default fp32)")
+    a("--host", default=None, help="address to bind (default 127.0.0.1; 0.0.0.0 in containers)")
+    a("--port", type=int, default=None, help="port (default 8000; 0 = any free port)")
+    a("--max-batch-size", type=int, default=None, help="most requests per model batch (default 32)")
+    a("--max-delay-ms", type=float, default=None, help="wait at most this long after a batch's first request (default 5)")
+    a("--max-queue", type=int, default=None, help="queued requests beyond this get 503 (default 256)")
+    a("--request-timeout", dest="request_timeout_s", type=float, default=None,
+      help="seconds before a request gets 504 and its work is dropped (default 30)")
+    a("--max-upload-bytes", type=int, default=None, help="largest image upload (default 10 MiB)")
+    a("--max-image-pixels", type=int, default=None, help="largest width x height (default 40,000,000)")
+    a("--max-aspect-ratio", type=float, default=None,
+      help="most elongated image, longer/shorter side (default 100): the resize would blow up thinner ones")
+    a("--client-timeout", dest="client_timeout_s", type=float, default=None,
+      help="seconds a client may take to send its request headers, or pause while sending a body (default 10)")
+    a("--shutdown-timeout", dest="shutdown_timeout_s", type=float, default=None,
+      help="after SIGTERM, cut uploads still arriving after this many seconds; queued requests are still "
+           "answered (default 20)")
+    a("--decode-workers", type=int, default=None, help="threads decoding uploaded images (default 4)")
+    a("--api-key", dest="api_keys", action="append", default=None,
+      help="require this key (Authorization: Bearer or X-API-Key); repeat for several (env: comma-separated)")
+    a("--cors-origin", dest="cors_origins", action="append", default=None,
+      help="allow browser calls from this origin; repeat for several; '*' for any")
+    a("--log-level", choices=["critical", "error", "warning", "info", "debug"], default=None)
+    a("--log-format", choices=["text", "json"], default=None,
+      help="text lines (default) or one JSON object per line, for log shippers")
+    a("--no-access-log", dest="access_log", action="store_false", default=None,
+      help="no log line per request (by default: method, path, status, ms, batch size, request id)")
+    a("--no-warmup", dest="warmup", action="store_false", default=None, help="skip the warm-up batches")
+    a("--no-channels-last", dest="channels_last", action="store_false", default=None,
+      help="keep NCHW convolutions (NHWC is the default: faster on CPU and GPU)")
+    a("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    a("--encode-batch-size", type=int, default=None,
+      help="images per encoder call within a batch (default: 4 on CPU, where small convolution batches stay in "
+           "cache, the whole batch on GPU)")
+    return p
