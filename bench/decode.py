@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from captioner.api import autocast
+from captioner.runtime import autocast
 from captioner.config import ModelConfig, preset
 from captioner.decoder import Decoder
 from captioner.decoding import Hypotheses, beam_search, greedy_search

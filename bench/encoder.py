@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from captioner.api import autocast
+from captioner.runtime import autocast
 from captioner.config import EncoderConfig, preset
 from captioner.encoder import VGGEncoder
 

@@ -1,7 +1,6 @@
 """The Python API: ``Captioner.from_pretrained(path).caption(images)``."""
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ import torch
 from .checkpoint import load_pretrained, read_metrics
 from .model import CaptionModel
 from .preprocess import ImageInput, eval_transform, to_tensor
+from .runtime import autocast, default_device, resolve_precision
 from .tokenizer import Vocabulary
 from .vqa import VQAInputError, VQAUnavailableError, encode_batch
 
@@ -35,39 +35,24 @@ class Answer:
         return {"index": self.index, "answer": self.text, "probs": self.probs}
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def autocast(device: torch.device, precision: str):
-    """Autocast context for 'fp32' (none), 'bf16' or 'fp16'."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if dtype is None:
-        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def default_checkpoint() -> Path:
     return Path(__file__).resolve().parent / "models" / "default"
 
 
 class Captioner:
-    def __init__(self, model: CaptionModel, vocab: Vocabulary, precision: str = "fp32", path: Path | None = None) -> None:
+    def __init__(self, model: CaptionModel, vocab: Vocabulary, precision: str = "auto", path: Path | None = None) -> None:
         self.model = model.eval()
         # NHWC convolutions are 1.4-2.2x faster on CPU (bench/encoder.py) and the usual choice on GPU
         self.model.encoder.to(memory_format=torch.channels_last)
         self.vocab = vocab
         self.cfg = model.cfg
-        autocast(torch.device("cpu"), precision)  # validates precision now rather than at the first call
-        self.precision = precision
+        self.precision = resolve_precision(precision, self.device)  # 'auto' -> what this device runs natively
         self.path = path
         self.transform = eval_transform(self.cfg.preprocess)
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
-                        precision: str = "fp32") -> "Captioner":
+                        precision: str = "auto") -> "Captioner":
         """Load a checkpoint directory (default: the model shipped in the package) on ``device`` (default: CUDA if any)."""
         path = Path(path) if path is not None else default_checkpoint()
         dev = torch.device(device) if device is not None else default_device()

@@ -22,7 +22,8 @@ class Settings(BaseSettings):
     # model
     checkpoint: Path | None = Field(None, description="checkpoint directory (default: the model shipped in the package)")
     device: str | None = Field(None, description="cpu, cuda, cuda:1 ... (default: CUDA when available)")
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 where the CPU/GPU has it natively, fp16 on older GPUs, else fp32")
     warmup: bool = Field(True, description="run batches through the model before /readyz reports ready")
     channels_last: bool = Field(True, description="NHWC convolutions (faster on CPU oneDNN and GPU tensor cores)")
     torch_threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads (default: torch's)")

@@ -93,8 +93,9 @@ class ServiceState:
         self.status = "ready"
         self.metrics.ready.set(1)
         cfg = self.captioner.cfg
-        log.info("ready: %s v%s on %s in %.1f s (max_batch_size=%d, max_delay_ms=%g, vqa=%s)", cfg.name, cfg.version,
-                 self.captioner.device, self.load_seconds, s.max_batch_size, s.max_delay_ms, has_vqa(self.captioner))
+        log.info("ready: %s v%s on %s, precision %s (asked: %s), in %.1f s (max_batch_size=%d, max_delay_ms=%g, "
+                 "vqa=%s)", cfg.name, cfg.version, self.captioner.device, self.captioner.precision, s.precision,
+                 self.load_seconds, s.max_batch_size, s.max_delay_ms, has_vqa(self.captioner))
 
     def _warm_up(self) -> None:
         """Run a batch of one and a full batch of each task once, outside the metrics (own Engine, no callback)."""

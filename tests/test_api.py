@@ -255,4 +255,18 @@ def test_user_facing_messages_and_repr(tiny_checkpoint):
         cap.caption(img, num_captions=5)
     assert len(cap.caption(img, num_captions=5, do_sample=True)) == 5
     r = repr(cap)
-    assert r.startswith("Captioner(") and "tasks=['caption']" in r and "device=cpu" in r and "precision=fp32" in r
+    assert r.startswith("Captioner(") and "tasks=['caption']" in r and "device=cpu" in r and f"precision={cap.precision}" in r
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    from captioner import runtime
+    from captioner.cli import parsers
+
+    assert parsers.PRECISIONS == runtime.PRECISIONS  # one vocabulary for every command
+    monkeypatch.setattr(runtime, "native_bf16", lambda d: True)
+    assert runtime.resolve_precision("auto", "cpu") == "bf16" and runtime.resolve_precision("auto", "cuda") == "bf16"
+    monkeypatch.setattr(runtime, "native_bf16", lambda d: False)
+    assert runtime.resolve_precision("auto", "cpu") == "fp32" and runtime.resolve_precision("auto", "cuda") == "fp16"
+    assert runtime.resolve_precision("off", "cpu") == "fp32" and runtime.resolve_precision("fp16", "cpu") == "fp16"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        runtime.resolve_precision("fp64", "cpu")

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from captioner.api import Captioner, autocast
+from captioner.api import Captioner
+from captioner.runtime import autocast
 from captioner.fileio import write_json_atomic
 from captioner.model import CaptionModel
 from captioner.vqa import VQAUnavailableError

@@ -5,16 +5,15 @@ import math
 
 import torch
 
+from captioner.runtime import DTYPES, resolve_precision
+
 
 def amp_settings(choice: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, use GradScaler)."""
-    if choice == "off":
+    """(autocast dtype or None, use GradScaler) for --amp: the precision names of captioner.runtime ('off' = fp32)."""
+    precision = resolve_precision(choice, device)
+    if precision == "fp32":
         return None, False
-    if choice == "auto":
-        if device.type == "cuda":
-            return (torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True)
-        return (torch.bfloat16, False) if torch.cpu._is_avx512_bf16_supported() else (None, False)
-    dtype = torch.bfloat16 if choice == "bf16" else torch.float16
+    dtype = DTYPES[precision]
     return dtype, dtype == torch.float16 and device.type == "cuda"
 
 

@@ -17,6 +17,11 @@ def _doc(module: str) -> str:
     return ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8"))) or ""
 
 
+# = captioner.runtime.PRECISIONS (a test checks): auto is bf16 where the hardware has it natively, else fp16 on
+# older GPUs, else fp32
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows an option's default only when it has one and its help does not already say it."""
 
@@ -88,7 +93,8 @@ def train(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int, default=200)
     g.add_argument("--grad-clip", type=float, default=5.0, help="max gradient norm (0 = off)")
     g.add_argument("--label-smoothing", type=float, default=0.0)
-    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto")
+    g.add_argument("--amp", choices=[*PRECISIONS, "off"], default="auto",
+                   help="autocast precision (off = fp32)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC memory format for the encoder (faster on CPU and GPU)")
     g.add_argument("--seed", type=int, default=0)
@@ -174,7 +180,8 @@ def train_vqa(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int, default=200)
     g.add_argument("--grad-clip", type=float, default=5.0)
     g.add_argument("--label-smoothing", type=float, default=0.0, help="caption loss only")
-    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto")
+    g.add_argument("--amp", choices=[*PRECISIONS, "off"], default="auto",
+                   help="autocast precision (off = fp32)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("run")
     g.add_argument("--output", required=True)
@@ -220,7 +227,8 @@ def distill(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--warmup-steps", type=int, default=200)
     g.add_argument("--grad-clip", type=float, default=5.0)
-    g.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto")
+    g.add_argument("--amp", choices=[*PRECISIONS, "off"], default="auto",
+                   help="autocast precision (off = fp32)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC weights for teacher and student (bench/distill.py: 1.3x per step on a 2-core CPU)")
     g.add_argument("--device", default="auto")
@@ -256,7 +264,7 @@ def evaluate(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--out", default="results.json", help="COCO results file to write")
     p.add_argument("--metrics-out", help="metrics JSON (default: next to --out)")
     p.add_argument("--no-java", action="store_true", help="Python tokenization, METEOR skipped")
@@ -281,7 +289,7 @@ def evaluate_vqa(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--out", default="vqa_results.json", help="per-question predictions")
     p.add_argument("--metrics-out", help="metrics JSON (default: next to --out)")
     return p
@@ -324,7 +332,7 @@ def caption(add_help: bool = True) -> argparse.ArgumentParser:
                         "the model (nice 19; the environment variable CAPTIONER_LOADER_NICE=0..19 overrides)")
     g.add_argument("--device",
                    help="cpu, cuda, cuda:1 ... (default: CUDA if available; under torchrun cuda:LOCAL_RANK)")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    g.add_argument("--precision", choices=PRECISIONS, default="auto")
     g.add_argument("--shard", help="i/n: caption only the i-th of n shards (0-based) into OUT.shard{i}-of-{n}.jsonl; "
                                    "join them with `captioner merge --out OUT` (automatic under torchrun)")
     g.add_argument("--retry-errors", action="store_true", help="on resume, redo images that failed before")
@@ -346,7 +354,7 @@ def ask(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--choice", "-c", action="append", default=[], help="a candidate answer; repeat for each")
     p.add_argument("--checkpoint", help="checkpoint directory with a VQA head (default: the shipped model)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA if available)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -384,7 +392,8 @@ def serve() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--checkpoint", default=None, help="checkpoint directory (env CAPTIONER_CHECKPOINT; default: the shipped model)")
     a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
-    a("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="autocast precision (default fp32)")
+    a("--precision", choices=PRECISIONS, default=None,
+      help="autocast precision (default auto: bf16 where the hardware has it natively, fp16 on older GPUs, else fp32)")
     a("--host", default=None, help="address to bind (default 127.0.0.1; 0.0.0.0 in containers)")
     a("--port", type=int, default=None, help="port (default 8000; 0 = any free port)")
     a("--max-batch-size", type=int, default=None, help="most requests per model batch (default 32)")

@@ -41,7 +41,8 @@ def describe(svc) -> dict:
         "max_length": cfg.max_length,
         "metrics": cap.metrics,  # the model card's numbers (metrics.json), None when the checkpoint has none
         "device": str(cap.device),
-        "precision": cap.precision,
+        "precision": cap.precision,  # what runs: 'auto' resolved for this device
+        "precision_setting": svc.settings.precision,
         "limits": {"beam_size": MAX_BEAM, "max_length": MAX_LENGTH,
                    "choices": min(MAX_CHOICES, getattr(vqa_cfg, "max_choices", MAX_CHOICES)),
                    "max_upload_bytes": svc.settings.max_upload_bytes,

@@ -1,0 +1,63 @@
+"""Where and how a model runs, decided in one place for every command: the device, and the precision.
+
+Precisions, the same names everywhere (API, `captioner caption/evaluate/serve --precision`, training's --amp):
+    auto   bf16 where the hardware has native bf16 (CPUs with AVX-512 BF16 or AMX, GPUs from Ampere on), fp16 on
+           older GPUs, fp32 otherwise
+    fp32   no autocast;   bf16 / fp16   autocast to that type
+Softmax, log-probabilities and beam scores are computed in fp32 under any of them (captioner.decoding).
+"""
+from __future__ import annotations
+
+import contextlib
+import platform
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix work runs natively (not emulated, which is several times slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(cpu, probe, None)
+        if fn is not None and fn():
+            return True
+    if platform.machine() in ("aarch64", "arm64"):  # Arm: the bf16 extension (Graviton 3, Neoverse V1 and later)
+        try:
+            return " bf16" in open("/proc/cpuinfo").read()
+        except OSError:
+            return False
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """'auto' (or training's 'off' = fp32) -> the concrete precision for ``device``: 'fp32', 'bf16' or 'fp16'."""
+    device = torch.device(device)
+    if precision == "off":
+        return "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if native_bf16(device):
+        return "bf16"
+    return "fp16" if device.type == "cuda" else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast context for a concrete precision ('fp32': none)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision not in DTYPES:
+        raise ValueError(f"precision must be fp32, bf16 or fp16 here (resolve 'auto' first), got {precision!r}")
+    return torch.autocast(device.type, dtype=DTYPES[precision])
