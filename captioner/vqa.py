@@ -22,7 +22,14 @@ from .tokenizer import PAD_ID, UNK_ID, Vocabulary, tokenize
 
 
 class VQAInputError(ValueError):
-    """A question or set of choices the model cannot answer; the message says what is wrong."""
+    """A question or set of choices the model cannot answer; the message says what is wrong, ``field`` ('question'
+    or 'choices') and ``index`` (the choice, 0-based, or None) where, ``kind`` what (missing, string_type,
+    string_too_short, string_too_long, list_type, too_short, too_long, duplicate) for APIs that report fields."""
+
+    def __init__(self, message: str, field: str | None = None, index: int | None = None,
+                 kind: str = "value_error") -> None:
+        super().__init__(message)
+        self.field, self.index, self.kind = field, index, kind
 
 
 class VQAUnavailableError(RuntimeError):
@@ -105,40 +112,51 @@ class VQAHead(nn.Module):
 
 # ----------------------------------------------------------------------------- input checks and encoding
 
-def _clean(text: object, what: str, cfg: VQAConfig) -> str:
+def _clean(text: object, what: str, max_chars: int, field: str, index: int | None = None) -> str:
     if not isinstance(text, str):
-        raise VQAInputError(f"{what} must be a string, got {type(text).__name__}")
-    if len(text) > cfg.max_chars:
-        raise VQAInputError(f"{what} is {len(text)} characters long; the limit is {cfg.max_chars}")
+        raise VQAInputError(f"{what} must be a string, got {type(text).__name__}", field, index, "string_type")
+    if len(text) > max_chars:
+        raise VQAInputError(f"{what} is {len(text)} characters long; the limit is {max_chars}", field, index,
+                            "string_too_long")
     text = " ".join(text.split())
     if not text:
-        raise VQAInputError(f"{what} is empty")
+        raise VQAInputError(f"{what} is empty: it must contain at least one word", field, index, "string_too_short")
     if not tokenize(text):
-        raise VQAInputError(f"{what} {text!r} has no words (only punctuation)")
+        raise VQAInputError(f"{what} {text!r} has no words (only punctuation): it must contain at least one word",
+                            field, index, "string_too_short")
     return text
 
 
-def check_question(question: object, cfg: VQAConfig) -> str:
-    """The question with whitespace collapsed; raises VQAInputError when it is unusable."""
-    return _clean(question, "question", cfg)
+def check_question(question: object, cfg: VQAConfig, max_chars: int | None = None) -> str:
+    """The question with whitespace collapsed; raises VQAInputError when it is unusable. ``max_chars``: a
+    stricter limit than the model's (an API's own)."""
+    if question is None:
+        raise VQAInputError("question must be a string (it is required), got None", "question", None, "missing")
+    return _clean(question, "question", min(cfg.max_chars, max_chars or cfg.max_chars), "question")
 
 
-def check_choices(choices: object, cfg: VQAConfig) -> list[str]:
+def check_choices(choices: object, cfg: VQAConfig, max_chars: int | None = None,
+                  max_choices: int | None = None) -> list[str]:
     """The choices with whitespace collapsed; 2..max_choices non-empty choices, distinct after tokenization
-    ("Red." and "red" are the same answer), else VQAInputError."""
+    ("Red." and "red" are the same answer), else VQAInputError. The limits: the model's, or stricter ones given."""
+    limit = min(cfg.max_choices, max_choices or cfg.max_choices)
+    chars = min(cfg.max_chars, max_chars or cfg.max_chars)
+    if choices is None:
+        raise VQAInputError("choices must be a list of strings (they are required: 2 or more answers to choose "
+                            "from), got None", "choices", None, "missing")
     if isinstance(choices, str) or not isinstance(choices, Sequence):
-        raise VQAInputError("choices must be a list of strings")
+        raise VQAInputError("choices must be a list of strings", "choices", None, "list_type")
     if len(choices) < 2:
-        raise VQAInputError(f"need at least 2 choices, got {len(choices)}")
-    if len(choices) > cfg.max_choices:
-        raise VQAInputError(f"at most {cfg.max_choices} choices are allowed, got {len(choices)}")
+        raise VQAInputError(f"need at least 2 choices, got {len(choices)}", "choices", None, "too_short")
+    if len(choices) > limit:
+        raise VQAInputError(f"at most {limit} choices are allowed, got {len(choices)}", "choices", None, "too_long")
     out, seen = [], {}
     for i, c in enumerate(choices):
-        c = _clean(c, f"choice {i + 1}", cfg)
+        c = _clean(c, f"choice {i + 1}", chars, "choices", i)
         key = " ".join(tokenize(c))
         if key in seen:
             raise VQAInputError(f"choices {seen[key] + 1} and {i + 1} are the same answer "
-                                f"({out[seen[key]]!r} and {c!r})")
+                                f"({out[seen[key]]!r} and {c!r})", "choices", i, "duplicate")
         seen[key] = i
         out.append(c)
     return out

@@ -46,6 +46,36 @@ class CaptionParams(BaseModel):
         return v
 
 
+def _json_types(prop: dict) -> set[str]:
+    return {k["type"] for k in prop.get("anyOf", [prop]) if "type" in k}
+
+
+_JSON_TYPES = {k: _json_types(v) for k, v in CaptionParams.model_json_schema()["properties"].items()}
+
+
+def check_json_types(fields: dict) -> None:
+    """JSON values come typed and must have the schema's JSON types: "3" is not an integer and 1 is not a boolean
+    (pydantic's lax mode would take both), while 3.0 is an integer, as JSON Schema says."""
+    errors: list[dict] = []
+    for k, v in fields.items():
+        kinds = _JSON_TYPES.get(k)
+        if kinds is None or v is None:
+            continue  # unknown fields and nulls: the model's own validation answers
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if "boolean" in kinds:
+            ok, want = isinstance(v, bool), "boolean"
+        elif "integer" in kinds:  # (not float(v): a 400-digit int overflows it; the range check comes next)
+            ok, want = number and (isinstance(v, int) or v.is_integer()), "integer"
+        else:
+            ok, want = number, "number"
+        if not ok:
+            errors.append({"loc": ["body", k], "msg": f"must be a JSON {want}", "type": f"{want}_type"})
+    if errors:
+        from .errors import InputError
+
+        raise InputError(422, (), "; ".join(f"{e['loc'][1]}: {e['msg']}" for e in errors), errors=errors)
+
+
 class CaptionOut(BaseModel):
     caption: str
     log_prob: float | None = Field(description="sum of token log-probabilities, <eos> included")

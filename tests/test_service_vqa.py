@@ -14,7 +14,7 @@ from _service_util import jpeg_bytes, tiny_vqa_checkpoint, wait_ready  # noqa: E
 from captioner.api import Captioner  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.engine import CaptionJob, Engine, GenParams, VQAJob  # noqa: E402
-from service.routers.vqa import validate_vqa  # noqa: E402
+from service.deps import validate_vqa  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 needs_vqa = pytest.mark.skipif(not hasattr(Captioner, "answer_batch"),
@@ -56,7 +56,7 @@ def ask(c, question="what is on the grass", choices=CHOICES, data=JPG):
     ("what", [f"answer {i}" for i in range(33)], ["choices"], "at most 32"),
     ("what", ["a dog", ""], ["choices", 1], "word"),
     ("what", ["a dog", 3], ["choices", 1], "string"),
-    ("what", ["Red.", "blue", "red"], ["choices", 2], "'red' duplicates choice 0 ('Red.')"),
+    ("what", ["Red.", "blue", "red"], ["choices", 2], "choices 1 and 3 are the same answer ('Red.' and 'red')"),
     ("what", ["a dog", "y" * 201], ["choices", 1], "limit"),
 ])
 def test_validate_vqa_names_the_field(question, choices, loc, word):
