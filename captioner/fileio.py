@@ -18,16 +18,17 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
-def write_text_atomic(path: str | os.PathLike, fill: Callable[[IO[str]], None]) -> None:
-    """Write a text file so readers never see a partial one: ``fill(f)`` writes a temp file in the same
-    directory, which is fsynced and renamed over ``path``."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Write a file so readers never see a partial one: ``write(tmp)`` writes a temp file in the same directory
+    (torch.save, safetensors' save_file, ...), which is fsynced and renamed over ``path``. The one atomic write
+    for every file the project writes (checkpoint directories are swapped in whole by checkpoint.py)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            fill(f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         # mkstemp creates 0600; keep an existing file's mode, else the usual 0644
         os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o644)
@@ -38,6 +39,14 @@ def write_text_atomic(path: str | os.PathLike, fill: Callable[[IO[str]], None]) 
         except FileNotFoundError:
             pass
         raise
+
+
+def write_text_atomic(path: str | os.PathLike, fill: Callable[[IO[str]], None]) -> None:
+    """A text file written atomically: ``fill(f)`` writes to an open text file."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            fill(f)
+    atomic_write(path, write)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = None) -> None:

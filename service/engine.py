@@ -63,12 +63,6 @@ class VQAJob:
     choices: list[str]
 
 
-def use_channels_last(captioner: Captioner) -> None:
-    """Store the encoder's conv weights NHWC: oneDNN (CPU) and cuDNN (tensor cores) run convolutions faster in
-    that layout; results match NCHW to float rounding."""
-    captioner.model.encoder.to(memory_format=torch.channels_last)
-
-
 def default_encode_batch_size(device: torch.device) -> int | None:
     # CPU: a VGG-style encoder on a few images at a time keeps its activations in cache and ran 1.5x faster per
     # image at 4 than at 32 (bench/serve.py notes); GPUs want the whole batch
@@ -76,11 +70,9 @@ def default_encode_batch_size(device: torch.device) -> int | None:
 
 
 class Engine:
-    def __init__(self, captioner: Captioner, on_images=None, channels_last: bool = False,
-                 encode_batch_size: int | None = None) -> None:
+    def __init__(self, captioner: Captioner, on_images=None, encode_batch_size: int | None = None) -> None:
         self.captioner = captioner
         self.on_images = on_images  # callback(task, n) for the images-processed counter
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.encode_batch_size = encode_batch_size  # None: the whole batch in one encoder call
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +83,7 @@ class Engine:
         return torch.cat([self.captioner.encode(x[i:i + n]) for i in range(0, len(x), n)])
 
     def __call__(self, jobs: list[CaptionJob | VQAJob]) -> list:
-        x = torch.stack([j.pixels for j in jobs]).contiguous(memory_format=self.memory_format)  # (B, 3, S, S)
+        x = torch.stack([j.pixels for j in jobs]).contiguous(memory_format=self.captioner.memory_format)  # (B,3,S,S)
         v = self.encode(x)  # (B, D): every image encoded once, shared by captions and VQA
         out: list = [None] * len(jobs)
 

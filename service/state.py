@@ -17,8 +17,7 @@ import torch
 from captioner.api import Captioner, default_checkpoint
 
 from .batcher import DynamicBatcher
-from .engine import (CaptionJob, Engine, GenParams, VQAJob, default_encode_batch_size, has_vqa,
-                     use_channels_last)
+from .engine import CaptionJob, Engine, GenParams, VQAJob, default_encode_batch_size, has_vqa
 from .metrics import Metrics
 from .settings import Settings
 
@@ -66,13 +65,12 @@ class ServiceState:
             if self.captioner is None:
                 self.status = "loading"
                 log.info("loading %s on %s (%s)", self.checkpoint, s.device or "auto", s.precision)
-                self.captioner = await asyncio.to_thread(Captioner.from_pretrained, self.checkpoint, s.device, s.precision)
+                self.captioner = await asyncio.to_thread(Captioner.from_pretrained, self.checkpoint, s.device,
+                                                         s.precision, s.channels_last)
             if s.torch_threads:
                 torch.set_num_threads(s.torch_threads)
-            if s.channels_last:
-                use_channels_last(self.captioner)
             self.engine = Engine(self.captioner, on_images=lambda task, n: self.metrics.images.labels(task).inc(n),
-                                 channels_last=s.channels_last, encode_batch_size=self.encode_batch_size)
+                                 encode_batch_size=self.encode_batch_size)
             self.batcher = DynamicBatcher(self.engine, s.max_batch_size, s.max_delay_ms, s.max_queue,
                                           s.request_timeout_s, on_batch=self.metrics.on_batch, name="model",
                                           idle_start=True)
@@ -101,7 +99,7 @@ class ServiceState:
         """Run a batch of one and a full batch of each task once, outside the metrics (own Engine, no callback)."""
         cap = self.captioner
         size = cap.cfg.preprocess.image_size
-        engine = Engine(cap, channels_last=self.settings.channels_last, encode_batch_size=self.encode_batch_size)
+        engine = Engine(cap, encode_batch_size=self.encode_batch_size)
         x = torch.zeros(3, size, size)
         for n in sorted({1, self.settings.max_batch_size}):
             jobs: list = [CaptionJob(x, GenParams()) for _ in range(n)]

@@ -329,17 +329,19 @@ def test_shutdown_answers_accepted_requests_and_refuses_new_ones(tiny_checkpoint
 def test_engine_micro_batched_nhwc_encoder_matches_the_plain_path(tiny_checkpoint):
     import torch
 
-    from service.engine import CaptionJob, Engine, GenParams, use_channels_last
+    from service.engine import CaptionJob, Engine, GenParams
 
     size = 32
     jobs = [CaptionJob(torch.randn(3, size, size, generator=torch.Generator().manual_seed(i)), GenParams(beam_size=2))
             for i in range(5)]
-    plain = Engine(Captioner.from_pretrained(tiny_checkpoint, "cpu"))(jobs)
-    cap = Captioner.from_pretrained(tiny_checkpoint, "cpu")
-    use_channels_last(cap)
+    nchw = Captioner.from_pretrained(tiny_checkpoint, "cpu", "fp32", channels_last=False)
+    assert nchw.model.encoder.features[0].weight.is_contiguous()  # --no-channels-last really is NCHW
+    plain = Engine(nchw)(jobs)
+    cap = Captioner.from_pretrained(tiny_checkpoint, "cpu", "fp32")
+    assert cap.model.encoder.features[0].weight.is_contiguous(memory_format=torch.channels_last)
     sizes, encode = [], cap.encode
     cap.encode = lambda x: (sizes.append(len(x)), encode(x))[1]
-    fast = Engine(cap, channels_last=True, encode_batch_size=2)(jobs)
+    fast = Engine(cap, encode_batch_size=2)(jobs)
     assert sizes == [2, 2, 1]  # every image encoded exactly once, in micro-batches
     assert [[c.text for c in caps] for caps in fast] == [[c.text for c in caps] for caps in plain]
     assert [c[0].log_prob for c in fast] == pytest.approx([c[0].log_prob for c in plain], abs=1e-4)

@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from tqdm import tqdm
 from captioner.checkpoint import load_pretrained, load_training_state
 from captioner.config import ModelConfig, override_encoder, preset
 from captioner.encoder import VGGEncoder
+from captioner.fileio import atomic_write
 from captioner.inputs import expand_inputs
 from captioner.preprocess import ImageError, load_image
 
@@ -265,10 +265,8 @@ def evaluate(student, teacher, loader, device, amp_dtype, norm, temperature: flo
 
 def save_encoder(encoder: VGGEncoder, path: Path, meta: dict) -> None:
     """The encoder's state dict as safetensors (what ``--encoder-weights`` loads), written atomically."""
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in encoder.state_dict().items()}, str(tmp),
-              metadata={k: json.dumps(v) for k, v in meta.items()})
-    os.replace(tmp, path)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={k: json.dumps(v) for k, v in meta.items()}))
 
 
 def encoder_layout(path: Path) -> tuple[ModelConfig, VGGEncoder]:
@@ -283,11 +281,10 @@ def encoder_layout(path: Path) -> tuple[ModelConfig, VGGEncoder]:
 
 
 def save_state(path: Path, student, optimizer, scheduler, scaler, epoch: int, best: float) -> None:
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"student": student.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "best": best,
-                "rng": torch.get_rng_state()}, tmp)
-    os.replace(tmp, path)
+    state = {"student": student.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "best": best,
+             "rng": torch.get_rng_state()}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def main(args: argparse.Namespace):

@@ -6,18 +6,15 @@ import os
 import torch
 import torch.distributed as dist
 
+from captioner.runtime import resolve_device
+
 
 def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
     """Return (rank, world_size, device); joins the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None or device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local if world > 1 else (dev.index or 0))
-        torch.cuda.set_device(dev)
+    dev = resolve_device(device, local if world > 1 else None)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
     return rank, world, dev

@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from captioner.fileio import atomic_write
 from captioner.model import CaptionModel
 from captioner.preprocess import train_transform
 
@@ -83,10 +83,7 @@ def _cached_view(model, records, cache_dir, device, amp_dtype, batch_size, worke
             log.info("computing features for %d images%s -> %s", len(records),
                      f" (augmented view {view})" if view else "", path)
             feats, ok = compute_features(model, records, device, amp_dtype, batch_size, workers, view)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            save_file({"features": feats, "ok": ok}, str(tmp))
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: save_file({"features": feats, "ok": ok}, tmp))
         barrier()
     else:
         log.info("using cached features %s", path)

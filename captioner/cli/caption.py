@@ -29,6 +29,7 @@ from ..inputs import InputError, Item, assign_image_ids, dedupe, expand_inputs, 
 from ..config import PreprocessConfig
 from ..fileio import write_json_atomic
 from ..preprocess import ImageError, eval_transform, load_image
+from ..runtime import resolve_device
 from .writers import RecordWriter, drop_errors, format_for, in_input_order, read_records, records_path, write_output
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_MODEL, EXIT_ERROR, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 3, 4, 130, 143
@@ -271,19 +272,6 @@ def caption_items(cap, todo: Sequence[tuple[int, Item]], out_path: str, gen: dic
     return s
 
 
-def _resolve_device(arg: str | None, world: int, local_rank: int) -> torch.device:
-    if arg in (None, "auto"):
-        arg = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(arg)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {arg}: CUDA is not available on this machine")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
-        torch.cuda.set_device(dev)
-    return dev
-
-
 def _init_group(world: int, rank: int) -> bool:
     """Join torchrun's process group (gloo: it only carries the end-of-run status) so rank 0 can merge the parts."""
     import torch.distributed as dist
@@ -354,7 +342,7 @@ def run(args: argparse.Namespace) -> RunResult:
             return usage("--shard cannot be combined with torchrun (each rank already takes its own shard)")
         my_shard = (rank, world)
     try:
-        device = _resolve_device(args.device, world, local_rank)
+        device = resolve_device(args.device, local_rank if world > 1 else None)
     except (ValueError, RuntimeError) as e:
         return usage(str(e))
 
