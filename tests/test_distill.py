@@ -144,7 +144,7 @@ def test_init_from_a_caption_model_fits_the_heads_to_its_encoder(tiny_karpathy, 
 
     teacher = TinyTeacher()
     _, val_paths = distill.image_paths(args)
-    loader = DataLoader(distill.CropDataset(val_paths, 32, train=False), 4, collate_fn=distill.collate)
+    loader = DataLoader(distill.crop_dataset(val_paths, 32, train=False), 4, collate_fn=distill.collate_images)
     norm = (torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
     cpu = torch.device("cpu")
     fitted = distill.evaluate(student, teacher, loader, cpu, None, norm, 1.0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.cli.caption import ImageFiles
+from captioner.data import ImageDataset
 from captioner.config import PreprocessConfig
 from captioner.preprocess import ImageError, eval_transform, load_image, to_tensor
 from service.images import load_upload
@@ -64,7 +64,7 @@ def test_every_path_into_the_model_sees_the_same_pixels(jpeg):
         "api bytes": to_tensor(data, CFG),
         "service": load_upload(data, CFG, tf, max_bytes=10**7, max_pixels=10**7),
         "training": CaptionDataset([ImageRecord(image_id=1, path=str(jpeg), captions=[])], CFG)[0]["image"],
-        "cli": ImageFiles([str(jpeg)], CFG)[0][1],
+        "cli": ImageDataset([str(jpeg)], tf, CFG.resize, warn=False)[0]["image"],  # as captioner.cli.caption builds it
     }
     for name, x in others.items():
         assert torch.equal(ref, x), name

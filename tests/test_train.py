@@ -174,7 +174,7 @@ def test_image_blind_baseline_never_reads_images(tiny_karpathy, tmp_path, monkey
     def fail(*a, **k):
         raise AssertionError("image-blind training opened an image")
 
-    monkeypatch.setattr("training.datasets.load_image", fail)
+    monkeypatch.setattr("captioner.data.load_image", fail)  # the one image dataset's reader
     train_mod.main(_args(ann, root, tmp_path / "blind", "--epochs", "1", "--image-blind"))
 
 

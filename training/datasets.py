@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
 from captioner.config import PreprocessConfig
-from captioner.preprocess import ImageError, eval_transform, load_image, train_transform
+from captioner.data import ImageDataset, collate  # noqa: F401  (collate: the training loaders' too)
+from captioner.preprocess import eval_transform, train_transform
 from captioner.tokenizer import BOS_ID, EOS_ID, PAD_ID, Vocabulary
 
 logger = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def read_dataset(kind: str, annotations: str | Path, images: str | Path, split: 
     raise DatasetError(f"unknown dataset kind {kind!r}; choose 'coco' or 'karpathy'")
 
 
-class CaptionDataset(Dataset):
+class CaptionDataset(ImageDataset):
     """One item per image: {"index", "image" (3,S,S) float, "ok"} (+ "error" when the image is unreadable).
 
     Give ``preprocess`` (the checkpoint's PreprocessConfig), or just ``image_size`` (resize = 8/7 of it,
@@ -159,34 +159,9 @@ class CaptionDataset(Dataset):
             preprocess = PreprocessConfig(image_size=size, resize=round(size * 8 / 7))
         self.records = list(records)
         self.image_size, self.resize = preprocess.image_size, preprocess.resize
-        self.transform = transform or (train_transform if train else eval_transform)(preprocess)
-        self._warned: set[int] = set()  # per process: each DataLoader worker warns on its own
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        try:
-            return {"index": i, "image": self.transform(load_image(self.records[i].path, min_side=self.resize)), "ok": True}
-        except (ImageError, OSError) as e:
-            msg = str(e) if isinstance(e, ImageError) else f"{self.records[i].path}: {e}"
-            if i not in self._warned:
-                self._warned.add(i)
-                logger.warning("skipping image %d: %s", i, msg)
-            s = self.image_size
-            return {"index": i, "image": torch.zeros(3, s, s), "ok": False, "error": msg}
-
-
-def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack the readable images of a batch; unreadable ones are dropped and listed in "errors"."""
-    good = [it for it in items if it["ok"]]
-    errors = [(it["index"], it["error"]) for it in items if not it["ok"]]
-    if good:
-        images = torch.stack([it["image"] for it in good])
-    else:
-        images = torch.empty((0, *items[0]["image"].shape) if items else (0, 3, 0, 0))
-    return {"indices": torch.tensor([it["index"] for it in good], dtype=torch.long), "images": images,
-            "errors": errors}
+        super().__init__([r.path for r in self.records],
+                         transform or (train_transform if train else eval_transform)(preprocess), preprocess.resize,
+                         placeholder=torch.zeros(3, preprocess.image_size, preprocess.image_size))
 
 
 def encode_captions(records: Sequence[ImageRecord], vocab: Vocabulary, max_length: int) -> list[list[torch.Tensor]]:

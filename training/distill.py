@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from torchvision import transforms as T
 from tqdm import tqdm
 
@@ -35,8 +35,8 @@ from captioner.checkpoint import load_pretrained, load_training_state
 from captioner.config import ModelConfig, override_encoder, preset
 from captioner.encoder import VGGEncoder
 from captioner.fileio import atomic_write
+from captioner.data import ImageDataset, collate
 from captioner.inputs import expand_inputs
-from captioner.preprocess import ImageError, load_image
 
 from .datasets import read_dataset
 from .distributed import average_buffers, barrier, cleanup, init_distributed, is_main
@@ -83,30 +83,16 @@ TEACHERS = {"efficientnet-lite0": EfficientNetLite0}
 
 # ------------------------------------------------------------------------------------------------------------- data
 
-class CropDataset(Dataset):
+def crop_dataset(paths: list[str], size: int, train: bool, min_scale: float = 0.25) -> ImageDataset:
     """uint8 crops (3, T, T) of image files: random-resized + flipped for training, centre crops for evaluation."""
-
-    def __init__(self, paths: list[str], size: int, train: bool, min_scale: float = 0.25) -> None:
-        self.paths, self.size = paths, size
-        self.transform = T.Compose([T.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True),
-                                    T.RandomHorizontalFlip()] if train else
-                                   [T.Resize(size, antialias=True), T.CenterCrop(size)])
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            im = load_image(self.paths[i], min_side=self.size)
-        except (ImageError, OSError) as e:
-            log.warning("skipping %s", e)
-            return None
-        return T.functional.pil_to_tensor(self.transform(im))
+    crop = ([T.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True), T.RandomHorizontalFlip()] if train
+            else [T.Resize(size, antialias=True), T.CenterCrop(size)])
+    return ImageDataset(paths, T.Compose([*crop, T.PILToTensor()]), size, placeholder=torch.empty(0, dtype=torch.uint8))
 
 
-def collate(items) -> torch.Tensor:
-    good = [x for x in items if x is not None]
-    return torch.stack(good) if good else torch.empty(0, 3, 1, 1, dtype=torch.uint8)
+def collate_images(items) -> torch.Tensor:
+    """The readable crops of a batch (uint8, (b, 3, T, T)); the dataset logged the others."""
+    return collate(items)["images"]
 
 
 def image_paths(args) -> tuple[list[str], list[str]]:
@@ -325,12 +311,12 @@ def main(args: argparse.Namespace):
             torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
     student_ddp = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
 
-    train_ds = CropDataset(train_paths, args.teacher_size, train=True, min_scale=args.min_scale)
+    train_ds = crop_dataset(train_paths, args.teacher_size, train=True, min_scale=args.min_scale)
     sampler = DistributedSampler(train_ds, world, rank, seed=args.seed) if world > 1 else RandomSampler(train_ds)
-    loader = DataLoader(train_ds, args.batch_size, sampler=sampler, num_workers=args.workers, collate_fn=collate,
-                        drop_last=True, persistent_workers=args.workers > 0, pin_memory=device.type == "cuda")
-    val_loader = DataLoader(CropDataset(val_paths, args.teacher_size, train=False), args.batch_size,
-                            num_workers=args.workers, collate_fn=collate) if val_paths else None
+    loader = DataLoader(train_ds, args.batch_size, sampler=sampler, num_workers=args.workers,
+                        collate_fn=collate_images, drop_last=True, persistent_workers=args.workers > 0, pin_memory=device.type == "cuda")
+    val_loader = DataLoader(crop_dataset(val_paths, args.teacher_size, train=False), args.batch_size,
+                            num_workers=args.workers, collate_fn=collate_images) if val_paths else None
 
     decay = [p for n_, p in student.named_parameters() if p.dim() > 1]
     no_decay = [p for n_, p in student.named_parameters() if p.dim() <= 1]
@@ -348,8 +334,9 @@ def main(args: argparse.Namespace):
         if init_model and is_main():
             log.info("student encoder from the model %s (%s, %d px); fitting its heads to the teacher",
                      args.init_from, cfg.encoder.arch, cfg.preprocess.image_size)
-        teacher_statistics(student, teacher, DataLoader(CropDataset(train_paths, args.teacher_size, train=False),
-                                                        args.batch_size, num_workers=args.workers, collate_fn=collate),
+        stats_loader = DataLoader(crop_dataset(train_paths, args.teacher_size, train=False), args.batch_size,
+                                  num_workers=args.workers, collate_fn=collate_images)
+        teacher_statistics(student, teacher, stats_loader,
                            device, norm, args.statistics_images, fit_heads=init_model)
     if args.resume:
         st = load_training_state(out / STATE)

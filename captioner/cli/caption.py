@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from ..inputs import InputError, Item, assign_image_ids, dedupe, expand_inputs, parse_shard, shard
-from ..config import PreprocessConfig
 from ..fileio import write_json_atomic
-from ..preprocess import ImageError, eval_transform, load_image
+from ..data import ImageDataset, collate
+from ..preprocess import eval_transform
 from ..runtime import resolve_device
 from .writers import RecordWriter, drop_errors, format_for, in_input_order, read_records, records_path, write_output
 
@@ -50,33 +50,6 @@ def _err(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- loading
-
-
-class ImageFiles(Dataset):
-    """Reads and preprocesses one image per item in the loader workers; never raises: a file that cannot be
-    read comes back as its error message, so one bad file cannot stop a run of millions."""
-
-    def __init__(self, paths: Sequence[str], preprocess: PreprocessConfig) -> None:
-        self.paths = list(paths)
-        self.transform, self.min_side = eval_transform(preprocess), preprocess.resize
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
-        try:
-            return i, self.transform(load_image(self.paths[i], min_side=self.min_side)), None
-        except ImageError as e:
-            return i, None, str(e)
-        except Exception as e:  # noqa: BLE001 - anything else a strange file triggers in PIL or the transform
-            return i, None, f"{self.paths[i]}: {type(e).__name__}: {e}"
-
-
-def collate(items: Sequence[tuple[int, torch.Tensor | None, str | None]]) -> dict[str, Any]:
-    """-> {"pos": [i...] of the readable images, "images": (b, 3, S, S), "errors": [(i, message)...]}."""
-    good = [(i, x) for i, x, e in items if e is None]
-    images = torch.stack([x for _, x in good]) if good else torch.empty(0)
-    return {"pos": [i for i, _ in good], "images": images, "errors": [(i, e) for i, _, e in items if e is not None]}
 
 
 def _worker_init(nice: int, _: int) -> None:
@@ -231,7 +204,8 @@ def caption_items(cap, todo: Sequence[tuple[int, Item]], out_path: str, gen: dic
     s = Summary(images=len(todo))
     if not todo:
         return s
-    ds = ImageFiles([it.path for _, it in todo], cap.cfg.preprocess)
+    ds = ImageDataset([it.path for _, it in todo], eval_transform(cap.cfg.preprocess), cap.cfg.preprocess.resize,
+                      warn=False)  # failures become error records (and the first few lines on stderr)
     cuda = cap.device.type == "cuda"
     dl = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
                     pin_memory=cuda,
@@ -248,8 +222,9 @@ def caption_items(cap, todo: Sequence[tuple[int, Item]], out_path: str, gen: dic
                     b = next(batches, None)
                 if b is None:
                     break
-                caps = cap.caption_batch(b["images"], **gen) if b["pos"] else []
-                recs = {j: _record(*todo[j], captions=c) for j, c in zip(b["pos"], caps)}
+                pos = b["indices"].tolist()
+                caps = cap.caption_batch(b["images"], **gen) if pos else []
+                recs = {j: _record(*todo[j], captions=c) for j, c in zip(pos, caps)}
                 recs.update({j: _record(*todo[j], error=e) for j, e in b["errors"]})
                 writer.write([recs[j] for j in sorted(recs)])
                 for j, e in b["errors"][:max(0, SHOWN_ERRORS - s.failed)]:  # the first few reasons, on stderr
