@@ -32,7 +32,7 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from captioner.checkpoint import load_pretrained, load_training_state
-from captioner.config import ModelConfig, override_encoder, preset
+from captioner.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, override_encoder, preset
 from captioner.encoder import VGGEncoder
 from captioner.fileio import atomic_write
 from captioner.data import ImageDataset, collate
@@ -44,7 +44,6 @@ from .optim import amp_settings, lr_lambda, optimizer_step
 
 log = logging.getLogger("captioner.distill")
 STATE = "training_state.pt"
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 
