@@ -57,7 +57,7 @@ class Captioner:
         """Load a checkpoint directory (default: the model shipped in the package) on ``device`` (default: CUDA if
         any), in ``precision`` ('auto': bf16 where the hardware has it natively), NHWC convolutions unless told."""
         path = Path(path) if path is not None else default_checkpoint()
-        dev = torch.device(device) if device is not None else default_device()
+        dev = default_device() if device in (None, "auto") else torch.device(device)
         model, vocab = load_pretrained(path, dev)
         return cls(model, vocab, precision, path, channels_last)
 

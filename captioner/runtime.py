@@ -21,15 +21,18 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def resolve_device(arg: str | None, local_rank: int | None = None) -> torch.device:
-    """--device as given (None or 'auto': CUDA when available). Under torchrun (``local_rank`` set) a bare 'cuda'
-    is this process's GPU; the CUDA device chosen becomes the current one."""
+def resolve_device(arg: str | torch.device | None, local_rank: int | None = None) -> torch.device:
+    """--device as given (None or 'auto': CUDA when available). Under torchrun (``local_rank`` set) 'cuda' is
+    always this process's GPU, whatever index was given (every rank on one GPU would break NCCL); the CUDA device
+    chosen becomes the current one."""
     dev = default_device() if arg in (None, "auto") else torch.device(arg)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {arg}: CUDA is not available on this machine")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank if local_rank is not None else torch.cuda.current_device())
+        if local_rank is not None:
+            dev = torch.device("cuda", local_rank)
+        elif dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)
     return dev
 
@@ -43,7 +46,10 @@ def memory_format(channels_last: bool) -> torch.memory_format:
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 matrix work runs natively (not emulated, which is several times slower than fp32)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        if torch.version.hip:  # ROCm GPUs that run torch have bf16
+            return True
+        # compute capability 8 (Ampere) on: is_bf16_supported() also says True where bf16 is only emulated
+        return torch.cuda.get_device_capability(device)[0] >= 8
     if device.type != "cpu":
         return False
     cpu = getattr(torch, "cpu", None)

@@ -22,13 +22,15 @@ from .schemas import MAX_CHOICE_CHARS, MAX_CHOICES, MAX_QUESTION_CHARS, CaptionP
 from .state import ServiceState
 
 
-def _captioning(svc: Annotated[ServiceState, Depends(service)]) -> ServiceState:
+# async, so FastAPI runs them on the event loop (a sync dependency runs in a worker thread; the batcher's counters
+# and events are the loop's own)
+async def _captioning(svc: Annotated[ServiceState, Depends(service)]) -> ServiceState:
     if "caption" not in getattr(svc.captioner, "tasks", ["caption"]):
         raise HTTPException(501, "this model has no trained caption decoder (VQA-only checkpoint)")
     return svc
 
 
-def _answering(svc: Annotated[ServiceState, Depends(service)]) -> ServiceState:
+async def _answering(svc: Annotated[ServiceState, Depends(service)]) -> ServiceState:
     if not has_vqa(svc.captioner):
         raise VQAUnsupported("this model has no VQA head")
     return svc
@@ -38,7 +40,7 @@ CaptionService = Annotated[ServiceState, Depends(_captioning)]
 VQAService = Annotated[ServiceState, Depends(_answering)]
 
 
-def _announce(svc: Annotated[ServiceState, Depends(service)]):
+async def _announce(svc: Annotated[ServiceState, Depends(service)]):
     """The request counts as 'on its way' while it uploads and decodes, so a forming batch may wait for it;
     submitting it (or failing first) ends that."""
     with svc.batcher.announce() as arrival:

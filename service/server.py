@@ -84,7 +84,8 @@ def serve(app, settings: Settings) -> None:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             http=header_timeout_protocol(settings.client_timeout_s),
                             timeout_keep_alive=min(5, settings.client_timeout_s), timeout_graceful_shutdown=backstop,
-                            access_log=False)  # ours (service.access) has the request id and the batch size
+                            access_log=False,  # ours (service.access) has the request id and the batch size
+                            log_config=None)  # uvicorn's loggers reach service.logs' handler (text or JSON)
     server = Server(config, svc.begin_drain)
 
     def fatal(msg: str) -> None:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import captioner.api as api
+import captioner.runtime as runtime
 from captioner import Caption, Captioner
 from captioner.checkpoint import save_pretrained
 from captioner.model import CaptionModel
@@ -215,9 +216,9 @@ def test_grayscale_and_rgba_images_are_converted(cap, tmp_path):
 
 def test_default_device_prefers_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert api.default_device() == torch.device("cuda")
+    assert runtime.default_device() == torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert api.default_device() == torch.device("cpu")
+    assert runtime.default_device() == torch.device("cpu")
 
 
 def test_from_pretrained_uses_default_device(tiny_checkpoint, monkeypatch):
@@ -270,3 +271,13 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
     assert runtime.resolve_precision("off", "cpu") == "fp32" and runtime.resolve_precision("fp16", "cpu") == "fp16"
     with pytest.raises(ValueError, match="precision must be one of"):
         runtime.resolve_precision("fp64", "cpu")
+
+
+def test_auto_picks_fp16_on_gpus_that_only_emulate_bf16(monkeypatch):
+    from captioner import runtime
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 0))  # V100: bf16 only emulated
+    assert runtime.resolve_precision("auto", "cuda") == "fp16"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))  # A100
+    assert runtime.resolve_precision("auto", "cuda") == "bf16"

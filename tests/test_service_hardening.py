@@ -421,3 +421,16 @@ def test_one_access_log_line_per_request_with_its_id(tiny_checkpoint, caplog):
     assert lines[0].batch_size == 1 and "POST /v1/captions 200" in lines[0].getMessage()
     as_json = json.loads(JsonFormatter().format(lines[1]))
     assert as_json["status"] == 415 and as_json["request_id"] == "abc-123" and as_json["path"] == "/v1/captions"
+
+
+def test_json_logs_are_json_lines_uvicorns_included(tiny_checkpoint, tmp_path):
+    log_path = tmp_path / "serve.log"
+    with serve_process(tiny_checkpoint, "--log-format", "json", log_path=log_path) as (proc, url):
+        wait_http_ready(proc, url)
+        assert httpx.post(f"{url}/v1/captions", files={"image": ("x", JPG)}).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    assert {"uvicorn.error", "service", "service.access"} <= {r["logger"] for r in lines}
+    access = [r for r in lines if r["logger"] == "service.access" and r["path"] == "/v1/captions"]
+    assert access and access[0]["status"] == 200 and access[0]["batch_size"] == 1 and access[0]["request_id"]

@@ -57,6 +57,7 @@ def main(args: argparse.Namespace) -> dict:
     metrics = score_captions(preds, refs, use_java=False if args.no_java else None)
     metrics.update({"split": args.split, "dataset": args.dataset, "annotations": str(args.annotations),
                     "checkpoint": args.checkpoint, "beam_size": args.beam_size,
+                    "precision": None if args.results else cap.precision,
                     "skipped_images": len(records) - len(preds), "seconds": round(time.perf_counter() - t0, 1)})
     out = Path(args.metrics_out or Path(args.out).with_suffix(".metrics.json"))
     write_json_atomic(out, metrics)

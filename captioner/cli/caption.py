@@ -356,7 +356,7 @@ def run(args: argparse.Namespace) -> RunResult:
                length_penalty=args.length_penalty, block_trigrams=args.block_trigrams, do_sample=args.sample,
                temperature=args.temperature, top_k=args.top_k)
     options = {"model": f"{cap.cfg.name} v{cap.cfg.version}", "checkpoint": str(ckpt.resolve()),
-               "precision": args.precision, "seed": args.seed, **gen}
+               "precision": cap.precision, "seed": args.seed, **gen}  # what ran ('auto' resolved)
     if args.restart:
         open(rpath, "wb").close()
     problem = check_options(rpath, options, args.resume_anyway)

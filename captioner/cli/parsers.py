@@ -211,7 +211,8 @@ def distill(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--fc-dims", help="encoder FC widths, as for captioner train")
     g.add_argument("--image-size", type=int, help="student crop size (use the caption model's)")
     g = p.add_argument_group("teacher")
-    g.add_argument("--teacher", default="efficientnet-lite0", help="the ImageNet network (training.distill.TEACHERS)")
+    g.add_argument("--teacher", default="efficientnet-lite0",
+                   help="the ImageNet network: efficientnet-lite0 (the names of training.distill.TEACHERS)")
     g.add_argument("--teacher-size", type=int, default=224, help="crop size the teacher sees")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--feature-weight", type=float, default=1.0, help="weight of the cosine feature loss next to KL")
