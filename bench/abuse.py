@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import os
 import signal
 import socket
@@ -84,7 +83,7 @@ def status(r) -> object:
 # --------------------------------------------------------------------------------------------------- probes
 
 def probe_poison(s: Server) -> None:
-    innocent_bad = innocent = poison = 0
+    innocent_bad = innocent = 0
     poison_status = []
     for rnd in range(5):
         def one(i):

@@ -24,10 +24,13 @@ def main(a: str, b: str) -> int:
             differ += 1
             continue
         ra, rb = rows(fa), rows(fb)
-        same = len(ra) == len(rb)
+        same, added = len(ra) == len(rb), set()
         for i, (x, y) in enumerate(zip(ra, rb)):
             for k in sorted(set(x) | set(y)):
                 if any(t in k for t in TIMING):
+                    continue
+                if k not in x:  # a metric the first run did not record: an addition, not a change
+                    added.add(k)
                     continue
                 u, v = x.get(k), y.get(k)
                 close = (isinstance(u, (int, float)) and isinstance(v, (int, float))
@@ -35,7 +38,8 @@ def main(a: str, b: str) -> int:
                 if u != v and not close:
                     print(f"{run} epoch {i}: {k}: {u!r} -> {v!r}")
                     same = False
-        print(f"{run}: {'same numbers' if same else 'DIFFERENT'} ({len(ra)} vs {len(rb)} epochs)")
+        extra = f"; added in the second: {', '.join(sorted(added))}" if added else ""
+        print(f"{run}: {'same numbers' if same else 'DIFFERENT'} ({len(ra)} vs {len(rb)} epochs){extra}")
         differ += not same
     return 1 if differ else 0
 

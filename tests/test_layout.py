@@ -49,3 +49,13 @@ def test_the_distill_teacher_option_names_a_known_teacher():
     from training.distill import TEACHERS
 
     assert parsers.distill().get_default("teacher") in TEACHERS
+
+
+def test_one_epoch_loop_for_every_training_objective():
+    """The epoch loop, optimizer step, schedule, resume and saving rhythm live in training/engine.py; the
+    objectives (train.py, train_vqa.py, distill.py) only supply batches, losses, evaluation and saving."""
+    loops = [p.name for p in (ROOT / "training").glob("*.py") if "for epoch in range(" in p.read_text()]
+    assert loops == ["engine.py"], loops
+    for name in ("train.py", "train_vqa.py", "distill.py"):
+        text = (ROOT / "training" / name).read_text()
+        assert "optimizer_step(" not in text and "LambdaLR(" not in text and "from .engine import" in text, name

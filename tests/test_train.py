@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from captioner.checkpoint import CheckpointError
 from training import evaluate as evaluate_mod
+from training import engine
 from training import train as train_mod
 from training.datasets import read_dataset
 from training.features import FeatureDataset, cached_features
@@ -89,17 +90,17 @@ def test_resume_continues_exactly(tiny_karpathy, tmp_path, monkeypatch):
     ann, root = tiny_karpathy
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_mod.main(_args(ann, root, straight, "--epochs", "3"))
-    real = train_mod.train_one_epoch
+    real = engine.train_one_epoch  # the one epoch loop
 
     def crash_in_epoch_1(*a, **k):
-        if a[8] == 1:  # epoch
+        if a[5] == 1:  # epoch
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(train_mod, "train_one_epoch", crash_in_epoch_1)
+    monkeypatch.setattr(engine, "train_one_epoch", crash_in_epoch_1)
     with pytest.raises(KeyboardInterrupt):
         train_mod.main(_args(ann, root, resumed, "--epochs", "3"))
-    monkeypatch.setattr(train_mod, "train_one_epoch", real)
+    monkeypatch.setattr(engine, "train_one_epoch", real)
     first = _weights(resumed / "last")
     train_mod.main(_args(ann, root, resumed, "--epochs", "3", "--resume"))
     a, b = _weights(straight / "last"), _weights(resumed / "last")

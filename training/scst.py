@@ -12,21 +12,15 @@ the one used at test time, and the no-grad sampling pass and the differentiable 
 """
 from __future__ import annotations
 
-import contextlib
-import time
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from captioner.model import CaptionModel
 from captioner.tokenizer import EOS_ID, PAD_ID
 
 from .cider import CiderD
 from .datasets import pad_captions
-from .distributed import is_main
-from .optim import optimizer_step
 
 
 class ScstLoss(nn.Module):
@@ -79,47 +73,29 @@ def bleu4(refs: list[list[tuple[int, ...]]], indices: list[int], seqs: list[list
     return torch.tensor(per_n[3], dtype=torch.float32)
 
 
-def scst_one_epoch(step_fn, model, optimizer, scheduler, scaler, loader, cider, refs, args, epoch, device, amp_dtype,
-                   params) -> dict:
-    model.eval()
+def scst_step(step_fn, model: CaptionModel, batch: dict, cider: CiderD, refs, args, g: torch.Generator, device
+              ) -> tuple[torch.Tensor, dict, int]:
+    """One SCST step for the engine (which runs it under autocast): sample k captions per image without grad,
+    reward them, and return the REINFORCE loss with the epoch's running sums of loss, reward and baseline."""
     k = args.scst_samples
-    g = torch.Generator(device=device).manual_seed(args.seed * 1000 + epoch)
-    tot_loss = tot_sample = tot_base = 0.0
-    count, n_img, t0 = 0, 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"scst {epoch}", disable=not is_main(), dynamic_ncols=True, leave=False)
-    for batch in bar:
-        if batch["images"].size(0) == 0:
-            continue
-        idx = batch["indices"].tolist()
-        is_feat = bool(batch.get("is_features"))
-        x = batch["images"].to(device, non_blocking=True)
-        if not is_feat and args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-        with torch.no_grad(), ctx:
-            v = (x if is_feat else model.encode(x)).float()
-            sampled = words(model.generate(features=v, do_sample=True, num_captions=k, max_length=args.max_length,
-                                           generator=g).tokens.flatten(0, 1))  # B*k, image-major
-            if args.scst_baseline == "greedy":
-                greedy = words(model.generate(features=v, beam_size=1, max_length=args.max_length).tokens[:, 0])
-        r = rewards(cider, refs, idx, sampled, k, args.scst_bleu_weight).view(-1, k)  # (B, k)
+    idx = batch["indices"].tolist()
+    is_feat = bool(batch.get("is_features"))
+    x = batch["images"].to(device, non_blocking=True)
+    if not is_feat and args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        v = (x if is_feat else model.encode(x)).float()
+        sampled = words(model.generate(features=v, do_sample=True, num_captions=k, max_length=args.max_length,
+                                       generator=g).tokens.flatten(0, 1))  # B*k, image-major
         if args.scst_baseline == "greedy":
-            base = rewards(cider, refs, idx, greedy, 1, args.scst_bleu_weight)[:, None]  # (B, 1)
-        else:  # mean of the image's other samples
-            base = (r.sum(1, keepdim=True) - r) / (k - 1)
-        advantage = (r - base).flatten()
-        inp, tgt = pad_captions(sampled, args.max_length)
-        rep = torch.arange(len(idx)).repeat_interleave(k)
-        with ctx:
-            loss = step_fn(x, is_feat, rep.to(device), inp.to(device), tgt.to(device), advantage.to(device))
-        optimizer_step(loss, optimizer, scheduler, scaler, params, args.grad_clip)
-        tot_loss += loss.item()
-        tot_sample += r.mean().item()
-        tot_base += base.mean().item()
-        count += 1
-        n_img += len(idx)
-        bar.set_postfix(reward=f"{tot_sample / count:.3f}", baseline=f"{tot_base / count:.3f}",
-                        img_s=f"{n_img / (time.perf_counter() - t0):.0f}")
-    c = max(1, count)
-    return {"train_loss": tot_loss / c, "train_reward": tot_sample / c, "train_baseline": tot_base / c,
-            "train_images_per_s": n_img / (time.perf_counter() - t0)}
+            greedy = words(model.generate(features=v, beam_size=1, max_length=args.max_length).tokens[:, 0])
+    r = rewards(cider, refs, idx, sampled, k, args.scst_bleu_weight).view(-1, k)  # (B, k)
+    if args.scst_baseline == "greedy":
+        base = rewards(cider, refs, idx, greedy, 1, args.scst_bleu_weight)[:, None]  # (B, 1)
+    else:  # mean of the image's other samples
+        base = (r.sum(1, keepdim=True) - r) / (k - 1)
+    advantage = (r - base).flatten()
+    inp, tgt = pad_captions(sampled, args.max_length)
+    rep = torch.arange(len(idx)).repeat_interleave(k)
+    loss = step_fn(x, is_feat, rep.to(device), inp.to(device), tgt.to(device), advantage.to(device))
+    return loss, {"loss": (loss.item(), 1), "reward": (r.mean().item(), 1), "baseline": (base.mean().item(), 1)}, len(idx)

@@ -1,5 +1,5 @@
 """Multiple-choice VQA and joint caption + VQA training: ``captioner train --task vqa|joint``
-(multi-GPU: ``torchrun --nproc_per_node=N -m captioner train --task vqa ...``).
+(multi-GPU: ``torchrun --nproc_per_node=N -m captioner train --task vqa ...``); an objective for training/engine.py.
 
 --task vqa    the encoder and the VQA head learn to pick the right choice (cross-entropy over each question's
               own choices, padding masked). Every CaptionModel carries a caption decoder; here it is built small
@@ -21,11 +21,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import json
 import logging
 import math
-import random
-import time
 from pathlib import Path
 
 import torch
@@ -33,20 +30,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torchvision import transforms as T
-from tqdm import tqdm
 
-from captioner.checkpoint import load_pretrained, load_training_state, save_pretrained
+from captioner.checkpoint import load_pretrained, load_training_state
 from captioner.config import ModelConfig, PreprocessConfig, VQAConfig, override_encoder, preset
 from captioner.model import CaptionModel
 from captioner.preprocess import _interp
 
 from .datasets import CaptionDataset, encode_captions, pad_captions, read_dataset
-from .distributed import barrier, cleanup, init_distributed, is_main
+from .distributed import is_main
+from .engine import STATE, Objective, fit, jsonable_args, make_loader, save_model_dirs, setup
 from .evaluate_vqa import predict, summarize
 from .features import FeatureDataset, cached_features
-from .optim import amp_settings, lr_lambda, optimizer_step
-from .train import (STATE, CaptionLoss, _jsonable, _loader, pick_captions, restore_training_state,
-                    training_state)
+from .optim import amp_settings
+from .train import CaptionLoss, pick_captions
 from .train import evaluate as evaluate_captions
 from .vqa_data import build_vocab, encode_examples, group_by_image, pick_questions, qa_batch, read_vqa, vocab_texts
 
@@ -133,219 +129,181 @@ class TaskLoss(nn.Module):
         return sum(losses), losses
 
 
-def train_one_epoch(step_fn, model, optimizer, scheduler, scaler, streams, args, epoch, device, amp_dtype, params):
-    """Each step takes one batch of every task (one encoder pass, the losses summed); ``streams`` =
-    [(task, loader, data)], data the task's targets; an epoch is one pass over the largest task's images."""
-    step_fn.train()
-    if args.frozen_now:
-        model.encoder.eval()  # frozen BatchNorm statistics stay put
-    g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-    iters = {task: iter(loader) for task, loader, _ in streams}
-    steps = max(len(loader) for _, loader, _ in streams)
-    stats = {task: [0.0, 0] for task, _, _ in streams}
-    n_img, t0 = 0, time.perf_counter()
-    bar = tqdm(range(steps), desc=f"epoch {epoch}", disable=not is_main(), dynamic_ncols=True, leave=False)
-    for _ in bar:
-        parts, n_step, is_feat = [], 0, False
-        for task, loader, data in streams:
-            try:
-                batch = next(iters[task])
-            except StopIteration:  # the smaller task goes round again
-                iters[task] = iter(loader)
-                batch = next(iters[task])
-            if batch["images"].size(0) == 0:
-                continue
-            idx = batch["indices"].tolist()
-            if task == "caption":
-                seqs, rep = pick_captions(idx, data, args.captions_per_image, g)
-                tensors = pad_captions(seqs, args.max_length)
-            else:
-                encoded, per_image = data
-                picks, rep = pick_questions(idx, per_image, args.questions_per_image, g)
-                b = qa_batch(encoded, picks)
-                tensors = (b["question"], b["choices"], b["choice_mask"], b["target"])
-            x = batch["images"].to(device, non_blocking=True)
-            is_feat = bool(batch.get("is_features"))
-            parts.append((task, x, rep.to(device), *(t.to(device) for t in tensors)))
-            n_step += len(idx)
-        if not parts:
-            continue
-        ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-        with ctx:
-            loss, losses = step_fn(is_feat, parts)
-        optimizer_step(loss, optimizer, scheduler, scaler, params, args.grad_clip)
-        for (task, *_), part_loss in zip(parts, losses):
-            stats[task][0] += part_loss.item()
-            stats[task][1] += 1
-        n_img += n_step
-        bar.set_postfix(**{f"{k}_loss": f"{s / max(1, n):.3f}" for k, (s, n) in stats.items()},
-                        img_s=f"{n_img / (time.perf_counter() - t0):.0f}")
-    row = {f"train_{k}_loss": s / max(1, n) for k, (s, n) in stats.items()}
-    row["train_images_per_s"] = n_img / (time.perf_counter() - t0)
-    return row
+class VQAObjective(Objective):
+    """VQA (--task vqa) or caption + VQA (--task joint) for the engine: each step takes one batch of every task,
+    one encoder pass, the losses summed; an epoch is one pass over the largest task's images."""
+    plot_keys = ("val_accuracy", "val_chance", "CIDEr-D")
 
-
-# ----------------------------------------------------------------------------- main
-
-def main(args: argparse.Namespace) -> CaptionModel:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    rank, world, device = init_distributed(args.device)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    out = Path(args.output)
-    last = out / "last"
-    amp_dtype, use_scaler = amp_settings(args.amp, device)
-    joint = args.task == "joint"
-    tasks = ["caption", "vqa"] if joint else ["vqa"]
-
-    vqa_train, vqa_val = read_vqa_splits(args)
-    cap_train, cap_val = read_caption_splits(args) if joint else ([], [])
-
-    state = None
-    if args.resume:
-        state = load_training_state(last / STATE)
-        model, vocab = load_pretrained(last, "cpu")
-        if model.vqa is None:
-            raise SystemExit(f"--resume: {last} has no VQA head")
-    elif args.init_from:
-        model, vocab = load_pretrained(args.init_from, "cpu")
-        if model.vqa is None:
-            raise SystemExit(f"--init-from: {args.init_from} has no VQA head (train one with --task joint or vqa)")
-        model.train()
+    def __init__(self, args, device, world: int, rank: int, state: dict | None) -> None:
+        self.args, self.device, self.world, self.rank = args, device, world, rank
+        self.out = Path(args.output)
+        self.amp_dtype = amp_settings(args.amp, device)[0]
+        self.joint = args.task == "joint"
+        self.tasks = ["caption", "vqa"] if self.joint else ["vqa"]
+        self.vqa_train, self.vqa_val = read_vqa_splits(args)
+        self.cap_train, self.cap_val = read_caption_splits(args) if self.joint else ([], [])
+        self.model, self.vocab = self._model(state is not None)
+        model = self.model
+        cfg = self.cfg = model.cfg
+        model.to(device)
+        self.enc_train = encode_examples(self.vqa_train, self.vocab, cfg.vqa)
+        self.enc_val = encode_examples(self.vqa_val, self.vocab, cfg.vqa)
+        self.rec_train, self.per_img_train = group_by_image(self.vqa_train)
+        self.rec_val, self.per_img_val = group_by_image(self.vqa_val)
+        self.cap_train_caps = encode_captions(self.cap_train, self.vocab, args.max_length)
+        self.cap_val_caps = encode_captions(self.cap_val, self.vocab, args.max_length)
         if is_main():
-            log.info("starting from %s (its config and vocabulary; model flags ignored)", args.init_from)
-    else:
-        texts = itertools.chain(vocab_texts(vqa_train), (c for r in cap_train for c in r.captions))
+            log.info("tasks %s: VQA %d train questions on %d images, %d val questions on %d images; captions %d "
+                     "train, %d val images; vocab %d words, %.2fM parameters, device %s, amp %s, world %d", self.tasks,
+                     len(self.vqa_train), len(self.rec_train), len(self.vqa_val), len(self.rec_val),
+                     len(self.cap_train), len(self.cap_val), len(self.vocab),
+                     sum(p.numel() for p in model.parameters()) / 1e6, device, self.amp_dtype, world)
+        if not self.joint:
+            model.decoder.requires_grad_(False)  # untrained in a VQA-only model; kept only because CaptionModel has one
+        self.enc_params = list(model.encoder.parameters())
+        self.schedule = args.schedule
+
+    def _model(self, resume: bool) -> tuple[CaptionModel, object]:
+        args, last = self.args, self.out / "last"
+        if resume or args.init_from:
+            src = last if resume else args.init_from
+            model, vocab = load_pretrained(src, "cpu")
+            if model.vqa is None:
+                raise SystemExit(f"--resume: {last} has no VQA head" if resume else
+                                 f"--init-from: {args.init_from} has no VQA head (train one with --task joint or vqa)")
+            if not resume:
+                model.train()
+                if is_main():
+                    log.info("starting from %s (its config and vocabulary; model flags ignored)", args.init_from)
+            return model, vocab
+        texts = itertools.chain(vocab_texts(self.vqa_train), (c for r in self.cap_train for c in r.captions))
         vocab = build_vocab(texts, args.min_count)
         model = CaptionModel(build_config(args, len(vocab)))
         if args.encoder_weights:
             model.encoder.load_imagenet(args.encoder_weights)
-    cfg = model.cfg
-    model.to(device)
+        return model, vocab
 
-    enc_train = encode_examples(vqa_train, vocab, cfg.vqa)
-    enc_val = encode_examples(vqa_val, vocab, cfg.vqa)
-    rec_train, per_img_train = group_by_image(vqa_train)
-    rec_val, per_img_val = group_by_image(vqa_val)
-    cap_train_caps = encode_captions(cap_train, vocab, args.max_length)
-    cap_val_caps = encode_captions(cap_val, vocab, args.max_length)
-    if is_main():
-        log.info("tasks %s: VQA %d train questions on %d images, %d val questions on %d images; captions %d train, "
-                 "%d val images; vocab %d words, %.2fM parameters, device %s, amp %s, world %d", tasks,
-                 len(vqa_train), len(rec_train), len(vqa_val), len(rec_val), len(cap_train), len(cap_val), len(vocab),
-                 sum(p.numel() for p in model.parameters()) / 1e6, device, amp_dtype, world)
+    def optimizer(self) -> torch.optim.Optimizer:
+        model, args = self.model, self.args
+        head_params = list(model.vqa.parameters()) + (list(model.decoder.parameters()) if self.joint else [])
+        return torch.optim.Adam([{"params": head_params, "lr": args.lr},
+                                 {"params": self.enc_params, "lr": args.encoder_lr or args.lr}],
+                                weight_decay=args.weight_decay)
 
-    if not joint:
-        model.decoder.requires_grad_(False)  # untrained in a VQA-only model; kept only because CaptionModel has one
-    enc_params = list(model.encoder.parameters())
-    head_params = list(model.vqa.parameters()) + (list(model.decoder.parameters()) if joint else [])
-    optimizer = torch.optim.Adam([{"params": head_params, "lr": args.lr},
-                                  {"params": enc_params, "lr": args.encoder_lr or args.lr}],
-                                 weight_decay=args.weight_decay)
-    per_task = [math.ceil(len(rec_train) / (args.batch_size * world))]
-    if joint:
-        per_task.append(math.ceil(len(cap_train) / (args.batch_size * world)))
-    steps_per_epoch = max(per_task)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(args.schedule, args.warmup_steps, steps_per_epoch * args.epochs))
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    start_epoch, best, rows = 0, -1.0, []
-    if state is not None:
-        start_epoch, best, rows = restore_training_state(state, optimizer, scheduler, scaler)
-        if is_main():
-            log.info("resumed from %s at epoch %d (best score %.4f)", last, start_epoch, best)
+    def total_steps(self) -> int:
+        per_task = [math.ceil(len(self.rec_train) / (self.args.batch_size * self.world))]
+        if self.joint:
+            per_task.append(math.ceil(len(self.cap_train) / (self.args.batch_size * self.world)))
+        return max(per_task) * self.args.epochs
 
-    for epoch in range(start_epoch, args.epochs):
-        frozen = args.image_blind or (args.freeze_encoder and not (0 <= args.finetune_after <= epoch))
-        args.frozen_now = frozen
-        for p_ in enc_params:
-            p_.requires_grad_(not frozen)
+    def images(self, records, train: bool, vqa: bool):
+        args, model = self.args, self.model
+        if args.image_blind:  # never opened: a placeholder dataset of readable "images"
+            return FeatureDataset.placeholder(len(records))
+        if self.frozen:  # no augmentation with a frozen encoder: encode every image once, cached on disk
+            return FeatureDataset(cached_features(model, records, args.feature_cache, self.device, self.amp_dtype,
+                                                  args.eval_batch_size, args.workers))
+        tf = vqa_train_transform(self.cfg.preprocess, args.flip) if (train and vqa) else None
+        return CaptionDataset(records, self.cfg.preprocess, train=train, transform=tf)
 
-        def images(records, train: bool, vqa: bool):
-            if args.image_blind:  # never opened: a placeholder dataset of readable "images"
-                return FeatureDataset.placeholder(len(records))
-            if frozen:  # no augmentation with a frozen encoder: encode every image once, cached on disk
-                return FeatureDataset(cached_features(model, records, args.feature_cache, device, amp_dtype,
-                                                      args.eval_batch_size, args.workers))
-            tf = vqa_train_transform(cfg.preprocess, args.flip) if (train and vqa) else None
-            return CaptionDataset(records, cfg.preprocess, train=train, transform=tf)
-
-        streams = [("vqa", _loader(images(rec_train, True, True), args.batch_size, True, args.workers, args.seed,
-                                   epoch, world, rank), (enc_train, per_img_train))]
-        if joint:
-            streams.insert(0, ("caption", _loader(images(cap_train, True, False), args.batch_size, True, args.workers,
-                                                  args.seed + 1, epoch, world, rank), cap_train_caps))
-        loss_mod = TaskLoss(model, args.label_smoothing, args.image_blind)
+    def begin_epoch(self, epoch: int) -> None:
+        args = self.args
+        self.frozen = args.image_blind or (args.freeze_encoder and not (0 <= args.finetune_after <= epoch))
+        for p_ in self.enc_params:
+            p_.requires_grad_(not self.frozen)
+        self.streams = [("vqa", make_loader(self.images(self.rec_train, True, True), args.batch_size, True,
+                                            args.workers, args.seed, epoch, self.world, self.rank),
+                         (self.enc_train, self.per_img_train))]
+        if self.joint:
+            self.streams.insert(0, ("caption", make_loader(self.images(self.cap_train, True, False), args.batch_size,
+                                                           True, args.workers, args.seed + 1, epoch, self.world,
+                                                           self.rank), self.cap_train_caps))
+        loss_mod = TaskLoss(self.model, args.label_smoothing, args.image_blind)
         # --task vqa leaves the caption decoder unused
-        step_fn = DistributedDataParallel(loss_mod, find_unused_parameters=not joint) if world > 1 else loss_mod
-        params = [p_ for p_ in model.parameters() if p_.requires_grad]
-        t0 = time.perf_counter()
-        row = {"epoch": epoch, **train_one_epoch(step_fn, model, optimizer, scheduler, scaler, streams, args, epoch,
-                                                 device, amp_dtype, params)}
-        row["lr"] = optimizer.param_groups[0]["lr"]
-        row["train_seconds"] = time.perf_counter() - t0
-        if is_main():
-            ctx = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-            vl = _loader(images(rec_val, False, True), args.eval_batch_size, False, args.workers, args.seed, epoch, 1, 0)
-            mode = "zero" if args.image_blind else "image"
-            raw = predict(model, vl, enc_val, per_img_val, device, ctx, modes=(mode,), progress=True)[mode]
-            vm = summarize(enc_val, [e.qtype for e in vqa_val], raw["pred"])
-            row.update({"val_vqa_loss": raw["loss"] / max(1, raw["n"]), "val_accuracy": vm["accuracy"],
-                        "val_chance": vm["chance"],
-                        "val_accuracy_per_type": {k: d["accuracy"] for k, d in vm["per_type"].items()}})
-            score = vm["accuracy"]
-            if joint:
-                cl = _loader(images(cap_val, False, False), args.eval_batch_size, False, args.workers, args.seed,
-                             epoch, 1, 0)
-                m = evaluate_captions(model, cl, cap_val, cap_val_caps, vocab, args, device, amp_dtype)
-                row.update({k: m[k] for k in ("val_loss", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR",
-                                              "ROUGE-L", "CIDEr-D", "SPICE")})
-                row["examples"] = m["examples"]
-                score += row["CIDEr-D"]
-            row["score"] = score
-            rows.append(row)
-            log.info("epoch %d: %s, val accuracy %.2f%% (chance %.2f%%)%s, %.1f img/s", epoch,
-                     ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("train_") and k.endswith("loss")),
-                     100 * vm["accuracy"], 100 * vm["chance"],
-                     f", CIDEr-D {100 * row['CIDEr-D']:.1f}" if joint else "", row["train_images_per_s"])
-            metrics = {"epoch": epoch, "tasks": tasks, "image_blind": args.image_blind,
-                       "vqa_dataset": args.vqa_dataset, "vqa_split": args.vqa_val_split,
-                       **({"split": args.val_split, "beam_size": args.eval_beam} if joint else {}),
-                       **{k: v for k, v in row.items() if k != "examples"}, "args": _jsonable(vars(args))}
-            is_best = score > best
-            best = max(best, score)
-            train_state = training_state(optimizer, scheduler, scaler, epoch, best, rows)
-            save_pretrained(model, vocab, last, metrics=metrics,
-                            extra_files={STATE: lambda d: torch.save(train_state, d / STATE)})
-            if is_best:
-                save_pretrained(model, vocab, out / "best", metrics=metrics, card=_card(metrics, cfg))
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            _plot(rows, out / "curves.png")
-        barrier()
-    cleanup()
-    return model
+        self.step_fn = (DistributedDataParallel(loss_mod, find_unused_parameters=not self.joint) if self.world > 1
+                        else loss_mod)
+
+    def batches(self, epoch: int):
+        args, device = self.args, self.device
+        self.step_fn.train()
+        if self.frozen:
+            self.model.encoder.eval()  # frozen BatchNorm statistics stay put
+        g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        iters = {task: iter(loader) for task, loader, _ in self.streams}
+        for _ in range(max(len(loader) for _, loader, _ in self.streams)):
+            parts, is_feat = [], False
+            for task, loader, data in self.streams:
+                try:
+                    batch = next(iters[task])
+                except StopIteration:  # the smaller task goes round again
+                    iters[task] = iter(loader)
+                    batch = next(iters[task])
+                if batch["images"].size(0) == 0:
+                    continue
+                idx = batch["indices"].tolist()
+                if task == "caption":
+                    seqs, rep = pick_captions(idx, data, args.captions_per_image, g)
+                    tensors = pad_captions(seqs, args.max_length)
+                else:
+                    encoded, per_image = data
+                    picks, rep = pick_questions(idx, per_image, args.questions_per_image, g)
+                    b = qa_batch(encoded, picks)
+                    tensors = (b["question"], b["choices"], b["choice_mask"], b["target"])
+                x = batch["images"].to(device, non_blocking=True)
+                is_feat = bool(batch.get("is_features"))
+                parts.append((task, x, rep.to(device), *(t.to(device) for t in tensors), len(idx)))
+            if parts:
+                yield is_feat, parts
+
+    def step(self, batch) -> tuple[torch.Tensor, dict, int]:
+        is_feat, parts = batch
+        loss, losses = self.step_fn(is_feat, [p[:-1] for p in parts])
+        logs = {f"{task}_loss": (part_loss.item(), 1) for (task, *_), part_loss in zip(parts, losses)}
+        return loss, logs, sum(p[-1] for p in parts)
+
+    def evaluate(self, epoch: int, row: dict) -> tuple[dict, float]:
+        args, model, device = self.args, self.model, self.device
+        ctx = (lambda: torch.autocast(device.type, dtype=self.amp_dtype)) if self.amp_dtype else contextlib.nullcontext
+        vl = make_loader(self.images(self.rec_val, False, True), args.eval_batch_size, False, args.workers, args.seed,
+                         epoch, 1, 0)
+        mode = "zero" if args.image_blind else "image"
+        raw = predict(model, vl, self.enc_val, self.per_img_val, device, ctx, modes=(mode,), progress=True)[mode]
+        vm = summarize(self.enc_val, [e.qtype for e in self.vqa_val], raw["pred"])
+        up = {"val_vqa_loss": raw["loss"] / max(1, raw["n"]), "val_accuracy": vm["accuracy"],
+              "val_chance": vm["chance"], "val_accuracy_per_type": {k: d["accuracy"] for k, d in vm["per_type"].items()}}
+        score = vm["accuracy"]
+        if self.joint:
+            cl = make_loader(self.images(self.cap_val, False, False), args.eval_batch_size, False, args.workers,
+                             args.seed, epoch, 1, 0)
+            m = evaluate_captions(model, cl, self.cap_val, self.cap_val_caps, self.vocab, args, device, self.amp_dtype)
+            up.update({k: m[k] for k in ("val_loss", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L",
+                                         "CIDEr-D", "SPICE")})
+            up["examples"] = m["examples"]
+            score += up["CIDEr-D"]
+        up["score"] = score
+        return up, score
+
+    def log_line(self, row: dict) -> str:
+        losses = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("train_") and k.endswith("loss"))
+        return (f"{losses}, val accuracy {100 * row['val_accuracy']:.2f}% (chance {100 * row['val_chance']:.2f}%)"
+                + (f", CIDEr-D {100 * row['CIDEr-D']:.1f}" if self.joint else "")
+                + f", {row['train_images_per_s']:.1f} img/s")
+
+    def save(self, epoch: int, row: dict, rows: list[dict], is_best: bool, state: dict) -> None:
+        args = self.args
+        metrics = {"epoch": epoch, "tasks": self.tasks, "image_blind": args.image_blind,
+                   "vqa_dataset": args.vqa_dataset, "vqa_split": args.vqa_val_split,
+                   **({"split": args.val_split, "beam_size": args.eval_beam} if self.joint else {}),
+                   **{k: v for k, v in row.items() if k != "examples"}, "args": jsonable_args(args)}
+        save_model_dirs(self.model, self.vocab, self.out, metrics, state, is_best, _card(metrics, self.cfg))
 
 
-def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ep = [r["epoch"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for k in sorted({k for r in rows for k in r if k.endswith("loss")}):
-        a.plot(ep, [r.get(k) for r in rows], "o-", label=k)
-    a.set_xlabel("epoch"), a.set_ylabel("cross-entropy"), a.legend()
-    b.plot(ep, [100 * r["val_accuracy"] for r in rows], "o-", label="VQA val accuracy %")
-    b.plot(ep, [100 * r["val_chance"] for r in rows], "--", label="chance %")
-    if "CIDEr-D" in rows[0]:
-        b.plot(ep, [100 * r["CIDEr-D"] for r in rows], "o-", label="CIDEr-D")
-    b.set_xlabel("epoch"), b.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def main(args: argparse.Namespace) -> CaptionModel:
+    rank, world, device = setup(args)
+    state = load_training_state(Path(args.output) / "last" / STATE) if args.resume else None
+    obj = VQAObjective(args, device, world, rank, state)
+    fit(obj, args, device, state, best=-1.0)
+    return obj.model
 
 
 def _card(metrics: dict, cfg: ModelConfig) -> str:

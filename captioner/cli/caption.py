@@ -298,28 +298,10 @@ def run(args: argparse.Namespace) -> RunResult:
         _err(f"captioner caption: error: {msg}")
         return RunResult(EXIT_USAGE)
 
-    if os.path.isdir(args.out):
-        return usage(f"--out {args.out} is a folder; give a file name (.jsonl, .json or .html)")
-    try:
-        fmt = format_for(args.out, args.format)
-        my_shard = parse_shard(args.shard) if args.shard else None
-    except ValueError as e:
-        return usage(str(e))
-    if (msg := _validate(args)) is not None:
-        return usage(msg)
-    if args.workers is None:  # share the cores among the processes torchrun put on this machine
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        args.workers = max(1, min(8, (os.cpu_count() or 1) // max(1, local_world)))
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1:
-        if my_shard is not None:
-            return usage("--shard cannot be combined with torchrun (each rank already takes its own shard)")
-        my_shard = (rank, world)
-    try:
-        device = resolve_device(args.device, local_rank if world > 1 else None)
-    except (ValueError, RuntimeError) as e:
-        return usage(str(e))
+    plan = _plan(args)
+    if isinstance(plan, str):
+        return usage(plan)
+    fmt, my_shard, world, rank, device = plan
 
     # the model
     ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
@@ -357,21 +339,10 @@ def run(args: argparse.Namespace) -> RunResult:
                temperature=args.temperature, top_k=args.top_k)
     options = {"model": f"{cap.cfg.name} v{cap.cfg.version}", "checkpoint": str(ckpt.resolve()),
                "precision": cap.precision, "seed": args.seed, **gen}  # what ran ('auto' resolved)
-    if args.restart:
-        open(rpath, "wb").close()
-    problem = check_options(rpath, options, args.resume_anyway)
-    if problem:
-        return usage(problem)
-    if args.retry_errors and (n := drop_errors(rpath)):
-        _err(f"retrying {n} images that failed before")
-    prev = read_records(rpath, repair=True, keep=False)
-    if prev.torn_bytes:
-        _err(f"resume: removed a partial last line ({prev.torn_bytes} bytes) from {rpath}")
-    if prev.bad_lines:
-        _err(f"warning: {rpath}: ignored {prev.bad_lines} lines that are not records")
-    done = prev.done
-    todo = [(pos, it) for pos, it in mine if it.key not in done]
-    failed_before = sum(done.get(it.key, False) for _, it in mine)
+    pending = _pending(rpath, mine, options, args)
+    if isinstance(pending, str):
+        return usage(pending)
+    todo, failed_before = pending
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
@@ -395,8 +366,60 @@ def run(args: argparse.Namespace) -> RunResult:
         return RunResult(EXIT_SIGTERM if s.interrupted == signal.SIGTERM else EXIT_SIGINT, s)
     code = EXIT_FAILED if s.failed + s.failed_before else EXIT_OK
 
-    # the final output
-    title = f"Captions by {cap.cfg.name} v{cap.cfg.version}"
+    code = _finish(args, fmt, rpath, my_shard, world, rank, f"Captions by {cap.cfg.name} v{cap.cfg.version}", s,
+                   code)
+    return RunResult(code, s)
+
+
+def _plan(args) -> tuple | str:
+    """(output format, this process's shard or None, world size, rank, device), or what is wrong with the options.
+    Under torchrun every rank takes its own shard and its own GPU; loader workers share the machine's cores."""
+    if os.path.isdir(args.out):
+        return f"--out {args.out} is a folder; give a file name (.jsonl, .json or .html)"
+    try:
+        fmt = format_for(args.out, args.format)
+        my_shard = parse_shard(args.shard) if args.shard else None
+    except ValueError as e:
+        return str(e)
+    if (msg := _validate(args)) is not None:
+        return msg
+    if args.workers is None:  # share the cores among the processes torchrun put on this machine
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        args.workers = max(1, min(8, (os.cpu_count() or 1) // max(1, local_world)))
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1:
+        if my_shard is not None:
+            return "--shard cannot be combined with torchrun (each rank already takes its own shard)"
+        my_shard = (rank, world)
+    try:
+        device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else None)
+    except (ValueError, RuntimeError) as e:
+        return str(e)
+    return fmt, my_shard, world, rank, device
+
+
+def _pending(rpath: str, mine: list, options: dict, args) -> tuple[list, int] | str:
+    """Resume: what the record file does not hold yet, and how many of the held ones are errors; or why not
+    (options changed: the message for exit 2)."""
+    if args.restart:
+        open(rpath, "wb").close()
+    problem = check_options(rpath, options, args.resume_anyway)
+    if problem:
+        return problem
+    if args.retry_errors and (n := drop_errors(rpath)):
+        _err(f"retrying {n} images that failed before")
+    prev = read_records(rpath, repair=True, keep=False)
+    if prev.torn_bytes:
+        _err(f"resume: removed a partial last line ({prev.torn_bytes} bytes) from {rpath}")
+    if prev.bad_lines:
+        _err(f"warning: {rpath}: ignored {prev.bad_lines} lines that are not records")
+    done = prev.done
+    return [(pos, it) for pos, it in mine if it.key not in done], sum(done.get(it.key, False) for _, it in mine)
+
+
+def _finish(args, fmt: str, rpath: str, my_shard, world: int, rank: int, title: str, s: Summary, code: int) -> int:
+    """The final output: the file in its format, or under torchrun the merged parts (rank 0), or for a manual
+    shard the merge command to run; returns the exit status (failed images on any rank count)."""
     if my_shard is None:
         if fmt != "jsonl":
             write_output(args.out, fmt, in_input_order(read_records(rpath).records), title=title,
@@ -418,7 +441,7 @@ def run(args: argparse.Namespace) -> RunResult:
     else:
         _err(f"shard {my_shard[0]} of {my_shard[1]} done; when every shard is done, run: "
              f"captioner merge --out {args.out}" + (f" --format {args.format}" if args.format else ""))
-    return RunResult(code, s)
+    return code
 
 
 def main(args: argparse.Namespace) -> int:
