@@ -143,6 +143,12 @@ def train_vqa(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--min-count", type=int, default=3, help="words (captions, questions, answers) seen fewer "
                                                             "times become <unk>")
     g.add_argument("--workers", type=int, default=2)
+    _train_vqa_model_and_run(p)
+    return p
+
+
+def _train_vqa_model_and_run(p: argparse.ArgumentParser) -> None:
+    """The model, optimisation and run options of `captioner train --task vqa|joint`."""
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="compact", help="compact, vgg11/13/16/19 (optionally _bn)")
     g.add_argument("--encoder-layers", help="override the conv stack, e.g. 16,M,32,M,64,M,64,M")
@@ -190,7 +196,6 @@ def train_vqa(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--eval-beam", type=int, default=3)
     g.add_argument("--eval-batch-size", type=int, default=64)
     g.add_argument("--no-java", action="store_true")
-    return p
 
 
 def distill(add_help: bool = True) -> argparse.ArgumentParser:
