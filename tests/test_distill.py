@@ -189,3 +189,12 @@ def test_real_teacher_outputs_and_stays_in_eval_mode():
     assert f1.shape == (2, 1280) and l1.shape == (2, 1000)
     assert torch.equal(l1, l2)  # no dropout, no BatchNorm updates
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_fewer_images_than_a_batch_is_an_epoch_without_steps_not_a_crash(tiny_karpathy, tiny_teacher, tmp_path,  # noqa: F811
+                                                                          one_thread):
+    ann, root = tiny_karpathy
+    out = tmp_path / "d"
+    distill.main(_args(ann, root, out, "--epochs", "1", "--batch-size", "64"))  # drop_last: no full batch at all
+    (row,) = _rows(out)
+    assert row["train_loss"] == 0.0 and "val_kl" in row and (out / "encoder.safetensors").is_file()

@@ -243,6 +243,7 @@ class DistillObjective(Objective):
     Its model files are encoder.safetensors (the best by held-out KL) and last_encoder.safetensors; the training
     state (the engine's, with the whole student) sits in --out."""
     desc = "distill epoch"
+    log_keys = ("loss", "kl", "cos")
     plot_keys = ("val_top1_agreement", "val_top5_agreement", "val_cosine")
 
     def __init__(self, args, device, world: int, rank: int, init_model: bool) -> None:
@@ -334,7 +335,7 @@ class DistillObjective(Objective):
         up = {} if self.val_loader is None else evaluate(self.model, self.teacher, self.val_loader, self.device,
                                                           self.amp_dtype, self.norm, self.args.temperature)
         # the smoothest held-out signal; top-1 on 500 images is noisy
-        return up, -up.get("val_kl", row["train_loss"])
+        return up, -(up["val_kl"] if "val_kl" in up else row["train_loss"])
 
     def save(self, epoch: int, row: dict, rows: list[dict], is_best: bool, state: dict) -> None:
         save_encoder(self.model.encoder, self.out / "last_encoder.safetensors", self.meta | {"epoch": epoch})

@@ -119,6 +119,7 @@ class Objective:
     out: Path  # the run directory (metrics.jsonl, curves.png)
     schedule: str = "cosine"
     plot_keys: tuple[str, ...] = ()
+    log_keys: tuple[str, ...] = ("loss",)  # the train_<key> every epoch row has (0.0 for an epoch without batches)
     desc: str = "epoch"
 
     def optimizer(self) -> torch.optim.Optimizer: raise NotImplementedError
@@ -172,7 +173,7 @@ def fit(obj: Objective, args, device: torch.device, state: dict | None = None, b
 
 
 def train_one_epoch(obj: Objective, optimizer, scheduler, scaler, args, epoch: int, device, precision: str) -> dict:
-    sums: dict[str, list[float]] = {}
+    sums: dict[str, list[float]] = {k: [0.0, 0] for k in obj.log_keys}
     n_img, t0 = 0, time.perf_counter()
     params = obj.trainable()
     bar = tqdm(obj.batches(epoch), desc=f"{obj.desc} {epoch}", disable=not is_main(), dynamic_ncols=True,

@@ -97,5 +97,8 @@ def scst_step(step_fn, model: CaptionModel, batch: dict, cider: CiderD, refs, ar
     advantage = (r - base).flatten()
     inp, tgt = pad_captions(sampled, args.max_length)
     rep = torch.arange(len(idx)).repeat_interleave(k)
+    # the engine runs the whole step in one autocast block: drop the low-precision weight copies cast during the
+    # no-grad sampling, which carry no grad history (older torch reused them in the loss pass: pytorch#112583)
+    torch.clear_autocast_cache()
     loss = step_fn(x, is_feat, rep.to(device), inp.to(device), tgt.to(device), advantage.to(device))
     return loss, {"loss": (loss.item(), 1), "reward": (r.mean().item(), 1), "baseline": (base.mean().item(), 1)}, len(idx)

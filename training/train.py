@@ -152,7 +152,7 @@ class CaptionObjective(Objective):
         if args.scst:
             self.refs = reference_corpus(self.train_caps)
             self.cider = CiderD(self.refs)
-            self.desc = "scst"
+            self.desc, self.log_keys = "scst", ("loss", "reward", "baseline")
         self.cfg, self.schedule = cfg, args.schedule
         self.enc_params = list(model.encoder.parameters())
 

@@ -140,6 +140,7 @@ class VQAObjective(Objective):
         self.amp_dtype = amp_settings(args.amp, device)[0]
         self.joint = args.task == "joint"
         self.tasks = ["caption", "vqa"] if self.joint else ["vqa"]
+        self.log_keys = tuple(f"{t}_loss" for t in self.tasks)
         self.vqa_train, self.vqa_val = read_vqa_splits(args)
         self.cap_train, self.cap_val = read_caption_splits(args) if self.joint else ([], [])
         self.model, self.vocab = self._model(state is not None)
@@ -218,6 +219,10 @@ class VQAObjective(Objective):
             self.streams.insert(0, ("caption", make_loader(self.images(self.cap_train, True, False), args.batch_size,
                                                            True, args.workers, args.seed + 1, epoch, self.world,
                                                            self.rank), self.cap_train_caps))
+        if self.world > 1:  # cached_features is collective (rank 0 computes, all wait): build the val caches here,
+            self.images(self.rec_val, False, True)  # on every rank, not in evaluate() on rank 0 alone
+            if self.joint:
+                self.images(self.cap_val, False, False)
         loss_mod = TaskLoss(self.model, args.label_smoothing, args.image_blind)
         # --task vqa leaves the caption decoder unused
         self.step_fn = (DistributedDataParallel(loss_mod, find_unused_parameters=not self.joint) if self.world > 1
