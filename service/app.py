@@ -37,11 +37,6 @@ except Exception:  # noqa: BLE001  (running from a source tree that is not insta
     VERSION = "0"
 
 
-def body_limit(settings: Settings) -> int:
-    """The largest request body: an image at the upload limit, base64-encoded (4/3), plus the form fields."""
-    return settings.max_upload_bytes * 4 // 3 + 256 * 1024
-
-
 def create_app(settings: Settings | None = None, captioner: Captioner | None = None) -> FastAPI:
     """A new app with its own metrics registry. ``captioner``: an already loaded model (tests, notebooks);
     otherwise the app loads ``settings.checkpoint`` in the background once the server is up."""
@@ -80,7 +75,7 @@ def create_app(settings: Settings | None = None, captioner: Captioner | None = N
         return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
 
     # add_middleware wraps: the last added runs first
-    app.add_middleware(BodyGuardMiddleware, max_bytes=body_limit(settings), idle_s=settings.client_timeout_s,
+    app.add_middleware(BodyGuardMiddleware, max_bytes=settings.body_limit, idle_s=settings.client_timeout_s,
                        total_s=settings.request_timeout_s, cut=svc.uploads_cut)
     if settings.api_keys:
         app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)

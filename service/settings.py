@@ -88,6 +88,11 @@ class Settings(BaseSettings):
                 raise ValueError("API keys must be at least 8 characters long")
         return v
 
+    @property
+    def body_limit(self) -> int:
+        """The largest request body: an image at the upload limit, base64-encoded (4/3), plus the form fields."""
+        return self.max_upload_bytes * 4 // 3 + 256 * 1024
+
     def public_dict(self) -> dict:
         """The settings without secrets, for logs."""
         d = self.model_dump(mode="json")

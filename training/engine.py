@@ -29,7 +29,7 @@ from tqdm import tqdm
 from captioner.checkpoint import save_pretrained
 from captioner.data import collate
 from captioner.fileio import portable
-from captioner.runtime import autocast
+from captioner.runtime import autocast, resolve_precision
 
 from .distributed import average_buffers, barrier, cleanup, init_distributed, is_main
 from .optim import amp_settings, lr_lambda, optimizer_step
@@ -138,8 +138,7 @@ class Objective:
 def fit(obj: Objective, args, device: torch.device, state: dict | None = None, best: float = -math.inf) -> None:
     """args.epochs epochs of ``obj`` on ``device``: --amp, --grad-clip, --warmup-steps; ``state``: a loaded
     training state to resume from (optimizer, scheduler, scaler, RNG, rows, the objective's own)."""
-    amp_dtype, use_scaler = amp_settings(args.amp, device)
-    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+    precision, use_scaler = resolve_precision(args.amp, device), amp_settings(args.amp, device)[1]
     optimizer = obj.optimizer()
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(obj.schedule, args.warmup_steps, obj.total_steps()))

@@ -105,10 +105,8 @@ async def read_form(request: Request, svc: ServiceState):
     """The parsed form; Starlette's 400s (too many files or fields, a part too large, malformed data) become the
     413/422 the API documents. A text field may hold the whole base64 image, so parts may be as large as the body
     limit; every field but the image is then held to MAX_FIELD_BYTES (check_field_size)."""
-    from ..app import body_limit
-
     try:
-        form = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS, max_part_size=body_limit(svc.settings))
+        form = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS, max_part_size=svc.settings.body_limit)
     except (HTTPException, MultiPartException) as e:
         msg = getattr(e, "detail", None) or getattr(e, "message", str(e))
         if msg.startswith("Too many files"):
