@@ -349,3 +349,13 @@ def test_saved_metrics_record_portable_paths(tmp_path, monkeypatch):
     assert portable_path(str(tmp_path / "runs" / "x")) == "runs/x"  # under the working directory: relative
     assert portable_path("/srv/datasets/flickr8k/images") == "flickr8k/images"
     assert portable_path("runs/x") == "runs/x" and portable_path("a dog") == "a dog"
+
+
+def test_export_records_the_domain_line(tiny_checkpoint, tmp_path):
+    import json
+
+    from captioner.cli import main as cli
+
+    out = tmp_path / "exported"
+    assert cli(["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--domain", "tiny test shapes."]) == 0
+    assert json.loads((out / "metrics.json").read_text())["domain"] == "tiny test shapes."

@@ -202,6 +202,9 @@ def test_evaluate_command_writes_results_and_metrics(tiny_karpathy, tmp_path, ca
     assert len(results) == 8 and {"image_id", "caption"} <= set(results[0])
     saved = json.loads(out.with_suffix(".metrics.json").read_text())
     assert saved["CIDEr-D"] == pytest.approx(m["CIDEr-D"]) and saved["SPICE"] is None
+    texts = [r["caption"] for r in results]
+    assert saved["distinct_captions"] == len(set(texts))
+    assert saved["commonest_caption_count"] == texts.count(saved["commonest_caption"]) == max(map(texts.count, texts))
     # scoring an existing results file gives the same numbers without a model
     args.results, args.metrics_out = str(out), str(tmp_path / "again.json")
     assert evaluate_mod.main(args)["BLEU-4"] == pytest.approx(m["BLEU-4"])

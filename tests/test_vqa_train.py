@@ -191,3 +191,46 @@ def test_init_from_continues_a_trained_model(data, trained, tmp_path):
         from tests.conftest import TINY_WORDS, tiny_model_config
         save_pretrained(CaptionModel(tiny_model_config()), Vocabulary(TINY_WORDS), tmp_path / "caption-only")
         cli(_vqa_args(data, tmp_path / "x", "--init-from", str(tmp_path / "caption-only")))
+
+
+def test_fresh_head_on_a_caption_model_mixing_datasets(data, tmp_path):
+    """--fresh-vqa-head on a caption-only model, encoder frozen, two datasets mixed: the caption decoder and the
+    encoder come out bit for bit as they went in, the model still says it captions (with its caption metrics),
+    and the per-type results name each question's dataset."""
+    pytest.importorskip("easy_vqa")
+    from captioner.checkpoint import save_pretrained
+    from captioner.model import CaptionModel
+    from captioner.tokenizer import Vocabulary
+    from tests.conftest import TINY_WORDS, tiny_model_config
+
+    src = save_pretrained(CaptionModel(tiny_model_config()), Vocabulary(TINY_WORDS), tmp_path / "caption-only")
+    (src / "metrics.json").write_text(json.dumps({"tasks": ["caption"], "split": "val", "beam_size": 3,
+                                                  "BLEU-4": 0.123, "CIDEr-D": 0.321}))
+    out = tmp_path / "fresh"
+    assert cli(_vqa_args(data, out, "--epochs", "1", "--init-from", str(src), "--fresh-vqa-head", "--freeze-encoder",
+                         "--feature-cache", str(tmp_path / "cache"), "--vqa-dataset", "v7w", "easy-vqa",
+                         "--max-train-questions", "40", "--max-val-questions", "20")) == 0
+    before, after = load_file(str(src / "model.safetensors")), load_file(str(out / "last" / "model.safetensors"))
+    kept = [k for k in before if k.startswith(("decoder.", "encoder."))]
+    assert kept and all(torch.equal(before[k], after[k]) for k in kept)
+    assert any(k.startswith("vqa.") for k in after)
+    m = json.loads((out / "last" / "metrics.json").read_text())
+    assert m["tasks"] == ["caption", "vqa"] and m["BLEU-4"] == 0.123 and m["CIDEr-D"] == 0.321
+    assert m["vqa_dataset"] == "v7w+easy-vqa"
+    assert {t.split("/")[0] for t in m["val_accuracy_per_type"]} == {"v7w", "easy-vqa"}
+    cfg = json.loads((out / "last" / "config.json").read_text())
+    assert cfg["vqa"]["hidden_dim"] == 16
+    assert Captioner.from_pretrained(out / "last", device="cpu").tasks == ["caption", "vqa"]
+    with pytest.raises(SystemExit, match="at most one besides easy-vqa"):
+        cli(_vqa_args(data, tmp_path / "x", "--vqa-dataset", "v7w", "vqa-mc"))
+
+
+def test_stop_after_ends_early_on_the_full_schedule(data, tmp_path):
+    out, full = tmp_path / "boxed", tmp_path / "full"
+    assert cli(_vqa_args(data, out, "--epochs", "3", "--stop-after", "1")) == 0
+    assert [r["epoch"] for r in _rows(out)] == [0]
+    assert cli(_vqa_args(data, full, "--epochs", "3")) == 0
+    assert _rows(out)[0]["lr"] == pytest.approx(_rows(full)[0]["lr"])  # the 3-epoch cosine, not a 1-epoch one
+    assert cli(_vqa_args(data, out, "--epochs", "3", "--resume")) == 0
+    assert [r["epoch"] for r in _rows(out)] == [0, 1, 2]
+    assert _rows(out)[-1]["val_accuracy"] == pytest.approx(_rows(full)[-1]["val_accuracy"])

@@ -149,7 +149,8 @@ def fit(obj: Objective, args, device: torch.device, state: dict | None = None, b
         obj.load_state(state)
         if is_main():
             log.info("resumed %s at epoch %d (best score %.4f)", obj.out, start, best)
-    for epoch in range(start, args.epochs):
+    end = min(args.epochs, getattr(args, "stop_after", 0) or args.epochs)  # --stop-after: a time-boxed stage
+    for epoch in range(start, end):
         obj.begin_epoch(epoch)
         t0 = time.perf_counter()
         row = {"epoch": epoch, **train_one_epoch(obj, optimizer, scheduler, scaler, args, epoch, device, precision)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -35,6 +36,13 @@ def caption_records(cap: Captioner, records, batch_size: int, workers: int, **ge
     return preds
 
 
+def variety(preds: dict) -> dict:
+    """How generic the captions are: distinct captions over the images, and the commonest one with its count."""
+    counts = Counter(preds.values())
+    top, n = counts.most_common(1)[0] if counts else ("", 0)
+    return {"distinct_captions": len(counts), "commonest_caption": top, "commonest_caption_count": n}
+
+
 def main(args: argparse.Namespace) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     records = read_dataset(args.dataset, args.annotations, args.images, args.split)
@@ -58,9 +66,11 @@ def main(args: argparse.Namespace) -> dict:
     metrics.update({"split": args.split, "dataset": args.dataset, "annotations": str(args.annotations),
                     "checkpoint": args.checkpoint, "beam_size": args.beam_size,
                     "precision": None if args.results else cap.precision,
-                    "skipped_images": len(records) - len(preds), "seconds": round(time.perf_counter() - t0, 1)})
+                    "skipped_images": len(records) - len(preds), "seconds": round(time.perf_counter() - t0, 1),
+                    **variety(preds)})
     out = Path(args.metrics_out or Path(args.out).with_suffix(".metrics.json"))
     write_json_atomic(out, metrics)
     print(format_metrics(metrics))
-    print(f"{len(preds)} images scored ({metrics['skipped_images']} skipped); metrics -> {out}")
+    print(f"{len(preds)} images scored ({metrics['skipped_images']} skipped); {metrics['distinct_captions']} distinct "
+          f"captions, the commonest given to {metrics['commonest_caption_count']} images; metrics -> {out}")
     return metrics

@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torchvision import transforms as T
 
-from captioner.checkpoint import load_pretrained, load_training_state
+from captioner.checkpoint import load_pretrained, load_training_state, read_metrics
 from captioner.config import ModelConfig, PreprocessConfig, VQAConfig, override_encoder, preset
 from captioner.model import CaptionModel
+from captioner.vqa import VQAHead
 from captioner.preprocess import _interp
 
 from .datasets import CaptionDataset, encode_captions, pad_captions, read_dataset
@@ -47,6 +48,7 @@ from .train import evaluate as evaluate_captions
 from .vqa_data import build_vocab, encode_examples, group_by_image, pick_questions, qa_batch, read_vqa, vocab_texts
 
 log = logging.getLogger("captioner.train_vqa")
+CAPTION_METRICS = ("val_loss", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE")
 
 
 
@@ -59,11 +61,15 @@ def build_config(args: argparse.Namespace, vocab_size: int) -> ModelConfig:
                  embed_dim=args.embed_dim or (32 if small else 256), hidden_dim=args.hidden_dim or (32 if small else 512))
     override_encoder(cfg, args.encoder_layers, args.fc_dims, args.image_size, args.resize, args.pool_size,
                      args.encoder_dropout)
-    cfg.vqa = VQAConfig(cell=args.vqa_cell, embed_dim=args.vqa_embed_dim, hidden_dim=args.vqa_hidden_dim,
-                        mlp_dim=args.vqa_mlp_dim, dropout=args.vqa_dropout, max_choices=args.max_choices)
+    cfg.vqa = vqa_config(args)
     cfg.vocab_size, cfg.max_length, cfg.name = vocab_size, args.max_length, Path(args.output).name
     cfg.__post_init__()  # validate the edited config
     return cfg
+
+
+def vqa_config(args: argparse.Namespace) -> VQAConfig:
+    return VQAConfig(cell=args.vqa_cell, embed_dim=args.vqa_embed_dim, hidden_dim=args.vqa_hidden_dim,
+                     mlp_dim=args.vqa_mlp_dim, dropout=args.vqa_dropout, max_choices=args.max_choices)
 
 
 def vqa_train_transform(cfg: PreprocessConfig, flip: bool) -> T.Compose:
@@ -78,12 +84,25 @@ def vqa_train_transform(cfg: PreprocessConfig, flip: bool) -> T.Compose:
 
 
 def read_vqa_splits(args):
-    train = read_vqa(args.vqa_dataset, args.vqa_train_split, args.vqa_annotations, args.vqa_images,
-                     args.vqa_questions, args.num_choices, args.seed)
-    val = read_vqa(args.vqa_dataset, args.vqa_val_split, args.vqa_val_annotations or args.vqa_annotations,
-                   args.vqa_val_images or args.vqa_images, args.vqa_val_questions or args.vqa_questions,
-                   args.num_choices, args.seed)
-    return train[: args.max_train_questions or None], val[: args.max_val_questions or None]
+    """Train and val questions of every --vqa-dataset; with more than one, each question type is prefixed by its
+    dataset (easy-vqa/color and v7w/color are different questions)."""
+    kinds = [args.vqa_dataset] if isinstance(args.vqa_dataset, str) else list(args.vqa_dataset)
+    if len(set(kinds)) != len(kinds) or sum(k != "easy-vqa" for k in kinds) > 1:
+        raise SystemExit("--vqa-dataset: each at most once, and at most one besides easy-vqa (the --vqa-* file "
+                         "options are its)")
+    train, val = [], []
+    for kind in kinds:
+        t = read_vqa(kind, args.vqa_train_split, args.vqa_annotations, args.vqa_images, args.vqa_questions,
+                     args.num_choices, args.seed)
+        v = read_vqa(kind, args.vqa_val_split, args.vqa_val_annotations or args.vqa_annotations,
+                     args.vqa_val_images or args.vqa_images, args.vqa_val_questions or args.vqa_questions,
+                     args.num_choices, args.seed)
+        if len(kinds) > 1:
+            for e in (*t, *v):
+                e.qtype = f"{kind}/{e.qtype}"
+        train += t[: args.max_train_questions or None]
+        val += v[: args.max_val_questions or None]
+    return train, val
 
 
 def read_caption_splits(args):
@@ -159,8 +178,9 @@ class VQAObjective(Objective):
                      len(self.vqa_train), len(self.rec_train), len(self.vqa_val), len(self.rec_val),
                      len(self.cap_train), len(self.cap_val), len(self.vocab),
                      sum(p.numel() for p in model.parameters()) / 1e6, device, self.amp_dtype, world)
-        if not self.joint:
-            model.decoder.requires_grad_(False)  # untrained in a VQA-only model; kept only because CaptionModel has one
+        if not self.joint:  # untrained in a VQA-only model, or a trained one carried from --init-from unchanged
+            model.decoder.requires_grad_(False)
+        self.carried = self._carried(state is not None)
         self.enc_params = list(model.encoder.parameters())
         self.schedule = args.schedule
 
@@ -169,6 +189,9 @@ class VQAObjective(Objective):
         if resume or args.init_from:
             src = last if resume else args.init_from
             model, vocab = load_pretrained(src, "cpu")
+            if args.fresh_vqa_head and not resume:  # a new head (the --vqa-* flags) on the kept encoder and decoder
+                model.cfg.vqa = vqa_config(args)
+                model.vqa = VQAHead(model.cfg.vqa, model.cfg.vocab_size, model.cfg.encoder.feature_dim)
             if model.vqa is None:
                 raise SystemExit(f"--resume: {last} has no VQA head" if resume else
                                  f"--init-from: {args.init_from} has no VQA head (train one with --task joint or vqa)")
@@ -183,6 +206,22 @@ class VQAObjective(Objective):
         if args.encoder_weights:
             model.encoder.load_imagenet(args.encoder_weights)
         return model, vocab
+
+    def _carried(self, resume: bool) -> dict:
+        """--task vqa from a caption model: its decoder is kept as it was, so the model still captions; with the
+        encoder frozen for the whole run its caption metrics stay true and are kept too."""
+        args = self.args
+        src = self.out / "last" if resume else args.init_from
+        m = (read_metrics(src) or {}) if (src and not self.joint) else {}
+        if "caption" not in m.get("tasks", []):
+            return {}
+        self.tasks = ["caption", "vqa"]
+        if not (args.freeze_encoder and args.finetune_after < 0):
+            if is_main():
+                log.warning("the encoder is trained: the caption decoder of %s no longer sees the v it was trained "
+                            "on; measure its captions again with `captioner evaluate`", src)
+            return {"tasks": self.tasks}
+        return {k: m[k] for k in ("tasks", "domain", "split", "beam_size", *CAPTION_METRICS) if k in m}
 
     def optimizer(self) -> torch.optim.Optimizer:
         model, args = self.model, self.args
@@ -281,8 +320,7 @@ class VQAObjective(Objective):
             cl = make_loader(self.images(self.cap_val, False, False), args.eval_batch_size, False, args.workers,
                              args.seed, epoch, 1, 0)
             m = evaluate_captions(model, cl, self.cap_val, self.cap_val_caps, self.vocab, args, device, self.amp_dtype)
-            up.update({k: m[k] for k in ("val_loss", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L",
-                                         "CIDEr-D", "SPICE")})
+            up.update({k: m[k] for k in CAPTION_METRICS})
             up["examples"] = m["examples"]
             score += up["CIDEr-D"]
         up["score"] = score
@@ -296,8 +334,9 @@ class VQAObjective(Objective):
 
     def save(self, epoch: int, row: dict, rows: list[dict], is_best: bool, state: dict) -> None:
         args = self.args
-        metrics = {"epoch": epoch, "tasks": self.tasks, "image_blind": args.image_blind,
-                   "vqa_dataset": args.vqa_dataset, "vqa_split": args.vqa_val_split,
+        metrics = {**self.carried, "epoch": epoch, "tasks": self.tasks, "image_blind": args.image_blind,
+                   "vqa_dataset": "+".join([args.vqa_dataset] if isinstance(args.vqa_dataset, str) else args.vqa_dataset),
+                   "vqa_split": args.vqa_val_split,
                    **({"split": args.val_split, "beam_size": args.eval_beam} if self.joint else {}),
                    **{k: v for k, v in row.items() if k != "examples"}, "args": jsonable_args(args)}
         save_model_dirs(self.model, self.vocab, self.out, metrics, state, is_best, _card(metrics, self.cfg))

@@ -86,6 +86,8 @@ def main(args: argparse.Namespace) -> int:
     metrics = read_metrics(src) or {}
     if args.add_decoders:
         metrics = ensemble_metrics(metrics, [str(src), *args.add_decoders])
+    if args.domain:
+        metrics["domain"] = args.domain
     for m in args.metrics:
         metrics.setdefault("evaluations", []).append(json.loads(Path(m).read_text()))
     card = Path(args.card).read_text() if args.card else ((src / CARD).read_text() if (src / CARD).is_file() else None)

@@ -85,6 +85,8 @@ def train(add_help: bool = True) -> argparse.ArgumentParser:
                    help="reward = CIDEr-D + this x sentence BLEU-4 (0 = CIDEr-D alone)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--stop-after", type=int, default=0, metavar="N",
+                   help="end after N epochs of the --epochs schedule (0 = run it all); --resume goes on from there")
     g.add_argument("--batch-size", type=int, default=32, help="images per step per process")
     g.add_argument("--lr", type=float, help="learning rate (default: 2e-3, or 5e-5 with --scst)")
     g.add_argument("--encoder-lr", type=float, help="encoder learning rate (default: --lr)")
@@ -114,7 +116,9 @@ def train_vqa(add_help: bool = True) -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=["vqa", "joint"], required=True)
     g = p.add_argument_group("VQA data")
-    g.add_argument("--vqa-dataset", choices=["easy-vqa", "v7w", "vqa-mc"], default="easy-vqa")
+    g.add_argument("--vqa-dataset", nargs="+", choices=["easy-vqa", "v7w", "vqa-mc"], default=["easy-vqa"],
+                   help="one or more, mixed in every step (e.g. v7w easy-vqa: questions from `captioner make-vqa` "
+                        "plus the shapes); the file options below belong to the one that is not easy-vqa")
     g.add_argument("--vqa-annotations", help="v7w: dataset_v7w_telling.json; vqa-mc: train annotations")
     g.add_argument("--vqa-questions", help="vqa-mc: train MultipleChoice questions JSON")
     g.add_argument("--vqa-images", help="v7w / vqa-mc: image folder")
@@ -124,7 +128,7 @@ def train_vqa(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--vqa-train-split", default="train")
     g.add_argument("--vqa-val-split", default="val")
     g.add_argument("--num-choices", type=int, default=4, help="easy-VQA: most choices per question")
-    g.add_argument("--max-train-questions", type=int, default=0, help="first N training questions (0 = all)")
+    g.add_argument("--max-train-questions", type=int, default=0, help="first N training questions of each dataset (0 = all)")
     g.add_argument("--max-val-questions", type=int, default=0)
     g.add_argument("--questions-per-image", type=int, default=8, help="questions drawn per image per step")
     g.add_argument("--flip", action="store_true", help="random horizontal flips (off: answers may say left/right)")
@@ -164,6 +168,9 @@ def _train_vqa_model_and_run(p: argparse.ArgumentParser) -> None:
     g.add_argument("--feature-cache", default=".cache/features")
     g.add_argument("--image-blind", action="store_true", help="baseline: v = 0, the model never sees the image")
     g.add_argument("--init-from", help="continue training this saved model with a VQA head (its config and vocabulary)")
+    g.add_argument("--fresh-vqa-head", action="store_true",
+                   help="with --init-from: a new VQA head built from the --vqa-* flags below; the model's encoder, "
+                        "caption decoder and vocabulary are kept (it may be a caption-only model)")
     g.add_argument("--vqa-cell", choices=["rnn", "gru", "lstm"], default="lstm")
     g.add_argument("--vqa-embed-dim", type=int, default=128)
     g.add_argument("--vqa-hidden-dim", type=int, default=256)
@@ -178,6 +185,8 @@ def _train_vqa_model_and_run(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=float, default=0.5)
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--stop-after", type=int, default=0, metavar="N",
+                   help="end after N epochs of the --epochs schedule (0 = run it all); --resume goes on from there")
     g.add_argument("--batch-size", type=int, default=32, help="images per step per process (each task)")
     g.add_argument("--lr", type=float, default=2e-3)
     g.add_argument("--encoder-lr", type=float)
@@ -228,6 +237,8 @@ def distill(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--min-scale", type=float, default=0.25, help="smallest random-resized-crop area")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=30)
+    g.add_argument("--stop-after", type=int, default=0, metavar="N",
+                   help="end after N epochs of the --epochs schedule (0 = run it all); --resume goes on from there")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--lr", type=float, default=2e-3)
     g.add_argument("--weight-decay", type=float, default=0.05)
@@ -298,6 +309,26 @@ def evaluate_vqa(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--out", default="vqa_results.json", help="per-question predictions")
     p.add_argument("--metrics-out", help="metrics JSON (default: next to --out)")
+    return p
+
+
+def make_vqa(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("captioner make-vqa", add_help=add_help, description=_doc("training.make_vqa"),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--karpathy", nargs=2, action="append", metavar=("ANNOTATIONS", "IMAGES"),
+                   help="a Karpathy split JSON and its image root (repeatable); the --splits of it are used")
+    p.add_argument("--coco", nargs=3, action="append", metavar=("CAPTIONS", "IMAGES", "SPLIT"),
+                   help="a COCO captions JSON, its image folder and the split its questions get (repeatable); "
+                        "instances_*.json beside it, if there, decides presence and people counts")
+    p.add_argument("--splits", nargs="+", default=["train", "val"],
+                   help="Karpathy splits to use (keep test out of anything you train or select on)")
+    p.add_argument("--image-root", help="filenames are written relative to this folder (default: the deepest "
+                                        "folder above every image); give it as --vqa-images when training")
+    p.add_argument("--min-support", type=int, default=2, help="captions that must say an answer (none may "
+                                                               "contradict it)")
+    p.add_argument("--num-choices", type=int, default=4, help="choices per question (yes/no questions have 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="Visual7W telling JSON (and OUT.stats.json beside it)")
     return p
 
 
@@ -376,6 +407,8 @@ def export(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--metrics", action="append", default=[], metavar="JSON",
                    help="evaluation metrics JSON to merge into metrics.json under 'evaluations' (repeatable)")
     p.add_argument("--card", help="Markdown model card to ship as README.md (default: the checkpoint's own)")
+    p.add_argument("--domain", help="one line saying what the model knows (metrics.json 'domain'; the web page and "
+                                    "/v1/models show it)")
     p.add_argument("--add-decoders", nargs="+", default=[], metavar="DIR",
                    help="ensemble: add the caption decoders of these checkpoints, trained on this one's frozen encoder "
                         "with its vocabulary (`captioner train --init-from CHECKPOINT --fresh-decoder --freeze-encoder`)")
