@@ -221,7 +221,8 @@ class VQAObjective(Objective):
                 log.warning("the encoder is trained: the caption decoder of %s no longer sees the v it was trained "
                             "on; measure its captions again with `captioner evaluate`", src)
             return {"tasks": self.tasks}
-        return {k: m[k] for k in ("tasks", "domain", "split", "beam_size", *CAPTION_METRICS) if k in m}
+        return {k: m[k] for k in ("tasks", "split", "beam_size", *CAPTION_METRICS) if k in m}  # not "domain": the VQA
+        # head changed what the model knows (export --domain says it anew)
 
     def optimizer(self) -> torch.optim.Optimizer:
         model, args = self.model, self.args
