@@ -10,6 +10,13 @@ one call per image (K rows per step), which is what neuraltalk2 / im2txt / the P
 Prints images/s for both paths, the speedup, a greedy reference, and how many top captions agree. For an
 ensemble checkpoint (config.json decoder.members > 1) it also times its first member alone, batched, in the same
 rounds: the price of the ensemble.
+
+--attention [DIR] also times an attention decoder (decoder.inject = attention; DIR, or a random one of the same
+shape on the same encoder) in the same rounds, batched beam on its conv grids, and prints its speed as a ratio of
+the FC decoder's, with the size of the per-image tensors it carries for a batch of 32 x the beam:
+
+    python bench/decode.py --checkpoint captioner/models/default --attention models/attention \
+        --image-dir ../shared/data/flickr8k/images
 """
 from __future__ import annotations
 
@@ -54,7 +61,29 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="wall (default) or cpu: this process's CPU time, for --threads 1 on a busy shared machine")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per path; the median is reported")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attention", nargs="?", const="random", default=None, metavar="DIR",
+                   help="also time an attention decoder: the checkpoint DIR, or (no DIR) a random one of the same shape")
     return p
+
+
+def attention_twin(model: CaptionModel, path: str, n: int, image_dir: str | None, device: torch.device,
+                   image_scale: float):
+    """The attention decoder to compare and its grids for the same images."""
+    if path == "random":
+        from dataclasses import replace
+
+        cfg = ModelConfig.from_dict(model.cfg.to_dict())
+        cfg.decoder = replace(cfg.decoder, inject="attention", members=1)
+        att = CaptionModel(cfg).to(device)
+        att.encoder.load_state_dict(model.encoder.state_dict())
+        with torch.no_grad():
+            att.decoder.layers[0].W_ih.weight.mul_(image_scale)
+    else:
+        from captioner.checkpoint import load_pretrained
+
+        att, _ = load_pretrained(path, device)
+    grid, _ = load_features(att.eval(), n, image_dir, device)
+    return att.decoder.eval(), grid
 
 
 def random_model(vocab_size: int, image_scale: float) -> tuple[CaptionModel, Vocabulary]:
@@ -152,15 +181,22 @@ def main(args: argparse.Namespace) -> int:
     print(f"features: {src}; beam={args.beam} max_length={max_length} repeats={args.repeats} (median; paths timed round-robin after 1 warm-up each)")
     print(f"config.json: {json.dumps(cfg.to_dict(), separators=(',', ':'))}")
 
+    att = None
+    if args.attention:
+        att = attention_twin(model, args.attention, args.images, args.image_dir, device, args.image_scale)
+        a = att[0]
+        print(f"attention decoder: {args.attention}; grid {tuple(att[1].shape[1:])}, attention_dim "
+              f"{a.cfg.attention_dim}, gate {a.cfg.attention_gate}")
     ok = True
     for prec in precisions:
         with autocast(device, prec):
-            ok &= bench_precision(prec, decoder, v, vocab, args.beam, max_length, args.repeats, device, args.clock)
+            ok &= bench_precision(prec, decoder, v, vocab, args.beam, max_length, args.repeats, device, args.clock,
+                                  att)
     return 0 if ok else 1
 
 
 def bench_precision(prec: str, decoder: Decoder, v: torch.Tensor, vocab: Vocabulary, beam: int, max_length: int,
-                    repeats: int, device: torch.device, clock: str) -> bool:
+                    repeats: int, device: torch.device, clock: str, att=None) -> bool:
     """Time batched beam, per-image beam and batched greedy; True when every top caption agrees."""
     n = v.size(0)
     paths = {
@@ -171,6 +207,8 @@ def bench_precision(prec: str, decoder: Decoder, v: torch.Tensor, vocab: Vocabul
     members = getattr(decoder, "members", None)
     if members is not None:
         paths["member"] = lambda: beam_search(members[0], v, beam, max_length)
+    if att is not None:
+        paths["attention"] = lambda: beam_search(att[0], att[1], beam, max_length)
     res = interleaved(paths, device, repeats, clock=clock)
     (t_batch, times_b, hyp_b), (t_loop, times_l, hyp_l), (t_greedy, times_g, _) = list(res.values())[:3]
 
@@ -186,6 +224,21 @@ def bench_precision(prec: str, decoder: Decoder, v: torch.Tensor, vocab: Vocabul
         t_member, times_m, _ = res["member"]
         row(f"beam {beam}, member 0 alone", t_member, times_m)
         print(f"  ensemble of {len(members)} / one member: {t_batch / t_member:.2f}x the time")
+    if att is not None:
+        t_att, times_a, hyp_a = res["attention"]
+        row(f"beam {beam}, batched, attention", t_att, times_a)
+        length = lambda h: h.lengths[:, 0].float().mean().item()  # noqa: E731  (decoding stops at the last <eos>)
+        ratio = t_att / t_batch
+        print(f"  attention / FC decoding time: {ratio:.2f}x (target <= 2x: {'met' if ratio <= 2 else 'NOT met'}); "
+              f"mean caption length {length(hyp_a):.1f} vs {length(hyp_b):.1f} tokens")
+        with torch.inference_mode():
+            iv = att[0].image_proj(att[1][:1])  # (1, P, C+A)
+            fc_row = decoder.image_proj(v[:1]).numel() * 4
+        per_row = iv.numel() * 4  # float32 bytes
+        print(f"  attention carries [a_i ; W_a a_i] = {tuple(iv.shape[1:])} per beam row: "
+              f"{32 * beam * per_row / 2**20:.1f} MiB for batch 32 x beam {beam} (FC: W_ih v, "
+              f"{32 * beam * fc_row / 2**20:.2f} MiB), plus {32 * beam * max_length} "
+              f"x {iv.shape[1]} floats of recorded maps when asked for")
     speedup = t_loop / t_batch
     print(f"  speedup batched / per-image: {speedup:.1f}x  (target >= 10x: {'met' if speedup >= 10 else 'NOT met'})")
 

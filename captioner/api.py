@@ -11,7 +11,7 @@ from .checkpoint import load_pretrained, read_metrics
 from .model import CaptionModel
 from .preprocess import ImageInput, eval_transform, to_tensor
 from .runtime import autocast, default_device, memory_format, resolve_precision
-from .tokenizer import Vocabulary
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID, Vocabulary
 from .vqa import VQAInputError, VQAUnavailableError, encode_batch
 
 
@@ -20,9 +20,16 @@ class Caption:
     text: str
     log_prob: float  # sum of token log-probabilities, <eos> included
     score: float  # the ranking score (length-normalised when length_penalty > 0)
+    # with return_attention: the caption's word tokens (before detokenizing "dog 's" to "dog's") and, per word,
+    # the attention map that produced it, a grid of S x S floats summing to 1 (rows top to bottom)
+    words: list[str] | None = None
+    attention: list[list[list[float]]] | None = None
 
     def to_dict(self) -> dict:
-        return {"caption": self.text, "log_prob": self.log_prob, "score": self.score}
+        d = {"caption": self.text, "log_prob": self.log_prob, "score": self.score}
+        if self.attention is not None:
+            d["words"], d["attention"] = self.words, self.attention
+        return d
 
 
 @dataclass
@@ -86,9 +93,14 @@ class Captioner:
             chunks = x.split(8) if x.device.type == "cpu" else (x,)
             return torch.cat([self.model.encode(c).float() for c in chunks])
 
+    @property
+    def has_attention(self) -> bool:
+        return self.cfg.attention
+
     @torch.no_grad()
     def caption_batch(self, batch: torch.Tensor | None = None, features: torch.Tensor | None = None, **gen) -> list[list[Caption]]:
-        """Caption a preprocessed batch (B, 3, S, S) or precomputed features (B, D); returns n-best per image."""
+        """Caption a preprocessed batch (B, 3, S, S) or precomputed features (encode()'s); returns n-best per image.
+        return_attention=True (attention models) adds each caption's words and per-word maps."""
         n, beam = gen.get("num_captions", 1), gen.get("beam_size", 3)
         if not gen.get("do_sample") and not 1 <= n <= beam:
             raise ValueError(f"num_captions ({n}) must be between 1 and beam_size ({beam}): pass beam_size={max(n, 1)} "
@@ -97,7 +109,17 @@ class Captioner:
         with autocast(self.device, self.precision):
             hyp = self.model.generate(features=v, **gen)
         toks, lps, scs = hyp.tokens.tolist(), hyp.log_probs.tolist(), hyp.scores.tolist()
-        return [[Caption(self.vocab.decode(t), lp, s) for t, lp, s in zip(ti, li, si)] for ti, li, si in zip(toks, lps, scs)]
+        out = [[Caption(self.vocab.decode(t), lp, s) for t, lp, s in zip(ti, li, si)] for ti, li, si in zip(toks, lps, scs)]
+        if hyp.attention is not None:
+            S = self.cfg.feature_shape[-1]
+            att = hyp.attention.float().cpu()  # (B, n, T, P)
+            for i, caps in enumerate(out):
+                for j, cap in enumerate(caps):
+                    ids = [t for t in toks[i][j] if t not in (PAD_ID, BOS_ID)]
+                    n = ids.index(EOS_ID) if EOS_ID in ids else len(ids)
+                    cap.words = [self.vocab.itos[t] for t in ids[:n]]
+                    cap.attention = att[i, j, :n].view(n, S, S).tolist()
+        return out
 
     def caption(
         self,
@@ -111,7 +133,7 @@ class Captioner:
         """Caption one image (-> list of captions) or a list of images (-> one list per image).
 
         Images may be paths, bytes, PIL images or tensors. Extra keywords go to ``CaptionModel.generate``
-        (length_penalty, block_trigrams, do_sample, temperature, top_k).
+        (length_penalty, block_trigrams, do_sample, temperature, top_k, return_attention).
         """
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
@@ -145,14 +167,15 @@ class Captioner:
     @torch.no_grad()
     def answer_batch(self, features: torch.Tensor, questions: Sequence[str],
                      choices: Sequence[Sequence[str]]) -> list[Answer]:
-        """Answer one multiple-choice question per image from encoded images ``features`` (B, D).
+        """Answer one multiple-choice question per image from encoded images ``features`` (encode()'s).
 
         The choice lists may differ in length (2..cfg.vqa.max_choices). Raises VQAInputError for bad input.
         """
         self._require_vqa()
         q, c, m, _ = encode_batch(self.vocab, self.cfg.vqa, questions, choices)
-        if features.dim() != 2 or features.size(0) != len(questions):
-            raise VQAInputError(f"features must be (B={len(questions)}, D), got {tuple(features.shape)}")
+        if features.shape[1:] != self.cfg.feature_shape or features.size(0) != len(questions):
+            raise VQAInputError(f"features must be (B={len(questions)}, {', '.join(map(str, self.cfg.feature_shape))}), "
+                                f"got {tuple(features.shape)}")
         dev = self.device
         with autocast(dev, self.precision):
             logits = self.model.answer_logits(features.to(dev), q.to(dev), c.to(dev), m.to(dev))

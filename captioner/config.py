@@ -49,11 +49,24 @@ class EncoderConfig:
     def channels(self) -> int:
         return [c for c in self.layers if c != "M"][-1]
 
+    def grid_size(self, image_size: int) -> int:
+        """Cells per side of the annotation grid attention reads: the conv stack's output before its last max-pool
+        (7 for the compact encoder at 112 px, 14 for VGG16 at 224 px, as in Show-Attend-Tell)."""
+        pools = [c for c in self.layers if c == "M"]
+        if self.layers and self.layers[-1] == "M":
+            pools = pools[:-1]
+        s = image_size
+        for _ in pools:
+            s //= 2
+        return s
+
 
 @dataclass
 class DecoderConfig:
     cell: str = "rnn"  # rnn | gru | lstm
-    inject: str = "every"  # every (NeuralTalk: W_ih v at every step) | first (Show-and-Tell: only at t=0)
+    # every (NeuralTalk: W_ih v at every step) | first (Show-and-Tell: only at t=0) | attention (Show-Attend-Tell:
+    # W_ih z_t at every step, z_t a soft-attention average of the encoder's conv grid)
+    inject: str = "every"
     embed_dim: int = 256
     hidden_dim: int = 512
     num_layers: int = 1
@@ -62,6 +75,8 @@ class DecoderConfig:
     # decoders of this shape whose next-word probabilities are averaged at every step (an ensemble, built by
     # `captioner export --add-decoders` from members trained on the same frozen encoder)
     members: int = 1
+    attention_dim: int = 256  # inject=attention: width of e_ti = w^T tanh(W_a a_i + U_a h_{t-1})
+    attention_gate: bool = True  # inject=attention: z_t scaled by beta_t = sigmoid(f_beta(h_{t-1})) (Xu et al. 4.2.1)
 
 
 @dataclass
@@ -97,8 +112,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.decoder.cell not in ("rnn", "gru", "lstm"):
             raise ValueError(f"decoder.cell must be rnn, gru or lstm, got {self.decoder.cell!r}")
-        if self.decoder.inject not in ("every", "first"):
-            raise ValueError(f"decoder.inject must be 'every' or 'first', got {self.decoder.inject!r}")
+        if self.decoder.inject not in ("every", "first", "attention"):
+            raise ValueError(f"decoder.inject must be 'every', 'first' or 'attention', got {self.decoder.inject!r}")
+        if self.attention and self.decoder.members > 1:
+            raise ValueError("decoder ensembles (members > 1) do not support inject=attention: each member would "
+                             "need its own heatmaps; ensemble FC decoders, or use one attention decoder")
         if self.decoder.num_layers < 1:
             raise ValueError("decoder.num_layers must be >= 1")
         if self.decoder.members < 1:
@@ -109,8 +127,27 @@ class ModelConfig:
             if self.vqa.max_choices < 2:
                 raise ValueError("vqa.max_choices must be >= 2")
 
+    @property
+    def attention(self) -> bool:
+        return self.decoder.inject == "attention"
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """What CaptionModel.encode() gives per image: v (D,), or for attention the conv grid (C, S, S)."""
+        if self.attention:
+            s = self.encoder.grid_size(self.preprocess.image_size)
+            return (self.encoder.channels, s, s)
+        return (self.encoder.feature_dim,)
+
+    @property
+    def decoder_image_dim(self) -> int:
+        """The width of what W_ih multiplies: v, or one annotation vector a_i of the grid."""
+        return self.encoder.channels if self.attention else self.encoder.feature_dim
+
     def to_dict(self) -> dict[str, Any]:
         d = {"format": "captioner/1", **asdict(self)}
+        if not self.attention:  # keys only attention reads: FC config.json stays readable by older releases
+            del d["decoder"]["attention_dim"], d["decoder"]["attention_gate"]
         if d["vqa"] is None:
             del d["vqa"]  # caption-only config.json stays exactly as before
         if d["decoder"]["members"] == 1:

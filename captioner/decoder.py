@@ -7,6 +7,11 @@ W_xh·x for all steps at once, adds W_ih·v (computed once per image), and loops
     gru/lstm: the same W_xh·x_t + W_ih·v (+ b) feeds the gates of the standard cells.
 
 Layer 0 reads word embeddings and receives the image; layer l > 0 reads h^(l-1)_t and its own h^(l)_{t-1}.
+
+With inject=attention (Xu et al. 2015, soft attention) the image is the encoder's conv grid a_1..a_P and layer 0's
+image term is W_ih·z_t instead of W_ih·v, with z_t = beta_t * sum_i alpha_ti a_i,
+alpha_t = softmax_i(w^T tanh(W_a a_i + U_a h_{t-1})): W_a a_i is computed once per image (image_proj), the rest
+per step. h_{t-1} is layer 0's own state, so the layers still run one after another over all steps in training.
 A ``DecoderEnsemble`` runs several such decoders over the same v and averages their next-word probabilities.
 """
 from __future__ import annotations
@@ -49,6 +54,35 @@ class RecurrentLayer(nn.Module):
         return torch.sigmoid(o) * torch.tanh(c), c
 
 
+class SoftAttention(nn.Module):
+    """Deterministic soft attention over P annotation vectors a_i (N, P, C), driven by the previous hidden state."""
+
+    def __init__(self, annotation_dim: int, hidden_dim: int, attention_dim: int, gate: bool) -> None:
+        super().__init__()
+        self.C = annotation_dim
+        self.W_a = nn.Linear(annotation_dim, attention_dim)  # carries the bias
+        self.U_a = nn.Linear(hidden_dim, attention_dim, bias=False)
+        self.w = nn.Linear(attention_dim, 1, bias=False)
+        self.f_beta = nn.Linear(hidden_dim, 1) if gate else None
+
+    def precompute(self, grid: torch.Tensor) -> torch.Tensor:
+        """grid (N, C, S, S) -> [a_i ; W_a a_i] (N, P=S*S, C+A), one tensor so that searches repeat and
+        reorder it like W_ih·v."""
+        a = grid.flatten(2).transpose(1, 2)  # (N, P, C), cells in row-major order
+        wa = self.W_a(a)
+        return torch.cat([a.to(wa.dtype), wa], -1)
+
+    def forward(self, ann: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ann = precompute(grid) (N, P, C+A), h = h_{t-1} (N, H) -> z_t (N, C), alpha_t (N, P) (float32)."""
+        a, wa = ann[..., :self.C], ann[..., self.C:]
+        e = self.w(torch.tanh(wa + self.U_a(h)[:, None])).squeeze(-1)  # (N, P)
+        alpha = e.float().softmax(-1)  # float32: the heatmaps sum to 1 at any autocast precision
+        z = torch.bmm(alpha[:, None].to(a.dtype), a).squeeze(1)  # (N, C)
+        if self.f_beta is not None:
+            z = torch.sigmoid(self.f_beta(h)) * z
+        return z, alpha
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg: DecoderConfig, vocab_size: int, image_dim: int) -> None:
         super().__init__()
@@ -66,52 +100,70 @@ class Decoder(nn.Module):
             self.register_buffer("h0", h0)
         self.drop = nn.Dropout(cfg.dropout)
         self.W_hy = nn.Linear(H, vocab_size)
+        self.attend = (SoftAttention(image_dim, H, cfg.attention_dim, cfg.attention_gate)
+                       if cfg.inject == "attention" else None)
 
     def init_state(self, n: int) -> State:
         return tuple(s[:, None].expand(-1, n, -1).contiguous() for s in self.h0)  # each (L, N, H)
 
     def image_proj(self, v: torch.Tensor) -> torch.Tensor:
-        return self.layers[0].W_ih(v)  # (N, G*H), computed once per image
+        """Computed once per image: W_ih·v (N, G*H), or for attention [a_i ; W_a a_i] (N, P, C+A) from the grid."""
+        return self.attend.precompute(v) if self.attend is not None else self.layers[0].W_ih(v)
 
     def _inject(self, xp: torch.Tensor, iv: torch.Tensor, t: int) -> torch.Tensor:
         return xp + iv if (self.cfg.inject == "every" or t == 0) else xp
 
-    def forward(self, v: torch.Tensor, tokens: torch.Tensor, return_hidden: bool = False) -> torch.Tensor:
-        """Teacher forcing: v (N, D), tokens (N, T) starting with <bos> -> logits (N, T, V)."""
+    def forward(self, v: torch.Tensor, tokens: torch.Tensor, return_hidden: bool = False,
+                return_attention: bool = False):
+        """Teacher forcing: v (N, D) or grid (N, C, S, S), tokens (N, T) starting with <bos> -> logits (N, T, V)
+        (or the top layer's hidden states (N, T, H)); with return_attention also alpha (N, T, P) (attention only)."""
         N, T = tokens.shape
-        iv = self.image_proj(v)[:, None]  # (N, 1, G*H)
+        iv = self.image_proj(v)
         state = self.init_state(N)
         x = self.drop(self.embed(tokens))  # (N, T, E)
+        alphas: list[torch.Tensor] = []
         for l, layer in enumerate(self.layers):
             xp = layer.W_xh(x)  # (N, T, G*H): all steps in one matmul
-            if l == 0:
-                if self.cfg.inject == "every":
-                    xp = xp + iv
-                else:
-                    xp = torch.cat([xp[:, :1] + iv, xp[:, 1:]], 1)
+            if l == 0 and self.cfg.inject == "every":
+                xp = xp + iv[:, None]
+            elif l == 0 and self.cfg.inject == "first":
+                xp = torch.cat([xp[:, :1] + iv[:, None], xp[:, 1:]], 1)
             h = state[0][l]
             c = state[1][l] if len(state) == 2 else None
             outs = []
             for t in range(T):
-                h, c = layer.step(xp[:, t], h, c)
+                if l == 0 and self.attend is not None:
+                    z, alpha = self.attend(iv, h)
+                    alphas.append(alpha)
+                    h, c = layer.step(xp[:, t] + layer.W_ih(z), h, c)
+                else:
+                    h, c = layer.step(xp[:, t], h, c)
                 outs.append(h)
             x = self.drop(torch.stack(outs, 1))  # (N, T, H)
-        return x if return_hidden else self.W_hy(x)
+        out = x if return_hidden else self.W_hy(x)
+        if return_attention:
+            return out, torch.stack(alphas, 1) if alphas else None
+        return out
 
-    def step(self, tokens: torch.Tensor, state: State, iv: torch.Tensor, t: int) -> tuple[torch.Tensor, State]:
-        """One decoding step: tokens (N,), state, iv = image_proj(v) (N, G*H) -> logits (N, V), new state."""
+    def step(self, tokens: torch.Tensor, state: State, iv: torch.Tensor, t: int, return_attention: bool = False):
+        """One decoding step: tokens (N,), state, iv = image_proj(v) -> logits (N, V), new state
+        (and with return_attention the step's alpha (N, P), None without attention)."""
         x = self.embed(tokens)  # (N, E)
         hs, cs = [], []
+        alpha = None
         for l, layer in enumerate(self.layers):
             xp = layer.W_xh(x)
-            if l == 0:
+            if l == 0 and self.attend is not None:
+                z, alpha = self.attend(iv, state[0][0])
+                xp = xp + layer.W_ih(z)
+            elif l == 0:
                 xp = self._inject(xp, iv, t)
             h, c = layer.step(xp, state[0][l], state[1][l] if len(state) == 2 else None)
             hs.append(h)
             cs.append(c)
             x = h
         new_state = (torch.stack(hs),) + ((torch.stack(cs),) if len(state) == 2 else ())
-        return self.W_hy(x), new_state
+        return (self.W_hy(x), new_state, alpha) if return_attention else (self.W_hy(x), new_state)
 
 
 class DecoderEnsemble(nn.Module):
@@ -144,7 +196,9 @@ class DecoderEnsemble(nn.Module):
     def image_proj(self, v: torch.Tensor) -> torch.Tensor:
         return torch.cat([m.image_proj(v) for m in self.members], 1)  # (N, M*G*H)
 
-    def step(self, tokens: torch.Tensor, state: State, iv: torch.Tensor, t: int) -> tuple[torch.Tensor, State]:
+    def step(self, tokens: torch.Tensor, state: State, iv: torch.Tensor, t: int, return_attention: bool = False):
+        if return_attention:
+            raise ValueError("a decoder ensemble has no attention maps")
         L = self.cfg.num_layers
         logits, states = [], []
         for i, (m, iv_m) in enumerate(zip(self.members, iv.chunk(len(self.members), 1))):

@@ -22,6 +22,7 @@ class Hypotheses:
     log_probs: torch.Tensor  # (B, n) sum of token log-probabilities, <eos> included
     scores: torch.Tensor  # (B, n) ranking score (log_probs / length ** length_penalty), best first
     lengths: torch.Tensor  # (B, n) words + 1 for <eos>
+    attention: torch.Tensor | None = None  # (B, n, T, P) alpha of each step (zeros after <eos>), when asked for
 
 
 def _lengths(seqs: torch.Tensor) -> torch.Tensor:
@@ -54,28 +55,50 @@ def _block_repeated_trigrams(logp: torch.Tensor, seqs: torch.Tensor) -> None:
     logp.scatter_(1, banned, NEG_INF)
 
 
+class AttentionUnavailableError(ValueError):
+    """Attention maps were asked of a model without an attention decoder."""
+
+
+def _step(decoder: Decoder, tok, state, iv, t: int, record: bool):
+    """decoder.step, with the step's attention (N, P) or None."""
+    if record:
+        return decoder.step(tok, state, iv, t, return_attention=True)
+    return (*decoder.step(tok, state, iv, t), None)
+
+
+def _check_attention(decoder: Decoder, return_attention: bool) -> None:
+    if return_attention and getattr(decoder, "attend", None) is None:
+        raise AttentionUnavailableError("this model's decoder has no attention (config decoder.inject is "
+                                        f"{decoder.cfg.inject!r}): attention maps need a model trained with "
+                                        "`captioner train --inject attention`")
+
+
 @torch.no_grad()
-def greedy_search(decoder: Decoder, v: torch.Tensor, max_length: int) -> Hypotheses:
+def greedy_search(decoder: Decoder, v: torch.Tensor, max_length: int, return_attention: bool = False) -> Hypotheses:
+    _check_attention(decoder, return_attention)
     B = v.size(0)
     iv = decoder.image_proj(v)
     state = decoder.init_state(B)
     tok = torch.full((B,), BOS_ID, dtype=torch.long, device=v.device)
     done = torch.zeros(B, dtype=torch.bool, device=v.device)
     total = torch.zeros(B, device=v.device)
-    out = []
+    out, att = [], []
     for t in range(max_length + 1):
-        logits, state = decoder.step(tok, state, iv, t)
+        logits, state, alpha = _step(decoder, tok, state, iv, t, return_attention)
         logp = _mask_specials(F.log_softmax(logits.float(), -1), t, max_length)
         lp, tok = logp.max(-1)
         tok = tok.masked_fill(done, PAD_ID)
         total += lp.masked_fill(done, 0.0)
         out.append(tok)
+        if alpha is not None:
+            att.append(alpha.masked_fill(done[:, None], 0.0))
         done |= tok == EOS_ID
         if done.all():
             break
     seqs = torch.stack(out, 1)[:, None]  # (B, 1, T)
     lengths = _lengths(seqs)
-    return Hypotheses(seqs, total[:, None], total[:, None].clone(), lengths)
+    attention = torch.stack(att, 1)[:, None] if att else None  # (B, 1, T, P)
+    return Hypotheses(seqs, total[:, None], total[:, None].clone(), lengths, attention)
 
 
 @torch.no_grad()
@@ -87,6 +110,7 @@ def beam_search(
     num_return: int = 1,
     length_penalty: float = 0.0,
     block_trigrams: bool = False,
+    return_attention: bool = False,
 ) -> Hypotheses:
     """Beam search over all B images at once (B*K rows).
 
@@ -96,8 +120,9 @@ def beam_search(
     """
     if not 1 <= num_return <= beam_size:
         raise ValueError(f"num_return must be in 1..beam_size ({beam_size}), got {num_return}")
+    _check_attention(decoder, return_attention)
     B, K, dev = v.size(0), beam_size, v.device
-    iv = decoder.image_proj(v).repeat_interleave(K, 0)  # (B*K, G*H)
+    iv = decoder.image_proj(v).repeat_interleave(K, 0)  # (B*K, G*H), or (B*K, P, C+A) for attention
     state = decoder.init_state(B * K)
     tok = torch.full((B * K,), BOS_ID, dtype=torch.long, device=dev)
     seqs = torch.zeros(B * K, 0, dtype=torch.long, device=dev)
@@ -105,8 +130,12 @@ def beam_search(
     beam_lp[:, 0] = 0.0  # all beams start identical: expand only the first
     done = torch.zeros(B * K, dtype=torch.bool, device=dev)
     row0 = torch.arange(B, device=dev)[:, None] * K  # (B, 1)
+    att = None  # (B*K, t, P): each beam's attention history, reordered with it
     for t in range(max_length + 1):
-        logits, state = decoder.step(tok, state, iv, t)
+        logits, state, alpha = _step(decoder, tok, state, iv, t, return_attention)
+        if alpha is not None:
+            step_att = alpha.masked_fill(done[:, None], 0.0)[:, None]
+            att = step_att if att is None else torch.cat([att, step_att], 1)
         logp = _mask_specials(F.log_softmax(logits.float(), -1), t, max_length)  # (B*K, V)
         if block_trigrams:
             _block_repeated_trigrams(logp, seqs)
@@ -119,6 +148,8 @@ def beam_search(
         tok = (idx % V).view(-1)
         seqs = torch.cat([seqs[src], tok[:, None]], 1)
         state = tuple(s[:, src] for s in state)
+        if att is not None:
+            att = att[src]
         done = done[src] | (tok == EOS_ID)
         if done.all():
             break
@@ -127,7 +158,11 @@ def beam_search(
     scores = beam_lp / lengths.float() ** length_penalty if length_penalty else beam_lp.clone()
     order = scores.argsort(dim=1, descending=True, stable=True)[:, :num_return]
     pick = lambda x: x.gather(1, order if x.dim() == 2 else order[..., None].expand(-1, -1, x.size(-1)))  # noqa: E731
-    return Hypotheses(pick(seqs), pick(beam_lp), pick(scores), pick(lengths))
+    attention = None
+    if att is not None:
+        att = att.view(B, K, *att.shape[1:])  # (B, K, T, P)
+        attention = att.gather(1, order[..., None, None].expand(-1, -1, *att.shape[2:]))
+    return Hypotheses(pick(seqs), pick(beam_lp), pick(scores), pick(lengths), attention)
 
 
 @torch.no_grad()
@@ -139,6 +174,7 @@ def sample(
     temperature: float = 1.0,
     top_k: int = 0,
     generator: torch.Generator | None = None,
+    return_attention: bool = False,
 ) -> Hypotheses:
     """Ancestral sampling at ``temperature`` from the ``top_k`` most likely words (0 = all).
 
@@ -147,15 +183,18 @@ def sample(
     """
     if temperature <= 0:
         raise ValueError("temperature must be > 0 (use beam_size=1 for greedy)")
+    _check_attention(decoder, return_attention)
     B, n, dev = v.size(0), num_samples, v.device
     iv = decoder.image_proj(v).repeat_interleave(n, 0)
     state = decoder.init_state(B * n)
     tok = torch.full((B * n,), BOS_ID, dtype=torch.long, device=dev)
     done = torch.zeros(B * n, dtype=torch.bool, device=dev)
     total = torch.zeros(B * n, device=dev)
-    out = []
+    out, att = [], []
     for t in range(max_length + 1):
-        logits, state = decoder.step(tok, state, iv, t)
+        logits, state, alpha = _step(decoder, tok, state, iv, t, return_attention)
+        if alpha is not None:
+            att.append(alpha.masked_fill(done[:, None], 0.0))
         logp = _mask_specials(F.log_softmax(logits.float(), -1), t, max_length)
         # shift the best word to 0 before dividing: the quotient is then <= 0, the best word's exactly 0, and
         # softmax never sees inf - inf; a temperature below float32's smallest normal (1e-300 would round to 0,
@@ -176,4 +215,8 @@ def sample(
     order = total.argsort(dim=1, descending=True, stable=True)
     seqs = seqs.gather(1, order[..., None].expand_as(seqs))
     total = total.gather(1, order)
-    return Hypotheses(seqs, total, total.clone(), _lengths(seqs))
+    attention = None
+    if att:
+        a = torch.stack(att, 1).view(B, n, len(att), -1)  # (B, n, T, P)
+        attention = a.gather(1, order[..., None, None].expand_as(a))
+    return Hypotheses(seqs, total, total.clone(), _lengths(seqs), attention)

@@ -2,6 +2,9 @@
 
     image (B, 3, S, S) -> features (conv stack) -> avgpool -> classifier (FC, ReLU, Dropout)* -> v (B, D)
 
+For an attention decoder the conv stack is tapped before its last max-pool: grid() gives the annotation vectors
+(B, C, S/16, S/16), and head(grid) finishes the same network to v, so both come from one pass and one set of weights.
+
 v is the penultimate FC output of the classification net (fc7, 4096-d for VGG16), as in NeuralTalk:
 torchvision's final 1000-way layer (classifier.6) is simply not built.
 """
@@ -45,6 +48,9 @@ class VGGEncoder(nn.Module):
             head += [nn.Linear(in_dim, d), nn.ReLU(inplace=True), nn.Dropout(cfg.dropout)]
             in_dim = d
         self.classifier = nn.Sequential(*head)
+        pools = [i for i, m in enumerate(self.features) if isinstance(m, nn.MaxPool2d)]
+        last = pools[-1] if pools and pools[-1] == len(self.features) - 1 else len(self.features)
+        self._grid_end = last  # features[:_grid_end] is the conv stack without its final max-pool
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -67,6 +73,14 @@ class VGGEncoder(nn.Module):
         x = self.features(images)  # (B, C, S/32, S/32)
         x = torch.flatten(self.avgpool(x), 1)  # (B, C * p * p)
         return self.classifier(x)  # (B, D)
+
+    def grid(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features[:self._grid_end](images)  # (B, C, S/16, S/16)
+
+    def head(self, grid: torch.Tensor) -> torch.Tensor:
+        """v from grid(): head(grid(x)) == forward(x)."""
+        x = self.features[self._grid_end:](grid)
+        return self.classifier(torch.flatten(self.avgpool(x), 1))  # (B, D)
 
     def load_imagenet(self, weights: str) -> None:
         """Load weights: 'imagenet' (torchvision's weights API, needs internet once), a .pth or a .safetensors path."""

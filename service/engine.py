@@ -1,7 +1,7 @@
 """The batch function the service hands to the generic batcher: caption and VQA jobs in one batch share one
 encoder pass, then captions run batched per generation setting and questions run batched through the VQA head.
 
-    jobs (mixed CaptionJob / VQAJob) --stack--> (B, 3, S, S) --encode--> v (B, D)
+    jobs (mixed CaptionJob / VQAJob) --stack--> (B, 3, S, S) --encode--> v (B, D) (or an attention model's grid)
         caption jobs grouped by GenParams --caption_batch(features=v[idx])--> n-best captions
         VQA jobs                          --answer_batch(v[idx], questions, choices)--> answers
 """
@@ -38,16 +38,18 @@ class GenParams:
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
+    attention: bool = False  # return per-word attention maps (attention models)
 
     def normalized(self) -> "GenParams":
         # settings that do not change the result must not split groups
         if self.do_sample:
-            return GenParams(1, self.num_captions, self.max_length, True, self.temperature, self.top_k)
-        return GenParams(self.beam_size, self.num_captions, self.max_length, False, 1.0, 0)
+            return GenParams(1, self.num_captions, self.max_length, True, self.temperature, self.top_k, self.attention)
+        return GenParams(self.beam_size, self.num_captions, self.max_length, False, 1.0, 0, self.attention)
 
     def kwargs(self) -> dict:
-        return dict(beam_size=self.beam_size, num_captions=self.num_captions, max_length=self.max_length,
-                    do_sample=self.do_sample, temperature=self.temperature, top_k=self.top_k)
+        kw = dict(beam_size=self.beam_size, num_captions=self.num_captions, max_length=self.max_length,
+                  do_sample=self.do_sample, temperature=self.temperature, top_k=self.top_k)
+        return {**kw, "return_attention": True} if self.attention else kw
 
 
 @dataclass
@@ -76,7 +78,7 @@ class Engine:
         self.encode_batch_size = encode_batch_size  # None: the whole batch in one encoder call
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, 3, S, S) -> v (B, D), in encoder calls of at most encode_batch_size images."""
+        """x (B, 3, S, S) -> features, in encoder calls of at most encode_batch_size images."""
         n = self.encode_batch_size or len(x)
         if n >= len(x):
             return self.captioner.encode(x)
@@ -84,7 +86,7 @@ class Engine:
 
     def __call__(self, jobs: list[CaptionJob | VQAJob]) -> list:
         x = torch.stack([j.pixels for j in jobs]).contiguous(memory_format=self.captioner.memory_format)  # (B,3,S,S)
-        v = self.encode(x)  # (B, D): every image encoded once, shared by captions and VQA
+        v = self.encode(x)  # every image encoded once, shared by captions and VQA
         out: list = [None] * len(jobs)
 
         groups: dict[GenParams, list[int]] = defaultdict(list)
@@ -114,7 +116,7 @@ class Engine:
         return out
 
     def _answer(self, v: torch.Tensor, jobs: list[VQAJob]) -> list:
-        """v (N, D) of the VQA jobs -> one Answer (or VQAInputError) per job."""
+        """The VQA jobs' features -> one Answer (or VQAInputError) per job."""
         from captioner.vqa import VQAInputError  # exists whenever answer_batch does
 
         try:

@@ -26,8 +26,10 @@ class CaptionParams(BaseModel):
     temperature: float = Field(1.0, ge=MIN_TEMPERATURE, le=10,
                                description="sampling temperature (lower: closer to greedy)")
     top_k: int = Field(0, ge=0, le=10_000, description="sample from the k most likely words (0 = all)")
+    attention: bool = Field(False, description="return each caption's words and, per word, its attention map over "
+                                               "the image grid (attention models only: others answer 422)")
 
-    @field_validator("sample", mode="before")
+    @field_validator("sample", "attention", mode="before")
     @classmethod
     def _form_bool(cls, v: object) -> object:
         # a form field is text: only true/false (any case) mean a boolean, not pydantic's lax 0/1/on/off/yes/no
@@ -80,6 +82,10 @@ class CaptionOut(BaseModel):
     caption: str
     log_prob: float | None = Field(description="sum of token log-probabilities, <eos> included")
     score: float | None = Field(description="ranking score (length-normalised when configured)")
+    words: list[str] | None = Field(None, description="with attention=true: the caption's word tokens")
+    attention: list[list[list[float]]] | None = Field(
+        None, description="with attention=true: per word, the attention map that produced it, an S x S grid over the "
+                          "centre crop (rows top to bottom), summing to 1")
 
 
 class ModelRef(BaseModel):

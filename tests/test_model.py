@@ -140,7 +140,7 @@ def test_image_term_is_added_to_input_preactivation(cell, inject):
 
 # -------------------------------------------------------------------- shapes, step == forward, injection
 
-VARIANTS = [(c, i, n) for c in ("rnn", "gru", "lstm") for i in ("every", "first") for n in (1, 2)]
+VARIANTS = [(c, i, n) for c in ("rnn", "gru", "lstm") for i in ("every", "first", "attention") for n in (1, 2)]
 
 
 @pytest.mark.parametrize("cell,inject,num_layers", VARIANTS)
@@ -155,7 +155,8 @@ def test_shapes_and_step_equals_forward(cell, inject, num_layers):
         logits = model(images, tokens)
         assert logits.shape == (B, T, Vs)
         v = model.encode(images)
-        assert v.shape == (B, cfg.encoder.feature_dim)
+        assert v.shape == (B, *cfg.feature_shape)
+        assert v.shape[1:] == ((cfg.encoder.feature_dim,) if inject != "attention" else (16, 8, 8))
         dec = model.decoder
         state = dec.init_state(B)
         n_states = 2 if cell == "lstm" else 1
@@ -171,7 +172,9 @@ def test_shapes_and_step_equals_forward(cell, inject, num_layers):
     model.train()
     model(images, tokens).logsumexp(-1).sum().backward()
     no_grad = [k for k, p in model.named_parameters() if p.grad is None]
-    assert not no_grad
+    # an attention decoder reads the grid: the encoder's FC head (v, for the VQA head) is not on its path
+    assert no_grad == ([k for k, _ in model.named_parameters() if k.startswith("encoder.classifier")]
+                       if inject == "attention" else [])
 
 
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])

@@ -129,3 +129,62 @@ def test_api_docs_render_without_internet(browser, tiny_checkpoint, tmp_path):
         wait.until(lambda d: "Caption an image" in d.find_element(By.TAG_NAME, "body").text)
         html = httpx.get(url + "/docs").text + httpx.get(url + "/redoc").text
     assert "cdn." not in html and "fonts.googleapis" not in html
+
+
+def test_page_shows_word_heatmaps_for_an_attention_model(browser, tmp_path):
+    """An attention model's captions come as word chips; hovering one lays its map over the photo."""
+    import torch
+    from conftest import TINY_WORDS, tiny_model_config
+
+    from captioner.checkpoint import save_pretrained
+    from captioner.config import VQAConfig
+    from captioner.model import CaptionModel
+    from captioner.tokenizer import Vocabulary
+    from selenium.webdriver import ActionChains
+
+    torch.manual_seed(0)
+    cfg = tiny_model_config(inject="attention")
+    cfg.vqa = VQAConfig(embed_dim=8, hidden_dim=8, mlp_dim=16, dropout=0.0)
+    model = CaptionModel(cfg)
+    with torch.no_grad():
+        model.decoder.layers[0].W_ih.weight.mul_(10)
+        model.decoder.attend.w.weight.mul_(30)  # peaked maps, so two words' overlays differ
+    ckpt = save_pretrained(model, Vocabulary(TINY_WORDS), tmp_path / "tiny-att")
+    shots = Path(os.environ.get("CAPTIONER_SCREENSHOT_DIR", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    from service.app import create_app
+    from service.settings import Settings
+
+    with serve_in_thread(create_app(Settings(checkpoint=ckpt, device="cpu", max_delay_ms=2))) as url:
+        wait_http_ready(None, url)
+        browser.get(url + "/")
+        wait = WebDriverWait(browser, 30)
+        wait.until(EC.text_to_be_present_in_element((By.ID, "model-info"), "with attention"))
+        browser.find_element(By.ID, "file-input").send_keys(str(PHOTO))
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#captions .word")))
+        canvas = browser.find_element(By.ID, "heatmap")
+        assert not canvas.is_displayed()
+        chips = browser.find_elements(By.CSS_SELECTOR, "#captions li.caption:first-child .word")
+        first = browser.find_element(By.CSS_SELECTOR, "#captions li.caption:first-child .caption-text").text
+        assert [c.text for c in chips] == first.split()
+        seen = []
+        for chip in chips[:2]:
+            ActionChains(browser).move_to_element(chip).perform()
+            wait.until(EC.visibility_of(canvas))
+            assert "active" in chip.get_attribute("class")
+            seen.append(browser.execute_script("return arguments[0].toDataURL()", canvas))
+            # the overlay is a square over the photo's centre crop
+            box, img = canvas.rect, browser.find_element(By.ID, "preview").rect
+            assert box["width"] == pytest.approx(box["height"], abs=1)
+            assert box["width"] == pytest.approx(min(img["width"], img["height"]) * 32 / 36, abs=2)
+            assert img["x"] <= box["x"] and box["x"] + box["width"] <= img["x"] + img["width"] + 1
+        if len(chips) > 1:
+            assert seen[0] != seen[1]
+        ActionChains(browser).move_to_element(chips[0]).perform()
+        browser.save_screenshot(str(shots / "service_page_attention.png"))
+        ActionChains(browser).move_to_element(browser.find_element(By.TAG_NAME, "h1")).perform()
+        wait.until(EC.invisibility_of_element(canvas))
+        # the VQA head reads v from the same grid
+        browser.find_element(By.ID, "vqa-button").click()
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#answers .answer.chosen")))
+    assert (shots / "service_page_attention.png").stat().st_size > 10_000

@@ -67,7 +67,7 @@ def predict(model: CaptionModel, loader, encoded: Sequence[EncodedQA], per_image
             qb = {k: t.to(device) for k, t in qa_batch(encoded, sel).items()}
             for mode in modes:
                 if mode == "zero":
-                    vv = torch.zeros(len(sel), model.cfg.encoder.feature_dim, device=device)
+                    vv = model.blank_features(len(sel), qb["choice_mask"].float())
                 else:
                     vv = v[rep[s:s + chunk].to(device)]
                 with ctx():

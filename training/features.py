@@ -38,6 +38,8 @@ def cache_key(model: CaptionModel, records: list[ImageRecord], view: int = 0) ->
     h.update(b"jpeg-draft")  # how JPEGs are decoded (captioner.preprocess.draft): a change must miss the cache
     h.update(json.dumps(model.cfg.to_dict()["preprocess"], sort_keys=True).encode())
     h.update(json.dumps(model.cfg.to_dict()["encoder"], sort_keys=True).encode())
+    if model.cfg.attention:  # the grid, not v
+        h.update(b"grid")
     for r in records:
         h.update(r.path.encode())
     return h.hexdigest()[:24]
@@ -51,7 +53,10 @@ def compute_features(model: CaptionModel, records, device, amp_dtype, batch_size
                         transform=train_transform(model.cfg.preprocess) if view else None)
     dl = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate,
                     generator=torch.Generator().manual_seed(view))
-    feats = torch.zeros(len(records), model.cfg.encoder.feature_dim)
+    # an attention model's grid (C, S, S) is 49x the size of v: kept in fp16 (its values are ReLU outputs of a
+    # bf16/fp16-autocast encoder anyway), v in float32 as before
+    dtype = torch.float16 if model.cfg.attention else torch.float32
+    feats = torch.zeros(len(records), *model.cfg.feature_shape, dtype=dtype)
     ok = torch.zeros(len(records), dtype=torch.bool)
     was_training = model.training
     model.eval()
@@ -62,18 +67,19 @@ def compute_features(model: CaptionModel, records, device, amp_dtype, batch_size
             if b["images"].size(0):
                 ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
                 with ctx:
-                    feats[b["indices"]] = model.encode(b["images"].to(device)).float().cpu()
+                    feats[b["indices"]] = model.encode(b["images"].to(device)).float().cpu().to(dtype)
                 ok[b["indices"]] = True
     model.train(was_training)
     return feats, ok
 
 
 def cached_features(model, records, cache_dir, device, amp_dtype, batch_size=64, workers=2, views: int = 1) -> dict:
-    """{"features": (N, D), "ok": (N,)} for the evaluation view; with views > 1, "features" is (views, N, D)."""
+    """{"features": (N, *feature_shape), "ok": (N,)} for the evaluation view; with views > 1, "features" is
+    (views, N, ...)."""
     caches = [_cached_view(model, records, cache_dir, device, amp_dtype, batch_size, workers, k) for k in range(views)]
     if views == 1:
         return caches[0]
-    return {"features": torch.stack([c["features"] for c in caches]), "ok": caches[0]["ok"]}
+    return {"features": torch.stack([c["features"] for c in caches]), "ok": caches[0]["ok"], "views": True}
 
 
 def _cached_view(model, records, cache_dir, device, amp_dtype, batch_size, workers, view: int) -> dict:
@@ -91,12 +97,13 @@ def _cached_view(model, records, cache_dir, device, amp_dtype, batch_size, worke
 
 
 class FeatureDataset(Dataset):
-    """Items look like CaptionDataset's, with v in place of the image; with several cached views (V, N, D), each
-    item is one view drawn at random, as an augmenting image dataset would give."""
+    """Items look like CaptionDataset's, with the features (v, or an attention model's fp16 grid, as float32) in
+    place of the image; with several cached views (V, N, ...), each item is one view drawn at random, as an
+    augmenting image dataset would give."""
 
     def __init__(self, cache: dict) -> None:
         self.feats, self.ok = cache["features"], cache["ok"]
-        self.views = self.feats.size(0) if self.feats.dim() == 3 else 0
+        self.views = self.feats.size(0) if cache.get("views") else 0
 
     @classmethod
     def placeholder(cls, n: int) -> "FeatureDataset":
@@ -108,7 +115,7 @@ class FeatureDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         v = self.feats[int(torch.randint(self.views, ()))][i] if self.views else self.feats[i]
-        return {"index": i, "image": v, "ok": bool(self.ok[i]), "error": "unreadable image"}
+        return {"index": i, "image": v.float(), "ok": bool(self.ok[i]), "error": "unreadable image"}
 
     @staticmethod
     def collate(items):

@@ -41,25 +41,45 @@ log = logging.getLogger("captioner.train")
 
 # ----------------------------------------------------------------------------- helpers
 
+INJECTED = {"every": "at every step", "first": "at the first step",
+            "attention": "at every step through soft attention over the encoder's conv grid"}
+
 class CaptionLoss(nn.Module):
     """Wraps the model so that DDP sees the whole training forward: (images | features) -> loss."""
 
-    def __init__(self, model: CaptionModel, label_smoothing: float, image_blind: bool) -> None:
+    def __init__(self, model: CaptionModel, label_smoothing: float, image_blind: bool,
+                 attention_penalty: float = 1.0) -> None:
         super().__init__()
         self.model, self.ls, self.blind = model, label_smoothing, image_blind
+        self.penalty = attention_penalty if model.cfg.attention else 0.0
 
     def forward(self, x: torch.Tensor, is_features: bool, rep: torch.Tensor, inp: torch.Tensor, tgt: torch.Tensor):
         if self.blind:
-            v = x.new_zeros(x.size(0), self.model.cfg.encoder.feature_dim)
+            v = self.model.blank_features(x.size(0), x)
         else:
-            v = x if is_features else self.model.encode(x)  # (B, D)
+            v = x if is_features else self.model.encode(x)  # (B, D) or the grid (B, C, S, S)
         return self.loss(v, rep, inp, tgt)
 
     def loss(self, v: torch.Tensor, rep: torch.Tensor, inp: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced cross-entropy of N captions; v (B, D), rep (N,) picks each caption's image."""
-        logits = self.model.decoder(v[rep], inp)  # (N, T, V)
-        return F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=PAD_ID,
-                               label_smoothing=self.ls)
+        """Teacher-forced cross-entropy of N captions (+ the attention penalty); v: encode()'s features, rep (N,)
+        picks each caption's image."""
+        if not self.penalty:
+            logits = self.model.decoder(v[rep], inp)  # (N, T, V)
+            return F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=PAD_ID,
+                                   label_smoothing=self.ls)
+        logits, alpha = self.model.decoder(v[rep], inp, return_attention=True)  # (N, T, V), (N, T, P)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=PAD_ID,
+                             label_smoothing=self.ls, reduction="sum")
+        ntok = (tgt != PAD_ID).sum().clamp_min(1)
+        return (ce + self.penalty * doubly_stochastic(alpha, tgt != PAD_ID)) / ntok
+
+
+def doubly_stochastic(alpha: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Xu et al.'s penalty sum_i (1 - sum_t alpha_ti)^2, summed over captions: every cell should be looked at about
+    once over the caption. alpha (N, T, P), mask (N, T) the steps that emit a real token. Added to the summed
+    cross-entropy before dividing by the token count, so lambda = 1 weighs it against the words as the paper does."""
+    seen = (alpha.float() * mask[..., None]).sum(1)  # (N, P)
+    return ((1.0 - seen) ** 2).sum()
 
 
 def pick_captions(indices: list[int], caps: list[list[torch.Tensor]], k: int, g: torch.Generator):
@@ -89,7 +109,7 @@ def evaluate(model: CaptionModel, loader, records, caps, vocab: Vocabulary, args
         ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
         with ctx:
             if args.image_blind:
-                v = x.new_zeros(x.size(0), model.cfg.encoder.feature_dim)
+                v = model.blank_features(x.size(0), x)
             else:
                 v = (x if batch.get("is_features") else model.encode(x)).float()
             seqs, rep = pick_captions(idx, caps, 1_000, torch.Generator().manual_seed(0))
@@ -164,14 +184,20 @@ class CaptionObjective(Objective):
             model, vocab = load_pretrained(args.init_from, "cpu")
             if args.fresh_decoder:
                 model.cfg.decoder.members = 1
-                model.decoder = Decoder(model.cfg.decoder, model.cfg.vocab_size, model.cfg.encoder.feature_dim)
+                if args.inject:  # e.g. an attention decoder on a model trained with an FC one
+                    model.cfg.decoder.inject = args.inject
+                    model.cfg.decoder.attention_dim = args.attention_dim
+                    model.cfg.decoder.attention_gate = args.attention_gate
+                model.cfg.__post_init__()
+                model.decoder = Decoder(model.cfg.decoder, model.cfg.vocab_size, model.cfg.decoder_image_dim)
             model.train()
             if is_main():
                 log.info("starting from %s (its config and vocabulary; model flags ignored)", args.init_from)
             return model, vocab
         vocab = Vocabulary.build((c for r in self.train_rec for c in r.captions), min_count=args.min_count)
-        cfg = preset(args.arch, cell=args.cell, inject=args.inject, embed_dim=args.embed_dim,
-                     hidden_dim=args.hidden_dim, num_layers=args.num_layers, dropout=args.dropout)
+        cfg = preset(args.arch, cell=args.cell, inject=args.inject or "every", embed_dim=args.embed_dim,
+                     hidden_dim=args.hidden_dim, num_layers=args.num_layers, dropout=args.dropout,
+                     attention_dim=args.attention_dim, attention_gate=args.attention_gate)
         override_encoder(cfg, args.encoder_layers, args.fc_dims, args.image_size)
         cfg.vocab_size, cfg.max_length = len(vocab), args.max_length
         cfg.name = self.out.name
@@ -206,7 +232,8 @@ class CaptionObjective(Objective):
         else:
             train_ds = CaptionDataset(self.train_rec, model.cfg.preprocess, train=True)
             self.val_ds = CaptionDataset(self.val_rec, model.cfg.preprocess, train=False)
-        loss_mod = ScstLoss(model) if args.scst else CaptionLoss(model, args.label_smoothing, args.image_blind)
+        loss_mod = ScstLoss(model) if args.scst else CaptionLoss(model, args.label_smoothing, args.image_blind,
+                                                                  args.attention_penalty)
         self.step_fn = DistributedDataParallel(loss_mod) if self.world > 1 else loss_mod
         self.loader = make_loader(train_ds, args.batch_size, True, args.workers, args.seed, epoch, self.world,
                                   self.rank)
@@ -300,8 +327,8 @@ def _card(metrics: dict, cfg) -> str:
     a = metrics["args"]
     lines = [f"# {cfg.name}", "",
              f"Caption model: {cfg.encoder.arch} encoder (v = {cfg.encoder.feature_dim}-d), "
-             f"{cfg.decoder.num_layers}-layer {cfg.decoder.cell} decoder, image injected at "
-             f"{'every step' if cfg.decoder.inject == 'every' else 'the first step'}, vocabulary {cfg.vocab_size}.",
+             f"{cfg.decoder.num_layers}-layer {cfg.decoder.cell} decoder, image injected "
+             f"{INJECTED[cfg.decoder.inject]}, vocabulary {cfg.vocab_size}.",
              "", f"Trained on {a.get('dataset')} `{a.get('annotations')}` split `{a.get('train_split')}`, "
              f"epoch {metrics['epoch']}.", "",
              f"## Validation ({metrics['split']}, beam {metrics['beam_size']})", "", "| metric | value |", "|---|---|"]

@@ -134,9 +134,9 @@ class TaskLoss(nn.Module):
         sizes = [p[1].size(0) for p in parts]
         x = torch.cat([p[1] for p in parts])
         if self.blind:
-            v = x.new_zeros(x.size(0), self.model.cfg.encoder.feature_dim)
+            v = self.model.blank_features(x.size(0), x)
         else:
-            v = x if is_features else self.model.encode(x)  # (sum B, D)
+            v = x if is_features else self.model.encode(x)  # (sum B, D) or grids
         losses = []
         for (task, _, rep, *t), vt in zip(parts, v.split(sizes)):
             if task == "caption":

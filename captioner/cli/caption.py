@@ -179,13 +179,20 @@ class RunResult:
     summary: Summary | None = None
 
 
+def _caption_dict(c) -> dict[str, Any]:
+    d = {"caption": c.text, "log_prob": round(c.log_prob, 4), "score": round(c.score, 4)}
+    if c.attention is not None:  # --attention: per word, its map over the centre crop (3 decimals keep files small)
+        d["words"] = c.words
+        d["attention"] = [[[round(x, 3) for x in row] for row in m] for m in c.attention]
+    return d
+
+
 def _record(pos: int, item: Item, captions=None, error: str | None = None) -> dict[str, Any]:
     r: dict[str, Any] = {"path": item.path}
     if item.image_id is not None:
         r["image_id"] = item.image_id
     if error is None:
-        r["captions"] = [{"caption": c.text, "log_prob": round(c.log_prob, 4), "score": round(c.score, 4)}
-                         for c in captions]
+        r["captions"] = [_caption_dict(c) for c in captions]
     else:
         r["error"] = error
     r["index"] = pos
@@ -225,6 +232,9 @@ def caption_items(cap, todo: Sequence[tuple[int, Item]], out_path: str, gen: dic
                 pos = b["indices"].tolist()
                 caps = cap.caption_batch(b["images"], **gen) if pos else []
                 recs = {j: _record(*todo[j], captions=c) for j, c in zip(pos, caps)}
+                if gen.get("return_attention"):  # the maps cover the centre crop: this fraction of the shorter side
+                    for r in recs.values():
+                        r["attention_crop"] = round(cap.cfg.preprocess.image_size / cap.cfg.preprocess.resize, 6)
                 recs.update({j: _record(*todo[j], error=e) for j, e in b["errors"]})
                 writer.write([recs[j] for j in sorted(recs)])
                 for j, e in b["errors"][:max(0, SHOWN_ERRORS - s.failed)]:  # the first few reasons, on stderr
@@ -313,6 +323,9 @@ def run(args: argparse.Namespace) -> RunResult:
     except (CheckpointError, OSError, ValueError) as e:
         _err(f"captioner caption: error: cannot load the model from {ckpt}: {e}")
         return RunResult(EXIT_NO_MODEL)
+    if args.attention and not cap.has_attention:
+        return usage(f"--attention: the model {cap.cfg.name!r} ({ckpt}) has no attention decoder, so it has no "
+                     "attention maps; use a model trained with `captioner train --inject attention`")
 
     # the inputs
     try:
@@ -337,6 +350,8 @@ def run(args: argparse.Namespace) -> RunResult:
     gen = dict(beam_size=args.beam_size, num_captions=args.num_captions, max_length=args.max_length,
                length_penalty=args.length_penalty, block_trigrams=args.block_trigrams, do_sample=args.sample,
                temperature=args.temperature, top_k=args.top_k)
+    if args.attention:
+        gen["return_attention"] = True
     options = {"model": f"{cap.cfg.name} v{cap.cfg.version}", "checkpoint": str(ckpt.resolve()),
                "precision": cap.precision, "seed": args.seed, **gen}  # what ran ('auto' resolved)
     pending = _pending(rpath, mine, options, args)

@@ -37,6 +37,9 @@ def add_decoders(model: CaptionModel, vocab: Vocabulary, paths: list[str]) -> No
     if not paths:
         return
     cfg = model.cfg
+    if cfg.attention:
+        raise CheckpointError("--add-decoders: attention decoders are not ensembled (each member would draw its own "
+                              "heatmaps); ensemble FC decoders, or ship the attention model alone")
     mine = {k: t.to(torch.float16) if t.is_floating_point() else t for k, t in model.encoder.state_dict().items()}
     members = _members(model)
     for path in paths:
@@ -55,7 +58,7 @@ def add_decoders(model: CaptionModel, vocab: Vocabulary, paths: list[str]) -> No
             raise CheckpointError(f"--add-decoders {path}: {why}")
         members += _members(other)
     cfg.decoder.members = len(members)
-    ensemble = DecoderEnsemble(cfg.decoder, cfg.vocab_size, cfg.encoder.feature_dim)
+    ensemble = DecoderEnsemble(cfg.decoder, cfg.vocab_size, cfg.decoder_image_dim)
     ensemble.members = nn.ModuleList(members)
     model.decoder = ensemble
 

@@ -54,7 +54,16 @@ def train(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="compact", help="compact, vgg11/13/16/19 (optionally _bn)")
     g.add_argument("--cell", choices=["rnn", "gru", "lstm"], default="rnn")
-    g.add_argument("--inject", choices=["every", "first"], default="every")
+    g.add_argument("--inject", choices=["every", "first", "attention"],
+                   help="how the image enters the decoder: every (W_ih v at every step, the default), first (only at "
+                        "t=0) or attention (W_ih z_t, soft attention over the encoder's conv grid; per-word heatmaps); "
+                        "with --init-from --fresh-decoder it replaces the kept model's")
+    g.add_argument("--attention-dim", type=int, default=256, help="--inject attention: width of the attention MLP")
+    g.add_argument("--attention-gate", action=argparse.BooleanOptionalAction, default=True,
+                   help="--inject attention: scale z_t by a learned gate beta_t = sigmoid(f(h_{t-1}))")
+    g.add_argument("--attention-penalty", type=float, default=1.0, metavar="LAMBDA",
+                   help="--inject attention: weight of the doubly stochastic penalty sum_i (1 - sum_t alpha_ti)^2 "
+                        "(0 = off)")
     g.add_argument("--embed-dim", type=int, default=256)
     g.add_argument("--hidden-dim", type=int, default=512)
     g.add_argument("--num-layers", type=int, default=1)
@@ -178,7 +187,7 @@ def _train_vqa_model_and_run(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vqa-dropout", type=float, default=0.2)
     g.add_argument("--max-choices", type=int, default=32)
     g.add_argument("--cell", choices=["rnn", "gru", "lstm"], default="rnn", help="caption decoder cell")
-    g.add_argument("--inject", choices=["every", "first"], default="every")
+    g.add_argument("--inject", choices=["every", "first", "attention"], default="every")
     g.add_argument("--embed-dim", type=int, help="caption decoder (default: 256 joint, 32 vqa: untrained there)")
     g.add_argument("--hidden-dim", type=int, help="caption decoder (default: 512 joint, 32 vqa)")
     g.add_argument("--num-layers", type=int, default=1)
@@ -361,6 +370,9 @@ def caption(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely words (0 = all)")
     g.add_argument("--seed", type=int, help="random seed for --sample")
+    g.add_argument("--attention", action="store_true",
+                   help="attention models: store each caption's words and per-word attention maps in the records; "
+                        "the .html gallery shows the best caption's words as a strip of heatmap overlays")
     g = p.add_argument_group("execution")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--workers", type=int, default=None,

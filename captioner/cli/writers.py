@@ -173,6 +173,42 @@ def thumbnail_jpeg(path: str, max_side: int = 256) -> bytes | None:
         return None
 
 
+def attention_strip(path: str, maps: Sequence[Sequence[Sequence[float]]], crop: float, side: int = 80
+                    ) -> list[bytes] | None:
+    """One small JPEG per word: the centre crop the model saw (``crop`` of the shorter side), the word's attention
+    map upsampled over it in red. None when the image cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (4 * side, 4 * side))
+            im = im.convert("RGB")
+    except Exception:  # noqa: BLE001 - any unreadable file just gets no strip
+        return None
+    w, h = im.size
+    c = min(w, h) * crop
+    im = im.crop((round((w - c) / 2), round((h - c) / 2), round((w + c) / 2), round((h + c) / 2)))
+    im = im.resize((side, side), Image.BILINEAR)
+    red = Image.new("RGB", (side, side), (255, 40, 0))
+    out = []
+    for m in maps:
+        top = max(max(r) for r in m) or 1.0
+        cells = Image.frombytes("L", (len(m[0]), len(m)), bytes(round(200 * x / top) for r in m for x in r))
+        alpha = cells.resize((side, side), Image.BILINEAR)
+        shaded = Image.composite(red, im, alpha)
+        buf = io.BytesIO()
+        shaded.save(buf, "JPEG", quality=80)
+        out.append(buf.getvalue())
+    return out
+
+
+def _strip(r: dict[str, Any]) -> list[bytes] | None:
+    caps = r.get("captions") or []
+    if not caps or "attention" not in caps[0] or not caps[0]["attention"]:
+        return None
+    return attention_strip(r["path"], caps[0]["attention"], r.get("attention_crop", 1.0))
+
+
 _CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;background:#fafafa;color:#222}
 .grid{display:flex;flex-wrap:wrap;gap:14px}
 figure{margin:0;width:260px;background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px}
@@ -180,7 +216,9 @@ figure img{display:block;max-width:256px;max-height:256px;margin:auto}
 .noimg{height:120px;display:flex;align-items:center;justify-content:center;background:#eee;color:#888}
 .path{font-size:11px;color:#666;word-break:break-all;margin-top:6px}
 ol{margin:4px 0 0 1.2em;padding:0} .lp{color:#999;font-size:11px}
-figure.error{border-color:#d33} .err{color:#b00;font-size:13px;word-break:break-word}"""
+figure.error{border-color:#d33} .err{color:#b00;font-size:13px;word-break:break-word}
+.strip{display:flex;flex-wrap:wrap;gap:3px;margin-top:6px} .strip span{display:flex;flex-direction:column;
+align-items:center;font-size:11px} .strip img{width:60px;height:60px;margin:0}"""
 
 
 def write_html(path: str, records: Sequence[dict[str, Any]], title: str = "Captions", workers: int = 4,
@@ -198,9 +236,10 @@ def write_html(path: str, records: Sequence[dict[str, Any]], title: str = "Capti
                 f"<p>{len(records)} images, {n_err} could not be read.</p>\n<div class=\"grid\">\n")
         with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes with the GIL released
             thumbs = pool.map(thumbnail_jpeg, [r["path"] for r in records])
-            bar = tqdm(zip(records, thumbs), total=len(records), desc="thumbnails", unit="img",
+            strips = pool.map(_strip, records)  # --attention: the best caption's per-word overlays
+            bar = tqdm(zip(records, thumbs, strips), total=len(records), desc="thumbnails", unit="img",
                        disable=not progress, file=sys.stderr, dynamic_ncols=True)
-            for r, jpg in bar:
+            for r, jpg, strip in bar:
                 p = esc(r["path"])
                 cls = "item error" if "error" in r else "item"
                 f.write(f"<figure class=\"{cls}\" data-path=\"{p}\">")
@@ -216,6 +255,11 @@ def write_html(path: str, records: Sequence[dict[str, Any]], title: str = "Capti
                         f"<li><span class=\"cap\">{esc(c['caption'])}</span> "
                         f"<span class=\"lp\">log p {c['log_prob']:.2f}</span></li>" for c in r.get("captions", []))
                             + "</ol>")
+                    if strip:
+                        words = r["captions"][0]["words"]
+                        f.write("<div class=\"strip\">" + "".join(
+                            f"<span><img src=\"data:image/jpeg;base64,{base64.b64encode(b).decode()}\" "
+                            f"alt=\"{esc(w)}\">{esc(w)}</span>" for w, b in zip(words, strip)) + "</div>")
                 f.write("</figcaption></figure>\n")
         f.write("</div>\n</body></html>\n")
 

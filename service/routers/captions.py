@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request
 
 from ..deps import Arrival, CaptionInput, CaptionService
 from ..engine import CaptionJob, GenParams
+from ..errors import InputError
 from ..schemas import CaptionOut, CaptionParams, CaptionResponse, error_responses, finite
 from .common import decode, model_ref, run, timings
 
@@ -49,13 +50,20 @@ _ERRORS = error_responses(401, 408, 413, 415, 422, 500, 501, 503, 504)
 async def create_captions(request: Request, svc: CaptionService, arrival: Arrival,
                           inp: CaptionInput) -> CaptionResponse:
     """Send the image as a multipart ``image`` file with optional form fields, or as JSON ``{"image": base64}``
-    with the same optional keys. Beam search by default; ``sample=true`` draws ``num_captions`` samples."""
+    with the same optional keys. Beam search by default; ``sample=true`` draws ``num_captions`` samples;
+    ``attention=true`` (attention models) adds each caption's words and per-word attention maps."""
+    p = inp.params
+    if p.attention and not getattr(svc.captioner, "has_attention", False):
+        raise InputError(422, ("body", "attention"),
+                         f"model {svc.captioner.cfg.name!r} has no attention decoder, so it has no attention maps; "
+                         "serve a model trained with `captioner train --inject attention`, or leave attention out")
     pixels = await decode(svc, inp.raw.image, inp.raw.received)
     decoded = time.perf_counter()
-    p = inp.params
-    params = GenParams(p.beam_size, p.num_captions, p.max_length, p.sample, p.temperature, p.top_k)
+    params = GenParams(p.beam_size, p.num_captions, p.max_length, p.sample, p.temperature, p.top_k, p.attention)
     res = await run(svc, CaptionJob(pixels, params), request, inp.raw.received, arrival)
     request.state.batch_size = res.batch_size  # for the access log
-    caps = [CaptionOut(caption=c.text, log_prob=finite(c.log_prob), score=finite(c.score)) for c in res.value]
+    caps = [CaptionOut(caption=c.text, log_prob=finite(c.log_prob), score=finite(c.score),
+                       words=c.words if p.attention else None, attention=c.attention if p.attention else None)
+            for c in res.value]
     return CaptionResponse(captions=caps, model=model_ref(svc), timings=timings(inp.raw.received, decoded, res),
                            batch_size=res.batch_size)

@@ -5,6 +5,7 @@
 const $ = (id) => document.getElementById(id);
 let currentImage = null; // Blob of the chosen image
 let hasVqa = false;
+let attention = null; // {imageSize, resize} when the model has an attention decoder: captions come with word maps
 
 function showError(msg) {
   const el = $("error");
@@ -46,6 +47,7 @@ function setImage(blob, sample = null) {
   $("caption-button").disabled = false;
   $("vqa-button").disabled = !hasVqa;
   $("captions").innerHTML = "";
+  $("heatmap").hidden = true;
   $("answers").innerHTML = "";
   $("caption-timings").textContent = "";
   $("vqa-timings").textContent = "";
@@ -64,6 +66,7 @@ async function caption() {
     form.append("sample", "true");
     form.append("temperature", $("temperature").value);
   }
+  if (attention) form.append("attention", "true");
   $("caption-button").disabled = true;
   $("captions").innerHTML = '<li class="muted">captioning…</li>';
   try {
@@ -75,7 +78,11 @@ async function caption() {
       li.className = "caption";
       const text = document.createElement("span");
       text.className = "caption-text";
-      text.textContent = c.caption || "(empty caption)";
+      if (c.words && c.attention && c.words.length) {
+        c.words.forEach((w, i) => text.append(wordChip(w, c.attention[i]), " "));
+      } else {
+        text.textContent = c.caption || "(empty caption)";
+      }
       const score = document.createElement("span");
       score.className = "score";
       score.textContent = c.log_prob === null ? "" : `log p = ${c.log_prob.toFixed(2)}`;
@@ -90,6 +97,54 @@ async function caption() {
   } finally {
     $("caption-button").disabled = false;
   }
+}
+
+// A word of an attention model's caption: hovering, focusing or tapping it lays its map over the photo.
+function wordChip(word, grid) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = "word";
+  b.textContent = word;
+  b.title = "where the model looked for this word";
+  const show = () => {
+    document.querySelectorAll(".word.active").forEach((x) => x.classList.remove("active"));
+    b.classList.add("active");
+    drawHeatmap(grid);
+  };
+  const hide = () => { b.classList.remove("active"); $("heatmap").hidden = true; };
+  b.addEventListener("mouseenter", show);
+  b.addEventListener("focus", show);
+  b.addEventListener("click", show);
+  b.addEventListener("mouseleave", hide);
+  b.addEventListener("blur", hide);
+  return b;
+}
+
+// The map covers the centre crop the model saw (image_size/resize of the shorter side), upsampled smoothly.
+function drawHeatmap(grid) {
+  const img = $("preview");
+  const canvas = $("heatmap");
+  const S = grid.length;
+  const side = Math.min(img.width, img.height) * attention.imageSize / attention.resize;
+  canvas.width = canvas.height = Math.round(side);
+  canvas.style.width = canvas.style.height = `${side}px`;
+  canvas.style.left = `${img.offsetLeft + (img.width - side) / 2}px`;
+  canvas.style.top = `${img.offsetTop + (img.height - side) / 2}px`;
+  const max = Math.max(...grid.flat()) || 1;
+  const cells = document.createElement("canvas");
+  cells.width = cells.height = S;
+  const px = cells.getContext("2d").createImageData(S, S);
+  grid.flat().forEach((v, i) => {
+    const a = v / max;
+    px.data.set([255, Math.round(230 * (1 - a)), 0, Math.round(40 + 160 * a)], 4 * i);
+  });
+  cells.getContext("2d").putImageData(px, 0, 0);
+  const ctx = canvas.getContext("2d");
+  ctx.imageSmoothingEnabled = true;
+  ctx.imageSmoothingQuality = "high";
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  ctx.drawImage(cells, 0, 0, canvas.width, canvas.height);
+  canvas.hidden = false;
 }
 
 async function ask() {
@@ -140,8 +195,11 @@ async function loadModelInfo() {
     const m = body.models[0];
     hasVqa = m.tasks.includes("vqa");
     const a = m.architecture;
-    $("model-info").textContent = `${m.name} v${m.version}: ${a.encoder.arch} encoder + ${a.decoder.cell} decoder, ` +
-      `${m.vocab_size} words, on ${m.device}` + (hasVqa ? ", with multiple-choice VQA" : " (no VQA head)");
+    attention = a.decoder.inject === "attention" ? { imageSize: a.image_size, resize: a.resize } : null;
+    $("model-info").textContent = `${m.name} v${m.version}: ${a.encoder.arch} encoder + ${a.decoder.cell} decoder` +
+      (attention ? " with attention" : "") + `, ${m.vocab_size} words, on ${m.device}` +
+      (hasVqa ? ", with multiple-choice VQA" : " (no VQA head)") +
+      (attention ? ". Hover over a word to see where the model looked." : "");
     const domain = m.metrics && m.metrics.domain;  // what the model knows, in one line, with its card
     $("model-domain").textContent = domain ? `What it knows: ${domain} ` : "";
     $("model-domain").hidden = !domain;
