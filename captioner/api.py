@@ -25,11 +25,27 @@ class Caption:
     words: list[str] | None = None
     attention: list[list[list[float]]] | None = None
 
-    def to_dict(self) -> dict:
-        d = {"caption": self.text, "log_prob": self.log_prob, "score": self.score}
+    def to_dict(self, rounded: bool = False) -> dict:
+        """``rounded``: scores to 4 decimals and maps to 3, as caption files store them (smaller, no less useful)."""
+        r = (lambda x, n: round(x, n)) if rounded else (lambda x, n: x)
+        d = {"caption": self.text, "log_prob": r(self.log_prob, 4), "score": r(self.score, 4)}
         if self.attention is not None:
-            d["words"], d["attention"] = self.words, self.attention
+            d["words"] = self.words
+            d["attention"] = [[[r(x, 3) for x in row] for row in m] for m in self.attention] if rounded \
+                else self.attention
         return d
+
+    @staticmethod
+    def arrow_type(attention: bool = False):
+        """The Arrow type of an image's captions, a list (best first) of to_dict(rounded=True)'s dicts: the
+        ``captions`` column of Parquet outputs and Ray Datasets. Floats are float64, so the rounded values
+        read back exactly as JSON records hold them."""
+        import pyarrow as pa
+
+        fields = [("caption", pa.string()), ("log_prob", pa.float64()), ("score", pa.float64())]
+        if attention:
+            fields += [("words", pa.list_(pa.string())), ("attention", pa.list_(pa.list_(pa.list_(pa.float64()))))]
+        return pa.list_(pa.struct(fields))
 
 
 @dataclass

@@ -1,111 +1,43 @@
 """Image loading and the one preprocessing definition, driven by the checkpoint's PreprocessConfig."""
 from __future__ import annotations
 
-import io
-import math
-import os
-from pathlib import Path
+import functools
 from typing import Union
 
 import torch
-from PIL import Image, UnidentifiedImageError
-from PIL.JpegImagePlugin import JpegImageFile
 from torchvision import transforms as T
-from torchvision.transforms import InterpolationMode
 
 from .config import PreprocessConfig
+from .pixels import (MAX_ASPECT_RATIO, ImageError, PixelInput, check_shape, crop, draft,  # noqa: F401
+                     load_image, resize_shorter)
 
-ImageInput = Union[str, os.PathLike, bytes, bytearray, Image.Image, torch.Tensor]
-
-
-class ImageError(ValueError):
-    """An input that is not a readable image; the message says why."""
+ImageInput = Union[PixelInput, torch.Tensor]
 
 
-def draft(im: Image.Image, min_side: int | None) -> None:
-    """Let a not yet decoded JPEG decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) when that still leaves
-    at least ``min_side`` pixels on its shorter side. The resize to ``min_side`` that follows then starts from
-    fewer pixels: decoding gets 2-4x cheaper and the result differs by about one grey level on average.
-    Every path that feeds a model (API, CLI, service, training) decodes this way, so they see the same pixels."""
-    if min_side and isinstance(im, JpegImageFile):
-        scale = min_side / min(im.size)
-        if scale <= 0.5:
-            im.draft("RGB", (math.ceil(im.width * scale), math.ceil(im.height * scale)))
-
-
-# Resizing the shorter side to ``resize`` scales the longer one by the same factor: a 1x20000 PNG of 118 bytes would
-# become a 128x2,560,000 strip (1 GB). At 100:1 the strip is at most 256x25,600 (20 MB); photos stay far below it
-# (panoramas ~ 4:1-8:1), and only the centre square of a stranger shape is ever seen by the model.
-MAX_ASPECT_RATIO = 100.0
-
-
-def check_shape(w: int, h: int, min_side: int | None, max_aspect: float | None = MAX_ASPECT_RATIO) -> None:
-    """Refuse, before any pixel is decoded, a w x h image the resize to ``min_side`` would blow up."""
-    if w < 1 or h < 1:
-        raise ImageError(f"image has no pixels ({w}x{h})")
-    if min_side and max_aspect and max(w, h) > max_aspect * min(w, h):
-        long = math.ceil(min_side * max(w, h) / min(w, h))
-        size = f"{long}x{min_side}" if w > h else f"{min_side}x{long}"
-        raise ImageError(f"image is {w}x{h}, an aspect ratio of {max(w, h) / min(w, h):,.1f}:1; the limit is "
-                         f"{max_aspect:g}:1 (preprocessing would resize it to {size} pixels)")
-
-
-def load_image(src: ImageInput, max_pixels: int | None = 178_956_970, min_side: int | None = None,
-               max_aspect: float | None = MAX_ASPECT_RATIO) -> Image.Image:
-    """Open a path, bytes or PIL image as an RGB PIL image, with a clear error for bad input. ``min_side``: the
-    shorter side the caller resizes to next (PreprocessConfig.resize), which lets JPEGs decode at reduced scale;
-    with it, images more elongated than ``max_aspect``:1 are refused before decoding (check_shape)."""
-    if isinstance(src, Image.Image):
-        return src.convert("RGB")
-    if isinstance(src, (bytes, bytearray)):
-        fp, name = io.BytesIO(src), "<bytes>"
-        if not src:
-            raise ImageError("empty image data")
-    elif isinstance(src, (str, os.PathLike)):
-        name = str(src)
-        if not Path(src).is_file():
-            raise ImageError(f"{name}: no such file")
-        fp = name
-    else:
-        raise ImageError(f"unsupported image input type {type(src).__name__}")
-    try:
-        with Image.open(fp) as im:
-            if max_pixels is not None and im.width * im.height > max_pixels:
-                raise ImageError(f"{name}: {im.width}x{im.height} exceeds the {max_pixels}-pixel limit")
-            try:
-                check_shape(im.width, im.height, min_side, max_aspect)
-            except ImageError as e:
-                raise ImageError(f"{name}: {e}") from None
-            draft(im, min_side)
-            return im.convert("RGB")  # forces a full decode, so truncated files fail here
-    except ImageError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageError(f"{name}: not a recognised image format") from None
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{name}: {e}") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{name}: corrupt or truncated image ({e})") from None
-
-
-def _interp(cfg: PreprocessConfig) -> InterpolationMode:
-    return InterpolationMode(cfg.interpolation)
+def crop_transform(cfg: PreprocessConfig):
+    """The pixel half of eval_transform (pixels.crop): PIL image -> PIL image (S, S)."""
+    return functools.partial(crop, cfg=cfg)
 
 
 def eval_transform(cfg: PreprocessConfig) -> T.Compose:
     """Resize the shorter side, center-crop, normalise: PIL image -> float tensor (3, S, S)."""
-    return T.Compose([
-        T.Resize(cfg.resize, interpolation=_interp(cfg), antialias=True),
-        T.CenterCrop(cfg.image_size),
-        T.ToTensor(),
-        T.Normalize(cfg.mean, cfg.std),
-    ])
+    return T.Compose([crop_transform(cfg), T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+
+
+def normalize_batch(pixels, cfg: PreprocessConfig) -> torch.Tensor:
+    """The tensor half of eval_transform for a batch of crop_transform outputs, uint8 (B, S, S, 3) (a numpy array
+    or tensor) -> float (B, 3, S, S). The same float operations as ToTensor + Normalize, so the same bits: a
+    pipeline may ship the 4x smaller uint8 crops between machines and normalise next to the model."""
+    x = torch.as_tensor(pixels).permute(0, 3, 1, 2).contiguous().to(torch.get_default_dtype()).div(255)
+    mean = torch.as_tensor(cfg.mean, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.as_tensor(cfg.std, dtype=x.dtype).view(1, -1, 1, 1)
+    return x.sub_(mean).div_(std)
 
 
 def train_transform(cfg: PreprocessConfig) -> T.Compose:
     """Random crop and horizontal flip around the same resize and normalisation as evaluation."""
     return T.Compose([
-        T.Resize(cfg.resize, interpolation=_interp(cfg), antialias=True),
+        functools.partial(resize_shorter, size=cfg.resize, interpolation=cfg.interpolation),
         T.RandomCrop(cfg.image_size),
         T.RandomHorizontalFlip(),
         T.ToTensor(),

@@ -78,3 +78,37 @@ def test_truncated_jpeg_is_still_an_error_with_reduced_decoding(jpeg, tmp_path):
     cut.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     with pytest.raises(ImageError, match="corrupt or truncated"):
         load_image(cut, min_side=64)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest", "lanczos"])
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (64, 64), (301, 97), (50, 40)])
+def test_torch_free_crop_is_torchvisions_resize_and_center_crop(interpolation, size):
+    """pixels.crop runs in decode workers without torch; it must give torchvision's pixels exactly."""
+    from torchvision import transforms as T
+
+    from captioner.pixels import crop
+
+    im = _photo(*size, seed=size[0])
+    cfg = PreprocessConfig(image_size=56, resize=64, interpolation=interpolation)
+    mode = T.InterpolationMode(interpolation)
+    ref = T.Compose([T.Resize(cfg.resize, interpolation=mode), T.CenterCrop(cfg.image_size)])(im)
+    ours = crop(im, cfg)
+    assert ours.size == (56, 56)
+    assert np.array_equal(np.asarray(ours), np.asarray(ref))
+    small = PreprocessConfig(image_size=72, resize=64, interpolation=interpolation)  # padded like CenterCrop
+    assert np.array_equal(np.asarray(crop(im, small)),
+                          np.asarray(T.Compose([T.Resize(64, interpolation=mode), T.CenterCrop(72)])(im)))
+
+
+def test_normalize_batch_gives_eval_transforms_bits():
+    """The Ray engine ships uint8 crops and normalises next to the model: the same tensor as the local engine."""
+    from captioner.pixels import crop
+    from captioner.preprocess import normalize_batch
+
+    ims = [_photo(320, 240, seed=s) for s in range(3)]
+    ref = torch.stack([eval_transform(CFG)(im) for im in ims])
+    pixels = np.stack([np.asarray(crop(im, CFG)) for im in ims])
+    got = normalize_batch(pixels, CFG)
+    assert got.shape == ref.shape == (3, 3, 56, 56) and got.dtype == ref.dtype
+    assert torch.equal(got, ref)
+    assert torch.equal(normalize_batch(torch.from_numpy(pixels), CFG), ref)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -35,7 +36,7 @@ from captioner.checkpoint import load_pretrained, load_training_state, read_metr
 from captioner.config import ModelConfig, PreprocessConfig, VQAConfig, override_encoder, preset
 from captioner.model import CaptionModel
 from captioner.vqa import VQAHead
-from captioner.preprocess import _interp
+from captioner.pixels import resize_shorter
 
 from .datasets import CaptionDataset, encode_captions, pad_captions, read_dataset
 from .distributed import is_main
@@ -75,7 +76,7 @@ def vqa_config(args: argparse.Namespace) -> VQAConfig:
 def vqa_train_transform(cfg: PreprocessConfig, flip: bool) -> T.Compose:
     """The caption train transform without the horizontal flip unless asked: "on the left" must stay left."""
     return T.Compose([
-        T.Resize(cfg.resize, interpolation=_interp(cfg), antialias=True),
+        functools.partial(resize_shorter, size=cfg.resize, interpolation=cfg.interpolation),
         T.RandomCrop(cfg.image_size),
         *([T.RandomHorizontalFlip()] if flip else []),
         T.ToTensor(),

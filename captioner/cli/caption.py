@@ -151,10 +151,26 @@ class Summary:
     failed_before: int = 0  # of the skipped, how many are error records
     seconds: float = 0.0  # captioning loop wall time (loader start to last write)
     interrupted: int | None = None  # the signal that stopped the run, if any
+    first_s: float = 0.0  # from the start to the first written batch (start-up: workers, actors, the first batch)
+    first_done: int = 0  # images in that batch
 
     @property
     def done(self) -> int:
         return self.captioned + self.failed
+
+    def batch_written(self, captioned: int, errors: list[str], bar, t0: float, stop: StopFlag | None) -> bool:
+        """Count a batch that reached the record file (naming its first failures on stderr); True when a signal
+        asks the run to stop after it."""
+        for e in errors[:max(0, SHOWN_ERRORS - self.failed)]:
+            bar.write(f"skipped {e}", file=sys.stderr)  # the message names the file
+        self.captioned += captioned
+        self.failed += len(errors)
+        if not self.first_done:
+            self.first_s, self.first_done = time.perf_counter() - t0, self.done
+        bar.update(captioned + len(errors))
+        if stop is not None and stop.signum is not None:
+            self.interrupted = stop.signum
+        return self.interrupted is not None
 
     @property
     def images_per_s(self) -> float:
@@ -168,6 +184,9 @@ class Summary:
         if self.failed > SHOWN_ERRORS:
             s += f" (the first {SHOWN_ERRORS} failures are named above; every one is an error record in the output)"
         s += f"; {self.seconds:.1f} s, {self.images_per_s:.1f} images/s"
+        if self.done > self.first_done > 0 and self.seconds > self.first_s:  # start-up apart (Ray's is seconds)
+            steady = (self.done - self.first_done) / (self.seconds - self.first_s)
+            s += f" (first batch after {self.first_s:.1f} s, then {steady:.1f} images/s)"
         if self.interrupted:
             s += f"; stopped by {signal.Signals(self.interrupted).name}, {self.images - self.skipped - self.done} left"
         return s
@@ -179,20 +198,13 @@ class RunResult:
     summary: Summary | None = None
 
 
-def _caption_dict(c) -> dict[str, Any]:
-    d = {"caption": c.text, "log_prob": round(c.log_prob, 4), "score": round(c.score, 4)}
-    if c.attention is not None:  # --attention: per word, its map over the centre crop (3 decimals keep files small)
-        d["words"] = c.words
-        d["attention"] = [[[round(x, 3) for x in row] for row in m] for m in c.attention]
-    return d
-
-
-def _record(pos: int, item: Item, captions=None, error: str | None = None) -> dict[str, Any]:
+def _record(pos: int, item: Item, captions: list[dict] | None = None, error: str | None = None) -> dict[str, Any]:
+    """One line of the record file; ``captions`` as Caption.to_dict(rounded=True) gives them."""
     r: dict[str, Any] = {"path": item.path}
     if item.image_id is not None:
         r["image_id"] = item.image_id
     if error is None:
-        r["captions"] = [_caption_dict(c) for c in captions]
+        r["captions"] = captions
     else:
         r["error"] = error
     r["index"] = pos
@@ -231,19 +243,13 @@ def caption_items(cap, todo: Sequence[tuple[int, Item]], out_path: str, gen: dic
                     break
                 pos = b["indices"].tolist()
                 caps = cap.caption_batch(b["images"], **gen) if pos else []
-                recs = {j: _record(*todo[j], captions=c) for j, c in zip(pos, caps)}
+                recs = {j: _record(*todo[j], captions=[x.to_dict(rounded=True) for x in c]) for j, c in zip(pos, caps)}
                 if gen.get("return_attention"):  # the maps cover the centre crop: this fraction of the shorter side
                     for r in recs.values():
                         r["attention_crop"] = round(cap.cfg.preprocess.image_size / cap.cfg.preprocess.resize, 6)
                 recs.update({j: _record(*todo[j], error=e) for j, e in b["errors"]})
                 writer.write([recs[j] for j in sorted(recs)])
-                for j, e in b["errors"][:max(0, SHOWN_ERRORS - s.failed)]:  # the first few reasons, on stderr
-                    bar.write(f"skipped {e}", file=sys.stderr)  # the message names the file
-                s.captioned += len(caps)
-                s.failed += len(b["errors"])
-                bar.update(len(recs))
-                if stop is not None and stop.signum is not None:
-                    s.interrupted = stop.signum
+                if s.batch_written(len(caps), [e for _, e in b["errors"]], bar, t0, stop):
                     break
     except KeyboardInterrupt:  # second Ctrl-C: the batch in flight is lost, the file holds whole batches (or a torn
         s.interrupted = signal.SIGINT  # line that the next run removes)
@@ -318,13 +324,36 @@ def run(args: argparse.Namespace) -> RunResult:
     if args.checkpoint is None and not ckpt.exists():
         _err(f"captioner caption: error: no --checkpoint given and no default model installed at {ckpt}")
         return RunResult(EXIT_NO_MODEL)
+    cap = engine = None
     try:
-        cap = Captioner.from_pretrained(ckpt, device=device, precision=args.precision)
+        if args.engine == "ray":
+            from .ray_engine import EngineError, RayEngine
+
+            try:
+                engine = RayEngine(args, ckpt)
+            except EngineError as e:
+                return usage(str(e))
+            cfg, precision = engine.cfg, engine.precision
+        else:
+            cap = Captioner.from_pretrained(ckpt, device=device, precision=args.precision)
+            cfg, precision = cap.cfg, cap.precision
     except (CheckpointError, OSError, ValueError) as e:
         _err(f"captioner caption: error: cannot load the model from {ckpt}: {e}")
         return RunResult(EXIT_NO_MODEL)
-    if args.attention and not cap.has_attention:
-        return usage(f"--attention: the model {cap.cfg.name!r} ({ckpt}) has no attention decoder, so it has no "
+    try:
+        return _run(args, fmt, my_shard, world, rank, ckpt, cfg, precision, cap, engine)
+    finally:
+        if engine is not None:
+            engine.close()
+
+
+def _run(args, fmt, my_shard, world, rank, ckpt, cfg, precision, cap, engine) -> RunResult:
+    def usage(msg: str) -> RunResult:
+        _err(f"captioner caption: error: {msg}")
+        return RunResult(EXIT_USAGE)
+
+    if args.attention and not cfg.attention:
+        return usage(f"--attention: the model {cfg.name!r} ({ckpt}) has no attention decoder, so it has no "
                      "attention maps; use a model trained with `captioner train --inject attention`")
 
     # the inputs
@@ -352,8 +381,8 @@ def run(args: argparse.Namespace) -> RunResult:
                temperature=args.temperature, top_k=args.top_k)
     if args.attention:
         gen["return_attention"] = True
-    options = {"model": f"{cap.cfg.name} v{cap.cfg.version}", "checkpoint": str(ckpt.resolve()),
-               "precision": cap.precision, "seed": args.seed, **gen}  # what ran ('auto' resolved)
+    options = {"model": f"{cfg.name} v{cfg.version}", "checkpoint": str(ckpt.resolve()),
+               "precision": precision, "seed": args.seed, **gen}  # what ran ('auto' resolved)
     pending = _pending(rpath, mine, options, args)
     if isinstance(pending, str):
         return usage(pending)
@@ -364,8 +393,12 @@ def run(args: argparse.Namespace) -> RunResult:
     tag = f"shard {my_shard[0]}/{my_shard[1]}" if my_shard else "captioning"
     with StopFlag() as stop:
         try:
-            s = caption_items(cap, todo, rpath, gen, args.batch_size, args.workers, progress=not args.no_progress,
-                              desc=tag, position=rank if world > 1 else 0, stop=stop)
+            if engine is not None:
+                s = engine.caption(todo, rpath, gen, progress=not args.no_progress, desc=tag, stop=stop)
+            else:
+                s = caption_items(cap, todo, rpath, gen, args.batch_size, args.workers,
+                                  progress=not args.no_progress, desc=tag, position=rank if world > 1 else 0,
+                                  stop=stop)
         except Exception as e:  # noqa: BLE001 - the model itself failed (a bad image never gets here)
             import traceback
 
@@ -381,8 +414,7 @@ def run(args: argparse.Namespace) -> RunResult:
         return RunResult(EXIT_SIGTERM if s.interrupted == signal.SIGTERM else EXIT_SIGINT, s)
     code = EXIT_FAILED if s.failed + s.failed_before else EXIT_OK
 
-    code = _finish(args, fmt, rpath, my_shard, world, rank, f"Captions by {cap.cfg.name} v{cap.cfg.version}", s,
-                   code)
+    code = _finish(args, fmt, rpath, my_shard, world, rank, f"Captions by {cfg.name} v{cfg.version}", s, code)
     return RunResult(code, s)
 
 
@@ -390,7 +422,7 @@ def _plan(args) -> tuple | str:
     """(output format, this process's shard or None, world size, rank, device), or what is wrong with the options.
     Under torchrun every rank takes its own shard and its own GPU; loader workers share the machine's cores."""
     if os.path.isdir(args.out):
-        return f"--out {args.out} is a folder; give a file name (.jsonl, .json or .html)"
+        return f"--out {args.out} is a folder; give a file name (.jsonl, .json, .parquet or .html)"
     try:
         fmt = format_for(args.out, args.format)
         my_shard = parse_shard(args.shard) if args.shard else None
@@ -398,10 +430,16 @@ def _plan(args) -> tuple | str:
         return str(e)
     if (msg := _validate(args)) is not None:
         return msg
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if args.engine == "ray":  # Ray places the work (and the devices) itself
+        if my_shard is not None or world > 1:
+            return "--engine ray spreads the work over the Ray cluster itself: no --shard, no torchrun"
+        return fmt, None, 1, 0, None
+    if args.address or args.concurrency or args.num_gpus is not None:
+        return "--address, --concurrency and --num-gpus are options of --engine ray"
     if args.workers is None:  # share the cores among the processes torchrun put on this machine
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         args.workers = max(1, min(8, (os.cpu_count() or 1) // max(1, local_world)))
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1:
         if my_shard is not None:
             return "--shard cannot be combined with torchrun (each rank already takes its own shard)"
@@ -438,7 +476,7 @@ def _finish(args, fmt: str, rpath: str, my_shard, world: int, rank: int, title: 
     if my_shard is None:
         if fmt != "jsonl":
             write_output(args.out, fmt, in_input_order(read_records(rpath).records), title=title,
-                         workers=max(1, args.workers), progress=not args.no_progress)
+                         workers=max(1, args.workers or os.cpu_count() or 1), progress=not args.no_progress)
             _err(f"wrote {args.out}")
     elif _init_group(world, rank):
         import torch.distributed as dist

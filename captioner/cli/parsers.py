@@ -10,6 +10,8 @@ import ast
 import importlib.util
 from pathlib import Path
 
+from .writers import FORMATS  # light: no torch
+
 
 def _doc(module: str) -> str:
     """A module's docstring without importing it (the implementation modules import torch)."""
@@ -348,12 +350,14 @@ def caption(add_help: bool = True) -> argparse.ArgumentParser:
         epilog="examples:\n  captioner caption photos/ --out captions.jsonl\n"
                "  captioner caption 'shots/**/*.png' @more.txt --out gallery.html --beam-size 5 --num-captions 3\n"
                "  captioner caption --dataset karpathy --annotations dataset_coco.json --images coco/ --split test "
-               "--out results.json\n  torchrun --nproc_per_node=8 -m captioner caption photos/ --out captions.jsonl")
+               "--out results.json\n  torchrun --nproc_per_node=8 -m captioner caption photos/ --out captions.jsonl\n"
+               "  captioner caption /mnt/photos/ --out /mnt/captions.parquet --engine ray --concurrency 8 --num-gpus 1")
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="image files, folders (recursive), glob patterns (quote them; ** recurses), or @list.txt "
                         "(one path per line, relative to the current directory)")
-    p.add_argument("--out", required=True, help="output file: .jsonl records, .json COCO results, or .html gallery")
-    p.add_argument("--format", choices=["jsonl", "coco", "html"], help="output format (default: from --out's suffix)")
+    p.add_argument("--out", required=True,
+                   help="output file: .jsonl records, .json COCO results, .parquet table, or .html gallery")
+    p.add_argument("--format", choices=FORMATS, help="output format (default: from --out's suffix)")
     p.add_argument("--checkpoint", help="model directory (default: the model shipped with the package)")
     g = p.add_argument_group("dataset input (instead of INPUT)")
     g.add_argument("--dataset", choices=["coco", "karpathy"], help="caption a dataset split; records get its image ids")
@@ -378,7 +382,8 @@ def caption(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=None,
                    help="loader processes that read and preprocess images while the model runs (0 = in-process; "
                         "default: the CPU cores per process, at most 8); on a CPU-only run they yield the cores to "
-                        "the model (nice 19; the environment variable CAPTIONER_LOADER_NICE=0..19 overrides)")
+                        "the model (nice 19; the environment variable CAPTIONER_LOADER_NICE=0..19 overrides); "
+                        "--engine ray: decode tasks running at once (default: as many as free CPUs allow)")
     g.add_argument("--device",
                    help="cpu, cuda, cuda:1 ... (default: CUDA if available; under torchrun cuda:LOCAL_RANK)")
     g.add_argument("--precision", choices=PRECISIONS, default="auto")
@@ -392,6 +397,21 @@ def caption(add_help: bool = True) -> argparse.ArgumentParser:
                        help="resume although the earlier run used other decoding options or another model (by "
                             "default that is refused: the output would mix two kinds of captions)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("engine")
+    g.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this machine, a loader feeding the model (with --shard or torchrun for more); ray: "
+                        "Ray Data, decode tasks feeding a pool of model actors across a Ray cluster (pip install "
+                        "'captioner[ray]'); the same inputs, outputs and resume either way")
+    g.add_argument("--address",
+                   help="ray: the cluster to join, HOST:PORT or auto (default: $RAY_ADDRESS, else the cluster "
+                        "`ray start` started on this machine, else a new one on this machine's cores, stopped at "
+                        "the end)")
+    g.add_argument("--concurrency", metavar="N|MIN-MAX",
+                   help="ray: model actors, each loading the model once (default 1; MIN-MAX: a pool Ray grows "
+                        "while there is work)")
+    g.add_argument("--num-gpus", type=float, metavar="G",
+                   help="ray: GPUs per model actor (fractions share one; default 1 when the cluster has GPUs and "
+                        "--device is not cpu, else 0)")
     return p
 
 
@@ -430,8 +450,8 @@ def export(add_help: bool = True) -> argparse.ArgumentParser:
 def merge(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("captioner merge", add_help=add_help, description=_doc("captioner.cli.merge"))
     p.add_argument("parts", nargs="*", metavar="PART", help="part files (default: every OUT.shard*-of-N.jsonl)")
-    p.add_argument("--out", required=True, help="final output: .jsonl, .json (COCO results) or .html")
-    p.add_argument("--format", choices=["jsonl", "coco", "html"], help="output format (default: from --out's suffix)")
+    p.add_argument("--out", required=True, help="final output: .jsonl, .json (COCO results), .parquet or .html")
+    p.add_argument("--format", choices=FORMATS, help="output format (default: from --out's suffix)")
     p.add_argument("--workers", type=int, default=4, help="threads making HTML thumbnails")
     p.add_argument("--no-progress", action="store_true")
     return p

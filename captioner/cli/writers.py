@@ -1,5 +1,5 @@
 """Caption output files: the append-only JSONL record file (the source of truth, resumable), and the COCO results
-JSON and the self-contained HTML gallery rendered from it.
+JSON, the Parquet table and the self-contained HTML gallery rendered from it.
 
 A record is one JSON object per line:
     {"path": ..., "image_id": ... (when known), "captions": [{"caption", "log_prob", "score"}, ...], "index": n}
@@ -21,29 +21,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from ..fileio import write_json_atomic, write_text_atomic
+from ..fileio import atomic_write, write_json_atomic, write_text_atomic
 from ..inputs import path_key
 
-FORMATS = ("jsonl", "coco", "html")
-_SUFFIX_FORMAT = {".jsonl": "jsonl", ".json": "coco", ".html": "html", ".htm": "html"}
+FORMATS = ("jsonl", "coco", "parquet", "html")
+_SUFFIX_FORMAT = {".jsonl": "jsonl", ".json": "coco", ".parquet": "parquet", ".html": "html", ".htm": "html"}
 
 
 def format_for(out: str, fmt: str | None) -> str:
-    """--format, else the suffix of --out (.jsonl, .json = COCO results, .html/.htm)."""
+    """--format, else the suffix of --out (.jsonl, .json = COCO results, .parquet, .html/.htm)."""
     if fmt:
         if fmt not in FORMATS:
             raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-        return fmt
-    suffix = Path(out).suffix.lower()
-    if suffix not in _SUFFIX_FORMAT:
-        raise ValueError(f"cannot tell the output format from {out!r}: use a .jsonl, .json (COCO results) or "
-                         f".html file name, or pass --format {{{','.join(FORMATS)}}}")
-    return _SUFFIX_FORMAT[suffix]
+    else:
+        suffix = Path(out).suffix.lower()
+        if suffix not in _SUFFIX_FORMAT:
+            raise ValueError(f"cannot tell the output format from {out!r}: use a .jsonl, .json (COCO results), "
+                             f".parquet or .html file name, or pass --format {{{','.join(FORMATS)}}}")
+        fmt = _SUFFIX_FORMAT[suffix]
+    if fmt == "parquet":
+        try:
+            import pyarrow.parquet  # noqa: F401
+        except ImportError:
+            raise ValueError("Parquet output needs pyarrow: pip install pyarrow (it comes with "
+                             "'captioner[ray]')") from None
+    return fmt
 
 
 def records_path(out: str, fmt: str, shard: tuple[int, int] | None = None) -> str:
     """Where a run appends its JSONL records: the output itself (unsharded JSONL), ``OUT.records.jsonl`` beside a
-    COCO/HTML output, or ``OUT.shard{i}-of-{n}.jsonl`` for one shard of a sharded run."""
+    COCO/Parquet/HTML output, or ``OUT.shard{i}-of-{n}.jsonl`` for one shard of a sharded run."""
     if shard is not None:
         return f"{out}.shard{shard[0]}-of-{shard[1]}.jsonl"
     return out if fmt == "jsonl" else f"{out}.records.jsonl"
@@ -266,6 +273,27 @@ def write_html(path: str, records: Sequence[dict[str, Any]], title: str = "Capti
     write_text_atomic(path, fill)
 
 
+def write_parquet(path: str, records: Sequence[dict[str, Any]]) -> None:
+    """One Parquet file (atomically): a row per record with the columns path, image_id, index, captions (the type
+    captioner.ray's Datasets give them), error, and with --attention attention_crop."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ..api import Caption
+
+    ids = {type(r["image_id"]) for r in records if r.get("image_id") is not None}
+    as_text = not ids <= {int}  # dataset ids are ints; a mix with path-named images is stored as text
+    attention = any("attention_crop" in r for r in records)
+    fields = [("path", pa.string()), ("image_id", pa.string() if as_text else pa.int64()), ("index", pa.int64()),
+              ("captions", Caption.arrow_type(attention)), ("error", pa.string())]
+    if attention:
+        fields.append(("attention_crop", pa.float64()))
+    rows = [{**r, "image_id": str(r["image_id"])} if as_text and r.get("image_id") is not None else r
+            for r in records]
+    table = pa.Table.from_pylist(rows, schema=pa.schema(fields))
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
 def write_output(out: str, fmt: str, records: Sequence[dict[str, Any]], title: str = "Captions", workers: int = 4,
                  progress: bool = True) -> None:
     """Write the final output file (atomically) from records already in input order."""
@@ -273,6 +301,8 @@ def write_output(out: str, fmt: str, records: Sequence[dict[str, Any]], title: s
         write_text_atomic(out, lambda f: f.writelines(json_line(r) for r in records))
     elif fmt == "coco":
         write_json_atomic(out, coco_results(records))
+    elif fmt == "parquet":
+        write_parquet(out, records)
     elif fmt == "html":
         write_html(out, records, title=title, workers=workers, progress=progress)
     else:
