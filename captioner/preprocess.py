@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import functools
-from typing import Union
+from typing import Callable, Union
 
+import numpy as np
 import torch
-from torchvision import transforms as T
+from PIL import Image
 
 from .config import PreprocessConfig
 from .pixels import (MAX_ASPECT_RATIO, ImageError, PixelInput, check_shape, crop, draft,  # noqa: F401
@@ -19,9 +20,15 @@ def crop_transform(cfg: PreprocessConfig):
     return functools.partial(crop, cfg=cfg)
 
 
-def eval_transform(cfg: PreprocessConfig) -> T.Compose:
-    """Resize the shorter side, center-crop, normalise: PIL image -> float tensor (3, S, S)."""
-    return T.Compose([crop_transform(cfg), T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+def eval_transform(cfg: PreprocessConfig) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize the shorter side, center-crop, normalise: PIL image -> float tensor (3, S, S). torchvision's Resize,
+    CenterCrop, ToTensor and Normalize to the bit (tests/test_preprocess.py), without importing torchvision: that
+    import costs a second at every start (the CLI, the service, each Ray actor)."""
+    return functools.partial(_eval, cfg=cfg)
+
+
+def _eval(im: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
+    return normalize_batch(np.array(crop(im, cfg))[None], cfg)[0]  # a copy: torch wants a writable array
 
 
 def normalize_batch(pixels, cfg: PreprocessConfig) -> torch.Tensor:
@@ -34,8 +41,10 @@ def normalize_batch(pixels, cfg: PreprocessConfig) -> torch.Tensor:
     return x.sub_(mean).div_(std)
 
 
-def train_transform(cfg: PreprocessConfig) -> T.Compose:
+def train_transform(cfg: PreprocessConfig):
     """Random crop and horizontal flip around the same resize and normalisation as evaluation."""
+    from torchvision import transforms as T
+
     return T.Compose([
         functools.partial(resize_shorter, size=cfg.resize, interpolation=cfg.interpolation),
         T.RandomCrop(cfg.image_size),
@@ -56,5 +65,7 @@ def to_tensor(src: ImageInput, cfg: PreprocessConfig, transform=None) -> torch.T
             raise ImageError(f"image tensor must be (3, H, W), got {tuple(src.shape)}")
         if src.is_floating_point() and src.shape[1:] == (cfg.image_size, cfg.image_size):
             return src
-        src = T.functional.to_pil_image(src if src.dtype == torch.uint8 else src.clamp(0, 1))
+        from torchvision.transforms.functional import to_pil_image
+
+        src = to_pil_image(src if src.dtype == torch.uint8 else src.clamp(0, 1))
     return (transform or eval_transform(cfg))(load_image(src, min_side=cfg.resize))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -359,3 +361,14 @@ def test_export_records_the_domain_line(tiny_checkpoint, tmp_path):
     out = tmp_path / "exported"
     assert cli(["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--domain", "tiny test shapes."]) == 0
     assert json.loads((out / "metrics.json").read_text())["domain"] == "tiny test shapes."
+
+
+def test_loading_and_captioning_import_neither_torchvision_nor_dynamo():
+    """Start-up cost: torchvision (1 s) and torch._dynamo (1.5 s, pulled in by weight fills on the meta device of
+    the shape check) would be paid by every CLI run, service start and Ray actor."""
+    code = ("import sys; from captioner.api import Captioner; c = Captioner.from_pretrained("
+            "'captioner/models/default'); c.caption(['service/static/samples/elephant.jpg']); "
+            "print(sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"

@@ -100,15 +100,21 @@ def test_torch_free_crop_is_torchvisions_resize_and_center_crop(interpolation, s
                           np.asarray(T.Compose([T.Resize(64, interpolation=mode), T.CenterCrop(72)])(im)))
 
 
-def test_normalize_batch_gives_eval_transforms_bits():
-    """The Ray engine ships uint8 crops and normalises next to the model: the same tensor as the local engine."""
+def test_eval_transform_and_normalize_batch_give_torchvisions_bits():
+    """eval_transform (no torchvision import) and normalize_batch (the Ray engine ships uint8 crops and normalises
+    next to the model) must both give exactly what torchvision's Resize/CenterCrop/ToTensor/Normalize give."""
+    from torchvision import transforms as T
+
     from captioner.pixels import crop
     from captioner.preprocess import normalize_batch
 
-    ims = [_photo(320, 240, seed=s) for s in range(3)]
-    ref = torch.stack([eval_transform(CFG)(im) for im in ims])
+    ims = [_photo(320, 240, seed=s) for s in range(3)] + [_photo(200, 333, seed=3)]
+    tv = T.Compose([T.Resize(CFG.resize), T.CenterCrop(CFG.image_size), T.ToTensor(), T.Normalize(CFG.mean, CFG.std)])
+    ref = torch.stack([tv(im) for im in ims])
+    ours = torch.stack([eval_transform(CFG)(im) for im in ims])
+    assert ours.dtype == ref.dtype and torch.equal(ours, ref)
     pixels = np.stack([np.asarray(crop(im, CFG)) for im in ims])
     got = normalize_batch(pixels, CFG)
-    assert got.shape == ref.shape == (3, 3, 56, 56) and got.dtype == ref.dtype
+    assert got.shape == ref.shape == (4, 3, 56, 56) and got.dtype == ref.dtype
     assert torch.equal(got, ref)
     assert torch.equal(normalize_batch(torch.from_numpy(pixels), CFG), ref)

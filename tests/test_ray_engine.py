@@ -3,6 +3,11 @@ captions as the local engine, unreadable images as error records, resume, Parque
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,6 +94,44 @@ def test_ray_engine_captions_like_the_local_engine_and_resumes(cluster, photos, 
     err = capsys.readouterr().err
     assert "20 images: 0 captioned, 0 failed, 20 skipped as already done" in err
     assert rayed.read_bytes() == before
+
+
+def test_killed_driver_then_rerun_captions_each_image_once(cluster, photos, tmp_path, monkeypatch, capsys):
+    """kill -9 of the driver mid-job: the records keep the batches that reached them, the same command does the rest."""
+    many = tmp_path / "many"
+    for k in range(4):
+        (many / f"copy{k}").mkdir(parents=True)
+        for p in sorted(photos.iterdir()):
+            (many / f"copy{k}" / p.name).symlink_to(p)
+    out = tmp_path / "caps.jsonl"
+    argv = [sys.executable, "-m", "captioner", "caption", str(many), "--out", str(out), "--engine", "ray",
+            "--batch-size", "4", "--no-progress"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "RAY_ADDRESS": ""},  # its own local cluster, as a user's first run
+                            start_new_session=True)
+    t0 = time.time()
+    while not (out.exists() and out.read_bytes().count(b"\n") >= 8):
+        if proc.poll() is not None:
+            pytest.fail(f"captioner exited early ({proc.returncode}): {proc.stderr.read()}")
+        if time.time() - t0 > 120:
+            proc.kill()
+            pytest.fail("no records after 120 s")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # the driver alone, as `kill -9 PID`
+    proc.wait()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the orphans of its local cluster (`ray stop` would end them too)
+    except ProcessLookupError:
+        pass
+    before = len(out.read_bytes().splitlines())
+    assert 8 <= before < 80
+    monkeypatch.chdir(tmp_path)
+    assert caption(many, "--out", out, "--batch-size", 4, engine="ray") == 1  # 4 unreadable copies
+    err = capsys.readouterr().err
+    assert "80 images: " in err and f"{before} skipped as already done" in err
+    recs = read_jsonl(out)
+    assert sorted(r["path"] for r in recs) == sorted(str(p) for p in many.rglob("*.jpg"))  # each exactly once
+    assert sum("error" in r for r in recs) == 4
 
 
 def test_parquet_and_coco_outputs(cluster, photos, tmp_path, monkeypatch, capsys):
