@@ -4,13 +4,14 @@
 
 Both engines run as users run them, as `captioner caption` commands (each pays its own Python, torch and model
 start-up), writing fsynced JSONL records. The Ray engine's cluster is started once by this script with the first
-of the README's cluster commands (`ray start --head`) and joined with --address auto, as on a real cluster, where it is
-started once for many jobs; its start-up is reported apart. Each Ray run still starts its model actor and decode
+of the README's cluster commands (`ray start --head`) and joined with --address auto, as on a real cluster, where
+it is started once for many jobs; its start-up is reported apart. Each Ray run still starts its model actor and decode
 workers, and that is counted.
 local = the default loader workers; ray = one model actor (--concurrency 1), decode tasks as Ray sees fit.
 Each ray run is paired with a local run just before it, so slow drifts in a shared machine's load cancel in the
 ratio; --repeat N reports the median. end-to-end = images / wall time of the command; loop = the command's own
-images/s (from model loaded to last record: for ray it includes starting the actor).
+images/s (from model loaded to last record: for ray it includes starting the actor); first batch = from the loop's
+start to the first batch written (start-up); steady = images/s after it.
 Target: the Ray engine reaches >= 0.8 of the local one end-to-end.
 The default photos are the 338 coco-mini ones in ../shared/data; --copies K captions K symlinked copies of them.
 Without --checkpoint the shipped default model is used.
