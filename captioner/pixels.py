@@ -16,6 +16,7 @@ from .config import PreprocessConfig
 
 PixelInput = Union[str, os.PathLike, bytes, bytearray, Image.Image]
 
+
 class ImageError(ValueError):
     """An input that is not a readable image; the message says why."""
 

@@ -15,11 +15,6 @@ from .pixels import (MAX_ASPECT_RATIO, ImageError, PixelInput, check_shape, crop
 ImageInput = Union[PixelInput, torch.Tensor]
 
 
-def crop_transform(cfg: PreprocessConfig):
-    """The pixel half of eval_transform (pixels.crop): PIL image -> PIL image (S, S)."""
-    return functools.partial(crop, cfg=cfg)
-
-
 def eval_transform(cfg: PreprocessConfig) -> Callable[[Image.Image], torch.Tensor]:
     """Resize the shorter side, center-crop, normalise: PIL image -> float tensor (3, S, S). torchvision's Resize,
     CenterCrop, ToTensor and Normalize to the bit (tests/test_preprocess.py), without importing torchvision: that
@@ -32,7 +27,7 @@ def _eval(im: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
 
 
 def normalize_batch(pixels, cfg: PreprocessConfig) -> torch.Tensor:
-    """The tensor half of eval_transform for a batch of crop_transform outputs, uint8 (B, S, S, 3) (a numpy array
+    """The tensor half of eval_transform for a batch of pixels.crop outputs, uint8 (B, S, S, 3) (a numpy array
     or tensor) -> float (B, 3, S, S). The same float operations as ToTensor + Normalize, so the same bits: a
     pipeline may ship the 4x smaller uint8 crops between machines and normalise next to the model."""
     x = torch.as_tensor(pixels).permute(0, 3, 1, 2).contiguous().to(torch.get_default_dtype()).div(255)

@@ -28,7 +28,8 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from .config import PreprocessConfig  # torch-free, like pixels: decode workers never import torch
+from .config import PreprocessConfig
+from .pixels import ImageError, crop, load_image  # torch-free: decode workers start in a second, not five
 
 # what caption_dataset passes on to Captioner.caption_batch (model.generate)
 DECODING = ("beam_size", "num_captions", "max_length", "length_penalty", "block_trigrams", "do_sample",
@@ -63,8 +64,6 @@ def _cores() -> int:
 def _decode(batch: pa.Table, pre: PreprocessConfig, nice: int) -> pa.Table:
     """Ray task body: rows with ``path`` (and maybe ``bytes``) -> the same rows with ``image`` (the crop's uint8
     pixels, S x S x 3 bytes) and ``error`` (null; or why the image could not be read, and ``image`` is null)."""
-    from .pixels import ImageError, crop, load_image  # no torch: decode workers start in a second, not five
-
     _lower_priority(nice)
     paths = [str(p) for p in batch.column("path").to_pylist()]
     data = batch.column("bytes").to_pylist() if "bytes" in batch.column_names else None
