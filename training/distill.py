@@ -354,11 +354,18 @@ def main(args: argparse.Namespace):
     init_model = bool(args.init_from) and (Path(args.init_from) / "config.json").is_file()
     if args.init_from and not init_model and not (Path(args.init_from) / STATE).is_file():
         raise SystemExit(f"--init-from: {Path(args.init_from) / STATE} not found (nor a model's config.json)")
+    if args.labels and args.init_from:
+        raise SystemExit("--labels starts a student from scratch (or --resume); --init-from is for online teachers")
     rank, world, device = setup(args, per_rank_seed=True)
     if is_main():
         Path(args.out).mkdir(parents=True, exist_ok=True)
-    obj = DistillObjective(args, device, world, rank, init_model)
+    if args.labels:
+        from .distill_labels import LabelDistillObjective
+        obj = LabelDistillObjective(args, device, world, rank)
+        obj.start()
+    else:
+        obj = DistillObjective(args, device, world, rank, init_model)
+        obj.start(init_model)
     state = load_training_state(Path(args.out) / STATE) if args.resume else None
-    obj.start(init_model)
     fit(obj, args, device, state)
     return obj.model

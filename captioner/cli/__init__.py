@@ -20,6 +20,7 @@ from . import parsers
 COMMANDS = {
     "train": "train a caption model (--task vqa|joint: a VQA or joint model)",
     "distill": "teach the VGG-style encoder from an ImageNet network (no labels needed)",
+    "label": "cache detected COCO objects and teacher features of photos (for distill and make-vqa)",
     "evaluate": "caption a dataset split and compute COCO metrics (--task vqa: VQA accuracy)",
     "make-vqa": "write multiple-choice questions about photos from their captions (Visual7W format)",
     "ask": "answer a multiple-choice question about an image",
@@ -33,6 +34,7 @@ RUNS = {
     ("train", "vqa"): (parsers.train_vqa, "training.train_vqa"),
     ("train", "joint"): (parsers.train_vqa, "training.train_vqa"),
     ("distill", None): (parsers.distill, "training.distill"),
+    ("label", None): (parsers.label, "training.label"),
     ("evaluate", "caption"): (parsers.evaluate, "training.evaluate"),
     ("evaluate", "vqa"): (parsers.evaluate_vqa, "training.evaluate_vqa"),
     ("make-vqa", None): (parsers.make_vqa, "training.make_vqa"),

@@ -246,6 +246,15 @@ def distill(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--statistics-images", type=int, default=2048,
                    help="training images that set the mean/std used to standardise the teacher's features")
     g.add_argument("--min-scale", type=float, default=0.25, help="smallest random-resized-crop area")
+    g = p.add_argument_group("cached labels (captioner label): the teacher and a COCO detector ran once; no teacher here")
+    g.add_argument("--labels", metavar="RUN", help="learn from this label run's photos and their cached views, "
+                   "teacher outputs and detected objects (every labelled photo but --hold-out and --val-split)")
+    g.add_argument("--hold-out", nargs="+", metavar="INPUT",
+                   help="photos (files, folders, globs, @list.txt) never learnt from; with --labels they are the "
+                        "held-out set the agreement is measured on")
+    g.add_argument("--object-weight", type=float, default=1.0, help="weight of the object presence loss (BCE)")
+    g.add_argument("--count-weight", type=float, default=1.0, help="weight of the object count loss")
+    g.add_argument("--object-threshold", type=float, default=0.5, help="detector score that counts an object")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=30)
     g.add_argument("--stop-after", type=int, default=0, metavar="N",
@@ -269,6 +278,25 @@ def distill(add_help: bool = True) -> argparse.ArgumentParser:
                         "with a fresh optimizer and schedule: a warm restart for a run whose val KL was still falling; "
                         "or from a saved caption model's encoder (its layout and preprocessing; the student flags are "
                         "ignored), whose two prediction heads are first fitted to the teacher by least squares")
+    return p
+
+
+def label(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("captioner label", add_help=add_help, description=_doc("training.label"),
+                                formatter_class=HelpFormatter)
+    p.add_argument("inputs", nargs="+", help="image files, folders, globs or @list.txt")
+    p.add_argument("--out", required=True, help="run folder (labels.json, paths.txt, part-NNNNN.safetensors)")
+    p.add_argument("--exclude-ids", metavar="FILE",
+                   help="image ids, one a line (e.g. a test split's): photos whose COCO-style file name carries one "
+                        "are never opened")
+    p.add_argument("--views", type=int, default=4, help="teacher views per photo: the centre square + random crops")
+    p.add_argument("--min-scale", type=float, default=0.35, help="smallest area of a random view")
+    p.add_argument("--chunk", type=int, default=256, help="photos per part file (the unit of resume)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random views")
+    p.add_argument("--threads", type=int, default=2, help="threads of each network")
+    p.add_argument("--workers", type=int, default=1, help="decoding processes")
+    p.add_argument("--restart", action="store_true", help="discard a run in --out made with other settings")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
