@@ -29,7 +29,7 @@ import numpy as np
 import serve  # bench/serve.py: its Server runs `captioner serve` as a subprocess
 from PIL import Image
 
-PROBES = ("poison", "thin", "slow", "sigterm", "json", "methods", "gone", "encodings")
+PROBES = ("poison", "thin", "slow", "sigterm", "json", "methods", "gone", "encodings", "trickle", "memory")
 
 
 def jpeg(seed: int = 0, w: int = 320, h: int = 240) -> bytes:
@@ -53,11 +53,14 @@ class Server(serve.Server):
         super().__init__(checkpoint, *flags)
         self.wait_ready()
 
-    def rss_peak_mb(self) -> float:
+    def rss_peak_mb(self, field: str = "VmHWM") -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
         return float("nan")
+
+    def rss_mb(self) -> float:
+        return self.rss_peak_mb("VmRSS")
 
 
 def post_caption(url: str, data: bytes, timeout: float = 60, **fields) -> httpx.Response:
@@ -145,6 +148,91 @@ def probe_slow(s: Server, n: int = 100, seconds: float = 20) -> None:
     print(f"slow headers: {len(open_)}/{n} connections still open after {seconds:g} s; a normal request meanwhile: {ok}")
     for c in socks:
         c.close()
+
+
+def _trickler(port: int, stop: threading.Event, key: bytes | None, log: list) -> None:
+    """Open a connection, send a multipart upload head, then one byte per packet as fast as the socket takes them;
+    reconnect when the server cuts it. ``log`` gets (seconds the connection lasted, status line) per connection."""
+    auth = b"Authorization: Bearer " + key + b"\r\n" if key else b""
+    head = (b"POST /v1/captions HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Type: multipart/form-data; boundary=BB\r\n"
+            b"Content-Length: 10000000\r\n\r\n--BB\r\nContent-Disposition: form-data; name=\"image\"; "
+            b"filename=\"x.jpg\"\r\n\r\n")
+    while not stop.is_set():
+        c = socket.create_connection(("127.0.0.1", port), timeout=5)
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        t0 = time.monotonic()
+        try:
+            c.sendall(head)
+            while not stop.is_set() and time.monotonic() - t0 < 120:
+                c.send(b"x")
+        except OSError:
+            pass
+        try:
+            c.settimeout(1)
+            got = c.recv(200).split(b"\r\n")[0].decode(errors="replace")
+        except OSError:
+            got = "(reset)"
+        log.append((time.monotonic() - t0, got))
+        c.close()
+
+
+def _neighbour_p50(url: str, seconds: float, headers: dict) -> float:
+    """Median latency (ms) of one client captioning a small JPEG back to back for ``seconds``."""
+    lat, data = [], jpeg(3)
+    t0 = time.monotonic()
+    with httpx.Client(headers=headers, timeout=60) as c:
+        while time.monotonic() - t0 < seconds:
+            t = time.perf_counter()
+            c.post(f"{url}/v1/captions", files={"image": ("x.jpg", data, "image/jpeg")})
+            lat.append((time.perf_counter() - t) * 1000)
+    return float(np.median(lat))
+
+
+def probe_trickle(checkpoint: str | None, seconds: float = 10) -> None:
+    """What one client trickling bytes costs the others: a neighbour's p50 alone, then beside one trickler (with a
+    valid API key), then beside one that has none and reconnects each time it is cut. Ratios from one run."""
+    key = "bench-key-0001"
+    s = Server(checkpoint, "--api-key", key)
+    try:
+        hdr = {"X-API-Key": key}
+        alone = _neighbour_p50(s.url, seconds, hdr)
+        for name, k in (("authenticated trickler", key.encode()), ("unauthenticated, reconnecting", None)):
+            stop, log = threading.Event(), []
+            t = threading.Thread(target=_trickler, args=(s.port, stop, k, log), daemon=True)
+            t.start()
+            beside = _neighbour_p50(s.url, seconds, hdr)
+            stop.set()
+            t.join(30)
+            longest = max((d for d, _ in log), default=float("nan"))
+            statuses = sorted({g for _, g in log})
+            print(f"trickle ({name}): neighbour p50 {alone:.1f} ms alone, {beside:.1f} ms beside it "
+                  f"({beside / alone:.2f}x); {len(log)} trickling connections, the longest lasted {longest:.2f} s, "
+                  f"answers {statuses}")
+    finally:
+        s.stop()
+
+
+def probe_memory(checkpoint: str | None) -> None:
+    """Eight 40-Mpx PNGs of ~50-120 KB at once: peak and settled RSS against the decode budget (default 512 MiB)."""
+    row = (np.arange(8000) % 251).astype(np.uint8)
+    grey = np.ascontiguousarray(np.broadcast_to(row, (5000, 8000)))
+    pngs = []
+    for a in (grey, np.stack([grey, grey[:, ::-1], grey], -1)):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "PNG", compress_level=9)
+        pngs.append(buf.getvalue())
+    s = Server(checkpoint, "--request-timeout", "120")
+    try:
+        post_caption(s.url, jpeg())
+        base = s.rss_mb()
+        rs = in_threads(lambda i: post_caption(s.url, pngs[i % 2], timeout=120), 8)
+        peak = s.rss_peak_mb()
+        time.sleep(2)
+        print(f"memory: 8 x 40 Mpx PNG ({len(pngs[0]) // 1024} / {len(pngs[1]) // 1024} KB) at once -> "
+              f"{[status(r) for r in rs]}; RSS {base:.0f} MB before, peak {peak:.0f} (+{peak - base:.0f}), "
+              f"{s.rss_mb():.0f} MB 2 s after (+{s.rss_mb() - base:.0f})")
+    finally:
+        s.stop()
 
 
 def probe_sigterm(checkpoint: str | None) -> None:
@@ -254,7 +342,8 @@ def main() -> None:
     args = p.parse_args()
     only = args.only.split(",")
     print(f"python {sys.version.split()[0]}, load average {os.getloadavg()[0]:.1f}")
-    shared = [x for x in only if x not in ("sigterm", "gone")]
+    own = ("sigterm", "gone", "trickle", "memory")  # these start servers of their own
+    shared = [x for x in only if x not in own]
     if shared:
         s = Server(args.checkpoint)
         try:
@@ -267,8 +356,9 @@ def main() -> None:
             s.stop()
     if "sigterm" in only:
         probe_sigterm(args.checkpoint)
-    if "gone" in only:
-        probe_gone(args.checkpoint)
+    for name in own[1:]:
+        if name in only:
+            globals()[f"probe_{name}"](args.checkpoint)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,23 @@ class Item:
     image_id: int | str | None = None  # dataset id, or the number in a COCO-style file name
 
     @property
+    def name(self) -> str:
+        """The path as records, logs and JSON show it: a file name that is not valid UTF-8 (Python holds its bytes
+        as lone surrogates, which no UTF-8 file can store) with those bytes escaped, e.g. ``b\\xff.jpg``."""
+        return printable_path(self.path)
+
+    @property
+    def has_printable_name(self) -> bool:
+        return self.name == self.path
+
+    @property
     def key(self) -> str:
-        """Identity for de-duplication and resume: the absolute, normalised path."""
-        return path_key(self.path)
+        """Identity for de-duplication and resume: the absolute, normalised path (as records hold it)."""
+        return path_key(self.name)
+
+
+def printable_path(path: str) -> str:
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def path_key(path: str) -> str:

@@ -9,7 +9,8 @@ import os
 from pathlib import Path
 from typing import Union
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL.JpegImagePlugin import JpegImageFile
 
 from .config import PreprocessConfig
@@ -55,15 +56,15 @@ def load_image(src: PixelInput, max_pixels: int | None = 178_956_970, min_side: 
     shorter side the caller resizes to next (PreprocessConfig.resize), which lets JPEGs decode at reduced scale;
     with it, images more elongated than ``max_aspect``:1 are refused before decoding (check_shape)."""
     if isinstance(src, Image.Image):
-        return src.convert("RGB")
+        return decode_rgb(src)
     if isinstance(src, (bytes, bytearray)):
         fp, name = io.BytesIO(src), "<bytes>"
         if not src:
             raise ImageError("empty image data")
     elif isinstance(src, (str, os.PathLike)):
         name = str(src)
-        if not Path(src).is_file():
-            raise ImageError(f"{name}: no such file")
+        if not Path(src).is_file():  # only regular files are opened: a FIFO or a device would block or never end
+            raise ImageError(f"{name}: not a regular file" if os.path.exists(src) else f"{name}: no such file")
         fp = name
     else:
         raise ImageError(f"unsupported image input type {type(src).__name__}")
@@ -75,8 +76,7 @@ def load_image(src: PixelInput, max_pixels: int | None = 178_956_970, min_side: 
                 check_shape(im.width, im.height, min_side, max_aspect)
             except ImageError as e:
                 raise ImageError(f"{name}: {e}") from None
-            draft(im, min_side)
-            return im.convert("RGB")  # forces a full decode, so truncated files fail here
+            return decode_rgb(im, min_side, name)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -85,6 +85,90 @@ def load_image(src: PixelInput, max_pixels: int | None = 178_956_970, min_side: 
         raise ImageError(f"{name}: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{name}: corrupt or truncated image ({e})") from None
+
+
+# A JPEG of a flat colour, progressive and optimised, holds ~250 pixels per byte; one claiming more than 8x that
+# lacks its data: libjpeg would only warn ("premature end of data") and fill the rest with grey.
+MAX_JPEG_PIXELS_PER_BYTE = 2048
+
+
+def decode_rgb(im: Image.Image, min_side: int | None = None, name: str = "image") -> Image.Image:
+    """An opened (header-only) image -> the RGB picture a person sees, for every path that feeds a model (API,
+    CLI, Ray, service, training): decoded at reduced scale where possible (``draft``), turned upright by its EXIF
+    orientation (phone photos are stored sideways with a tag saying so), 16-bit and float pixels scaled to 8 bits
+    instead of saturated, and a JPEG that lacks most of its data refused instead of filled with grey."""
+    check_has_data(im, name)
+    draft(im, min_side)
+    im.load()  # decodes: truncated or corrupt data fails here
+    im = _reduce_huge(im, min_side)
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        im = Image.fromarray(_to_uint8(np.asarray(im), im.mode))
+    return im.convert("RGB")
+
+
+# Formats other than JPEG cannot decode at reduced scale: a 116 KB PNG may hold 40 Mpx. Past this many pixels the
+# decoded image is box-reduced by an integer factor (keeping the shorter side >= min_side) before any conversion,
+# so the RGB copy, the EXIF turn and the resize work on the small image; smaller images are untouched (same bits).
+REDUCE_ABOVE_PIXELS = 16_000_000
+
+
+def _reduce_huge(im: Image.Image, min_side: int | None) -> Image.Image:
+    if not min_side or im.width * im.height <= REDUCE_ABOVE_PIXELS:
+        return im
+    factor = min(im.size) // min_side
+    if factor < 2:
+        return im
+    if im.mode.startswith("I;16"):  # reduce() takes 32-bit ints, not 16-bit ones
+        im = im.convert("I")
+    elif im.mode not in ("L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "I", "F"):  # P, 1, ...: reduce() refuses them
+        im = im.convert("RGBA" if "A" in im.getbands() or "transparency" in im.info else "RGB")
+    return im.reduce(factor)
+
+
+def decoded_bytes(im: Image.Image) -> int:
+    """About the most memory decode_rgb needs for an opened (and drafted) image: its pixels as PIL stores them
+    (1 byte for grey and palette images, 2 for 16-bit grey, 4 for everything else: PIL keeps RGB as RGBX) plus
+    an RGB copy (small when _reduce_huge applies first, which this does not count on)."""
+    if im.mode in ("1", "L", "P"):
+        size = 1
+    else:
+        size = 2 if im.mode.startswith("I;16") else 4
+    return im.width * im.height * (size + 4)
+
+
+def check_has_data(im: Image.Image, name: str = "image") -> None:
+    """Refuse an opened, not yet drafted JPEG whose header promises far more pixels than its file can hold."""
+    if isinstance(im, JpegImageFile) and im.tile:
+        size = getattr(im.fp, "seek", None) and _stream_size(im.fp)
+        if size and im.width * im.height > MAX_JPEG_PIXELS_PER_BYTE * size:
+            raise ImageError(f"{name}: truncated JPEG: its header says {im.width}x{im.height} but the file holds "
+                             f"only {size} bytes")
+
+
+def _stream_size(fp) -> int | None:
+    try:
+        pos = fp.tell()
+        fp.seek(0, os.SEEK_END)
+        size = fp.tell()
+        fp.seek(pos)
+        return size
+    except (OSError, ValueError):
+        return None
+
+
+def _to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """Grey pixels of 16-bit, 32-bit int or float images -> 0..255: 16-bit by 257 (65535 -> 255); float images
+    in 0..1 (the usual convention) by 255, others clipped; 32-bit ints as 16-bit (PNG/TIFF keep 16 bits there)."""
+    a = a.astype(np.float32)
+    if mode == "F":
+        finite = a[np.isfinite(a)]
+        a = np.nan_to_num(a, nan=0.0)
+        if finite.size and finite.min() >= 0 and finite.max() <= 1:
+            a = a * 255
+    else:
+        a = a / 257
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
 
 
 # torchvision's InterpolationMode -> PIL's filter, as torchvision maps them for PIL images

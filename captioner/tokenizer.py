@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -17,14 +18,18 @@ SPECIALS = (PAD, BOS, EOS, UNK)
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 
 _treebank = TreebankWordTokenizer()
-_has_word_char = re.compile(r"[a-z0-9]")
+_has_word_char = re.compile(r"[^\W_]")  # a letter or digit of any script
+# zero-width and other invisible format characters (Unicode category Cf): "red\u200b" is "red"
+_invisible = re.compile("[\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
 # Treebank splits clitics off ("dog's" -> "dog", "'s"); glue them back when writing text.
 _clitic = re.compile(r" (n't|'s|'re|'ve|'m|'ll|'d)\b")
 
 
 def tokenize(text: str) -> list[str]:
-    """Lowercase, Treebank-tokenize, keep tokens that hold a letter or digit."""
-    return [t for t in _treebank.tokenize(text.lower()) if _has_word_char.search(t)]
+    """NFKC-normalise (composed accents, full-width letters as ASCII), drop invisible characters, case-fold,
+    Treebank-tokenize, keep tokens that hold a letter or digit. On ASCII text: lowercase + Treebank."""
+    text = _invisible.sub("", unicodedata.normalize("NFKC", text)).casefold()
+    return [t for t in _treebank.tokenize(text) if _has_word_char.search(t)]
 
 
 def detokenize(tokens: Sequence[str]) -> str:

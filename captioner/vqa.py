@@ -122,7 +122,8 @@ def _clean(text: object, what: str, max_chars: int, field: str, index: int | Non
     if not text:
         raise VQAInputError(f"{what} is empty: it must contain at least one word", field, index, "string_too_short")
     if not tokenize(text):
-        raise VQAInputError(f"{what} {text!r} has no words (only punctuation): it must contain at least one word",
+        raise VQAInputError(f"{what} {text!r} has no words (only punctuation or symbols): it must contain at least "
+                            "one word",
                             field, index, "string_too_short")
     return text
 
@@ -136,9 +137,11 @@ def check_question(question: object, cfg: VQAConfig, max_chars: int | None = Non
 
 
 def check_choices(choices: object, cfg: VQAConfig, max_chars: int | None = None,
-                  max_choices: int | None = None) -> list[str]:
+                  max_choices: int | None = None, vocab: Vocabulary | None = None) -> list[str]:
     """The choices with whitespace collapsed; 2..max_choices non-empty choices, distinct after tokenization
-    ("Red." and "red" are the same answer), else VQAInputError. The limits: the model's, or stricter ones given."""
+    ("Red." and "red", "café" composed and decomposed are the same answer), and with ``vocab`` distinct to the
+    model too ("giraffe" and "zebra" are both <unk> to a model that knows neither), else VQAInputError. The
+    limits: the model's, or stricter ones given."""
     limit = min(cfg.max_choices, max_choices or cfg.max_choices)
     chars = min(cfg.max_chars, max_chars or cfg.max_chars)
     if choices is None:
@@ -159,7 +162,23 @@ def check_choices(choices: object, cfg: VQAConfig, max_chars: int | None = None,
                                 f"({out[seen[key]]!r} and {c!r})", "choices", i, "duplicate")
         seen[key] = i
         out.append(c)
+    if vocab is not None:
+        _check_distinct_to_model(out, vocab, cfg)
     return out
+
+
+def _check_distinct_to_model(choices: list[str], vocab: Vocabulary, cfg: VQAConfig) -> None:
+    seen: dict[tuple, int] = {}
+    for i, c in enumerate(choices):
+        ids = tuple(encode_text(vocab, c, cfg.max_answer_words))
+        if ids in seen:
+            j = seen[ids]
+            unknown = sorted({w for x in (choices[j], c) for w in tokenize(x) if w not in vocab.stoi})
+            why = (f"{', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} outside the model's "
+                   "vocabulary" if unknown else f"they agree in their first {cfg.max_answer_words} words")
+            raise VQAInputError(f"choices {j + 1} and {i + 1} are the same answer to this model ({choices[j]!r} and "
+                                f"{c!r}): {why}; use words it knows", "choices", i, "duplicate")
+        seen[ids] = i
 
 
 def encode_text(vocab: Vocabulary, text: str, max_words: int) -> list[int]:
@@ -200,7 +219,7 @@ def encode_batch(vocab: Vocabulary, cfg: VQAConfig, questions: Sequence[str], ch
     if not questions:
         raise VQAInputError("no questions")
     qs = [check_question(q, cfg) for q in questions]
-    cs = [check_choices(c, cfg) for c in choices]
+    cs = [check_choices(c, cfg, vocab=vocab) for c in choices]
     q = pad_2d([encode_text(vocab, x, cfg.max_question_words) for x in qs])
     c, m = pad_choices([[encode_text(vocab, a, cfg.max_answer_words) for a in x] for x in cs])
     return q, c, m, cs

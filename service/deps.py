@@ -13,6 +13,7 @@ from fastapi import Depends, HTTPException, Request
 from pydantic import ValidationError
 
 from captioner.config import VQAConfig
+from captioner.tokenizer import Vocabulary
 from captioner.vqa import VQAInputError, check_choices, check_question
 
 from .engine import VQAUnsupported, has_vqa
@@ -76,13 +77,15 @@ class VQARequest:
     choices: list[str]
 
 
-def validate_vqa(question: object, choices: object, cfg: VQAConfig | None = None) -> tuple[str, list[str]]:
+def validate_vqa(question: object, choices: object, cfg: VQAConfig | None = None,
+                 vocab: Vocabulary | None = None) -> tuple[str, list[str]]:
     """The question and choices, whitespace collapsed, by the model's own checks (captioner.vqa) under the API's
-    stricter limits; a VQAInputError becomes the 422 naming the field (and the choice)."""
+    stricter limits, choices the model cannot tell apart included; a VQAInputError becomes the 422 naming the
+    field (and the choice)."""
     cfg = cfg or VQAConfig()
     try:
         return (check_question(question, cfg, max_chars=MAX_QUESTION_CHARS),
-                check_choices(choices, cfg, max_chars=MAX_CHOICE_CHARS, max_choices=MAX_CHOICES))
+                check_choices(choices, cfg, max_chars=MAX_CHOICE_CHARS, max_choices=MAX_CHOICES, vocab=vocab))
     except VQAInputError as e:
         loc = ("body", e.field or "body", *(() if e.index is None else (e.index,)))
         raise InputError(422, loc, str(e), e.kind) from None
@@ -95,7 +98,7 @@ async def _vqa_input(request: Request, svc: Annotated[ServiceState, Depends(serv
         raise InputError(422, ("body", unknown[0]), "unknown field (expected image, question, choices)",
                          "extra_forbidden")
     question, choices = validate_vqa(inp.fields.get("question"), inp.lists.get("choices"),
-                                     getattr(svc.captioner.cfg, "vqa", None))
+                                     getattr(svc.captioner.cfg, "vqa", None), svc.captioner.vocab)
     return VQARequest(inp, question, choices)
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
+from starlette.requests import ClientDisconnect, Request
 from fastapi.responses import JSONResponse
 
 from .batcher import BatchFailedError, QueueFullError, RequestTimeoutError, ShuttingDownError
@@ -78,7 +79,8 @@ def install_handlers(app: FastAPI) -> None:
                             status_code=500)
 
     @app.exception_handler(ClientGone)
-    async def _gone(request: Request, e: ClientGone) -> JSONResponse:
+    @app.exception_handler(ClientDisconnect)  # gone while uploading (or cut by the server's bounds): no one to answer
+    async def _gone(request: Request, e: Exception) -> JSONResponse:
         return JSONResponse({"detail": "client closed the connection before the answer"}, status_code=499)
 
     @app.exception_handler(VQAUnsupported)

@@ -161,6 +161,9 @@ class BodyGuardMiddleware:
                     refusal = (413, self._too_large())
                     raise BodyRefused()
                 complete = not message.get("more_body", False)
+                if not complete and loop.time() > deadline:  # on every chunk: a stream that never pauses ends too
+                    refusal = self._too_slow(f"the body was not complete {self.total_s:g} s after the request began")
+                    raise BodyRefused()
             return message
 
         async def guarded_send(message: Message) -> None:
@@ -201,8 +204,11 @@ class BodyGuardMiddleware:
         if cut is not None and cut in done:
             return 503, {"detail": "server is shutting down: the upload did not finish within the shutdown grace "
                                    "period; send it again to another replica"}
-        why = (f"no body data for {self.idle_s:g} s" if timeout == self.idle_s
-               else f"the body was not complete {self.total_s:g} s after the request began")
+        return self._too_slow(f"no body data for {self.idle_s:g} s" if timeout == self.idle_s
+                              else f"the body was not complete {self.total_s:g} s after the request began")
+
+    @staticmethod
+    def _too_slow(why: str) -> tuple[int, dict]:
         return 408, {"detail": [{"loc": ["body"], "type": "timeout", "msg": f"request body too slow: {why}"}]}
 
     def _too_large(self) -> dict:

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
                                     description="longer side / shorter side above this is refused (422): "
                                                 "preprocessing would resize a thin strip to millions of pixels")
     decode_workers: int = Field(4, ge=1, le=64, description="threads that decode and preprocess uploaded images")
+    decode_memory_mb: int = Field(512, ge=16, le=1 << 20,
+                                  description="decoded pixels in flight across requests, in MiB: decodes past it wait "
+                                              "(an image needing more than it is decoded alone)")
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod

@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 
 from captioner.api import Captioner, default_checkpoint
+from captioner.checkpoint import CheckpointError
 
 from .batcher import DynamicBatcher
+from .images import ByteBudget
 from .engine import CaptionJob, Engine, GenParams, VQAJob, default_encode_batch_size, has_vqa
 from .metrics import Metrics
 from .settings import Settings
@@ -32,8 +34,10 @@ class ServiceState:
         self.engine: Engine | None = None
         self.batcher: DynamicBatcher | None = None
         self.decode_pool: ThreadPoolExecutor | None = None
+        self.decode_budget: ByteBudget | None = None
         self.status = "starting"  # starting -> loading -> warming up -> ready -> shutting down -> stopped | error
         self.error: str | None = None
+        self.error_is_input = False  # the checkpoint's files are damaged or unreadable: the operator's to fix
         self.on_fatal: Callable[[str], None] | None = None  # set by `captioner serve`: stop the server
         self._load_task: asyncio.Task | None = None
         self.load_seconds: float | None = None
@@ -56,6 +60,7 @@ class ServiceState:
     async def start(self) -> None:
         s = self.settings
         self.decode_pool = ThreadPoolExecutor(s.decode_workers, thread_name_prefix="decode")
+        self.decode_budget = ByteBudget(s.decode_memory_mb << 20)
         self._load_task = asyncio.create_task(self._load_and_warm_up(), name="load-model")
 
     async def _load_and_warm_up(self) -> None:
@@ -81,7 +86,11 @@ class ServiceState:
             await self.batcher.start()
         except Exception as e:  # noqa: BLE001  (reported through /readyz and the log, then the server stops)
             self.status, self.error = "error", f"{type(e).__name__}: {e}"
-            log.exception("could not load the model from %s", self.checkpoint)
+            self.error_is_input = isinstance(e, (CheckpointError, OSError))
+            if self.error_is_input:  # one clear line: a traceback would only hide it
+                log.error("could not load the model from %s: %s", self.checkpoint, e)
+            else:
+                log.exception("could not load the model from %s", self.checkpoint)
             if self.on_fatal:
                 self.on_fatal(self.error)
             return

@@ -92,6 +92,24 @@ def serve_process(checkpoint: Path, *flags: str, log_path: Path | None = None, e
             log.close()
 
 
+def closed_within(s, seconds: float) -> tuple[bool, bytes]:
+    """Whether the server closes the socket's connection within ``seconds``, and what it sent before closing."""
+    import socket
+
+    s.settimeout(seconds)
+    got = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return True, got
+            got += chunk
+    except (socket.timeout, TimeoutError):
+        return False, got
+    except ConnectionResetError:
+        return True, got
+
+
 def wait_http_ready(proc, url: str, timeout: float = 60.0) -> None:
     import httpx
 

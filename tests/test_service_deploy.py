@@ -128,7 +128,8 @@ def test_serve_exits_non_zero_when_the_model_fails_to_load(tiny_checkpoint, tmp_
     (broken / "model.safetensors").write_bytes(b"not safetensors at all")
     args = parsers.serve().parse_args(["--checkpoint", str(broken), "--device", "cpu", "--port", "0",
                                                    "--log-level", "warning"])
-    assert serve_cli.main(args) == 1  # the server started, the background load failed, the server stopped
+    assert serve_cli.main(args) == 2  # the server started, the background load failed, the server stopped: the
+    # checkpoint's files are the operator's to fix, like a bad flag
     assert "model failed to load" in capsys.readouterr().err
 
 

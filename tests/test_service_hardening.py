@@ -18,7 +18,7 @@ pytest.importorskip("fastapi", reason="service extra not installed (pip install 
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from _service_util import (ROOT, in_threads, jpeg_bytes, metric_value, serve_in_thread, serve_process,  # noqa: E402
+from _service_util import (ROOT, closed_within, in_threads, jpeg_bytes, metric_value, serve_in_thread, serve_process,  # noqa: E402
                            wait_http_ready, wait_ready)
 from captioner.api import Captioner  # noqa: E402
 from service.app import create_app  # noqa: E402
@@ -252,22 +252,6 @@ def _slow_socket(port: int, payload: bytes) -> socket.socket:
     return s
 
 
-def _closed_within(s: socket.socket, seconds: float) -> tuple[bool, bytes]:
-    """Whether the server closes the connection within ``seconds``, and what it sent before closing."""
-    s.settimeout(seconds)
-    got = b""
-    try:
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                return True, got
-            got += chunk
-    except (socket.timeout, TimeoutError):
-        return False, got
-    except ConnectionResetError:
-        return True, got
-
-
 @pytest.mark.slow
 def test_slow_headers_and_stalled_bodies_are_cut_and_sigterm_exits_0_within_the_grace(tiny_checkpoint, tmp_path):
     with serve_process(tiny_checkpoint, "--client-timeout", "1", "--shutdown-timeout", "1",
@@ -277,7 +261,7 @@ def test_slow_headers_and_stalled_bodies_are_cut_and_sigterm_exits_0_within_the_
         # a slowloris head: a few bytes, then nothing
         heads = [_slow_socket(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: ") for _ in range(20)]
         t0 = time.monotonic()
-        assert all(_closed_within(s, 3)[0] for s in heads)
+        assert all(closed_within(s, 3)[0] for s in heads)
         assert time.monotonic() - t0 < 3
         # a kept-alive connection gets the full head timeout again after each response
         ka = _slow_socket(port, b"")
@@ -287,14 +271,14 @@ def test_slow_headers_and_stalled_bodies_are_cut_and_sigterm_exits_0_within_the_
         assert ka.recv(65536).startswith(b"HTTP/1.1 200")
         t_resp = time.monotonic()
         ka.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # the next head, unfinished
-        closed_early, _ = _closed_within(ka, 0.6)
+        closed_early, _ = closed_within(ka, 0.6)
         assert not closed_early  # an older timer must not cut it short
-        closed, _ = _closed_within(ka, 2)
+        closed, _ = closed_within(ka, 2)
         assert closed and time.monotonic() - t_resp < 2.5
         # a body that stops half-way: 408 in the API's error shape
         stall = _slow_socket(port, b"POST /v1/captions HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
                                    b"boundary=BB\r\nContent-Length: 5000\r\n\r\n--BB\r\n")
-        closed, got = _closed_within(stall, 4)
+        closed, got = closed_within(stall, 4)
         assert closed and got.startswith(b"HTTP/1.1 408"), got[:200]
         assert b'"type":"timeout"' in got.replace(b" ", b"")
         assert httpx.post(f"{url}/v1/captions", files={"image": ("x", JPG)}).status_code == 200  # all is well

@@ -35,7 +35,9 @@ def cache_key(model: CaptionModel, records: list[ImageRecord], view: int = 0) ->
     for k, t in sorted(model.encoder.state_dict().items()):
         h.update(k.encode())
         h.update(t.detach().float().cpu().numpy().tobytes())
-    h.update(b"jpeg-draft")  # how JPEGs are decoded (captioner.preprocess.draft): a change must miss the cache
+    # how images are decoded (captioner.pixels.decode_rgb: JPEG draft, EXIF upright, 16-bit scaled): a change must
+    # miss the cache
+    h.update(b"jpeg-draft exif-upright deep-pixels-scaled")
     h.update(json.dumps(model.cfg.to_dict()["preprocess"], sort_keys=True).encode())
     h.update(json.dumps(model.cfg.to_dict()["encoder"], sort_keys=True).encode())
     if model.cfg.attention:  # the grid, not v

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -32,6 +33,8 @@ from ..preprocess import eval_transform
 from ..runtime import resolve_device
 from .writers import RecordWriter, drop_errors, format_for, in_input_order, read_records, records_path, write_output
 
+# the output cannot be written (disk full, quota, read-only): the user's to fix, like a bad option
+OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES})
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_MODEL, EXIT_ERROR, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 3, 4, 130, 143
 
 
@@ -200,7 +203,7 @@ class RunResult:
 
 def _record(pos: int, item: Item, captions: list[dict] | None = None, error: str | None = None) -> dict[str, Any]:
     """One line of the record file; ``captions`` as Caption.to_dict(rounded=True) gives them."""
-    r: dict[str, Any] = {"path": item.path}
+    r: dict[str, Any] = {"path": item.name}
     if item.image_id is not None:
         r["image_id"] = item.image_id
     if error is None:
@@ -387,18 +390,33 @@ def _run(args, fmt, my_shard, world, rank, ckpt, cfg, precision, cap, engine) ->
     if isinstance(pending, str):
         return usage(pending)
     todo, failed_before = pending
+    # a file name that is not UTF-8 cannot be written into a record as it is: an error record with the bytes escaped
+    unnamed = [(pos, it) for pos, it in todo if not it.has_printable_name]
+    todo = [(pos, it) for pos, it in todo if it.has_printable_name]
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
     tag = f"shard {my_shard[0]}/{my_shard[1]}" if my_shard else "captioning"
     with StopFlag() as stop:
         try:
+            if unnamed:
+                for _, it in unnamed[:SHOWN_ERRORS]:
+                    _err(f"skipped {it.name}: the file name is not valid UTF-8")
+                with RecordWriter(rpath) as w:
+                    w.write([_record(*t, error=f"{t[1].name}: the file name is not valid UTF-8; rename the file")
+                             for t in unnamed])
             if engine is not None:
                 s = engine.caption(todo, rpath, gen, progress=not args.no_progress, desc=tag, stop=stop)
             else:
                 s = caption_items(cap, todo, rpath, gen, args.batch_size, args.workers,
                                   progress=not args.no_progress, desc=tag, position=rank if world > 1 else 0,
                                   stop=stop)
+        except OSError as e:
+            if e.errno not in OUTPUT_ERRNOS:
+                raise
+            _err(f"captioner caption: error: cannot write {rpath}: {os.strerror(e.errno)}; the records written so "
+                 "far are kept: make room and re-run the same command to go on")
+            return RunResult(EXIT_USAGE)
         except Exception as e:  # noqa: BLE001 - the model itself failed (a bad image never gets here)
             import traceback
 
@@ -407,7 +425,9 @@ def _run(args, fmt, my_shard, world, rank, ckpt, cfg, precision, cap, engine) ->
             _err(f"captioner caption: error: captioning failed: {type(e).__name__}: {e}{hint}; the records written "
                  f"so far are kept in {rpath}: re-run the same command to go on")
             return RunResult(EXIT_ERROR)
-    s.images, s.skipped, s.failed_before = len(mine), len(mine) - len(todo), failed_before
+    s.images, s.failed_before = len(mine), failed_before
+    s.skipped = len(mine) - len(todo) - len(unnamed)
+    s.failed += len(unnamed)
     _err(s.line(f"caption [{tag}]" if my_shard else "caption") + f" -> {rpath}")
     if s.interrupted:
         _err("stopped early: re-run the same command to caption the rest")

@@ -510,6 +510,8 @@ def serve() -> argparse.ArgumentParser:
       help="after SIGTERM, cut uploads still arriving after this many seconds; queued requests are still "
            "answered (default 20)")
     a("--decode-workers", type=int, default=None, help="threads decoding uploaded images (default 4)")
+    a("--decode-memory-mb", type=int, default=None,
+      help="MiB of decoded pixels in flight across requests; decodes past it wait (default 512)")
     a("--api-key", dest="api_keys", action="append", default=None,
       help="require this key (Authorization: Bearer or X-API-Key); repeat for several (env: comma-separated)")
     a("--cors-origin", dest="cors_origins", action="append", default=None,

@@ -68,5 +68,5 @@ def main(args: argparse.Namespace) -> int:
     serve(app, settings)
     if svc.error:
         print(f"captioner serve: model failed to load: {svc.error}", file=sys.stderr)
-        return 1
+        return 2 if svc.error_is_input else 1
     return 0

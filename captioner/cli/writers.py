@@ -166,16 +166,14 @@ def coco_results(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def thumbnail_jpeg(path: str, max_side: int = 256) -> bytes | None:
     """A small JPEG of the image (longest side <= max_side), or None when it cannot be read."""
-    from PIL import Image
+    from captioner.pixels import load_image
 
-    try:
-        with Image.open(path) as im:
-            im.draft("RGB", (max_side, max_side))  # JPEG: decode at 1/2..1/8 scale, much faster for big photos
-            im = im.convert("RGB")
-            im.thumbnail((max_side, max_side))
-            buf = io.BytesIO()
-            im.save(buf, "JPEG", quality=80)
-            return buf.getvalue()
+    try:  # load_image opens regular files only (a FIFO would block) and decodes them as the model sees them
+        im = load_image(path, min_side=max_side)
+        im.thumbnail((max_side, max_side))
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=80)
+        return buf.getvalue()
     except Exception:  # noqa: BLE001 - any unreadable file just gets no thumbnail
         return None
 
@@ -186,10 +184,10 @@ def attention_strip(path: str, maps: Sequence[Sequence[Sequence[float]]], crop: 
     map upsampled over it in red. None when the image cannot be read."""
     from PIL import Image
 
+    from captioner.pixels import load_image
+
     try:
-        with Image.open(path) as im:
-            im.draft("RGB", (4 * side, 4 * side))
-            im = im.convert("RGB")
+        im = load_image(path, min_side=4 * side)
     except Exception:  # noqa: BLE001 - any unreadable file just gets no strip
         return None
     w, h = im.size

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -133,9 +134,39 @@ def parse_json(raw: bytes, loc: tuple):
     """JSON text -> value, or 422 naming ``loc``: syntax errors, nesting past Python's recursion limit (the C
     parser raises RecursionError: 100,000 brackets cost microseconds) and integers longer than Python parses."""
     try:
-        return json.loads(raw)
+        value = json.loads(raw)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and the 4,300-digit integer limit are ValueErrors
         raise InputError(422, loc, f"invalid JSON: {e}", "json_invalid") from None
+    # "\ud800" is valid JSON but no text: Python keeps the lone surrogate, and the first UTF-8 encoding of it (a
+    # log line, a response) would fail after the model ran. Only escapes (or surrogates that json's decoder passes
+    # through from the raw bytes) make one, so most bodies skip the walk.
+    if b"\\u" in raw or b"\xed" in raw:
+        where = _lone_surrogate(value, loc)
+        if where is not None:
+            raise InputError(422, where, "text holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not a "
+                                         "character: send valid Unicode", "string_unicode")
+    return value
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value, loc: tuple) -> tuple | None:
+    """Where in ``value`` (a key or a string) a lone surrogate sits, or None."""
+    stack = [(value, loc)]
+    while stack:
+        v, at = stack.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                return at
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                if _SURROGATE.search(k):
+                    return (*at, k.encode("utf-8", "backslashreplace").decode())
+                stack.append((x, (*at, k)))
+        elif isinstance(v, list):
+            stack.extend((x, (*at, i)) for i, x in enumerate(v))
+    return None
 
 
 def remaining(svc: ServiceState, received: float) -> float:
@@ -147,11 +178,12 @@ async def decode(svc: ServiceState, data: bytes, received: float):
     ImageRejected carries the 413/415/422 reason."""
     s, cap = svc.settings, svc.captioner
     loop = asyncio.get_running_loop()
+    budget = remaining(svc, received)
     work = loop.run_in_executor(svc.decode_pool, load_upload, data, cap.cfg.preprocess, cap.transform,
-                                s.max_upload_bytes, s.max_image_pixels, s.max_aspect_ratio)
+                                s.max_upload_bytes, s.max_image_pixels, s.max_aspect_ratio, svc.decode_budget, budget)
     try:
-        return await asyncio.wait_for(work, remaining(svc, received))
-    except asyncio.TimeoutError:
+        return await asyncio.wait_for(work, budget)
+    except (asyncio.TimeoutError, TimeoutError):
         raise RequestTimeoutError("decoding the image took longer than the request timeout") from None
 
 

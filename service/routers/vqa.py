@@ -18,8 +18,10 @@ _QUESTION = {"type": "string", "minLength": 1, "maxLength": MAX_QUESTION_CHARS,
              "description": "must contain at least one word"}
 _CHOICES = {"type": "array", "minItems": 2, "maxItems": MAX_CHOICES, "uniqueItems": True,
             "items": {"type": "string", "minLength": 1, "maxLength": MAX_CHOICE_CHARS},
-            "description": "answers with at least one word each, distinct after tokenization ('Red.' and 'red' "
-                           "are the same answer)"}
+            "description": "answers with at least one word each, distinct after tokenization ('Red.' and 'red', "
+                           "'café' composed and decomposed are the same answer) and to the model (two answers "
+                           "made only of words outside its vocabulary, like 'giraffe' and 'zebra' for a model "
+                           "that knows neither, are one answer to it; the 422 names the unknown words)"}
 _FORM = {"type": "object", "required": ["image", "question", "choices"], "additionalProperties": False,
          "properties": {"image": {"type": "string", "format": "binary", "minLength": 1}, "question": _QUESTION,
                         "choices": {**_CHOICES, "description": "repeat the field once per choice, or send one "
