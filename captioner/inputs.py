@@ -112,6 +112,14 @@ def expand_inputs(inputs: Sequence[str], warn=print) -> list[Item]:
     return dedupe([Item(p) for p in paths])
 
 
+def missing_folders(inputs: Sequence[str]) -> list[str]:
+    """Arguments that exist nowhere, are no glob pattern and have no image extension: a mistyped folder, which is
+    a usage error (exit 2, nothing written) where a missing photo.jpg becomes an error record like any unreadable
+    image."""
+    return [a for a in inputs if not a.startswith("@") and not os.path.exists(a) and not _GLOB_CHARS.search(a)
+            and not is_image_name(a)]
+
+
 def dedupe(items: Sequence[Item]) -> list[Item]:
     seen: set[str] = set()
     out = []

@@ -167,6 +167,12 @@ def check_choices(choices: object, cfg: VQAConfig, max_chars: int | None = None,
     return out
 
 
+def unknown_words(vocab: Vocabulary, texts: Sequence[str]) -> list[str]:
+    """The words of ``texts`` outside the model's vocabulary, in order of appearance: the model reads each as
+    <unk>, so an answer made of them is only its length to the model."""
+    return list(dict.fromkeys(w for t in texts for w in tokenize(t) if w not in vocab.stoi))
+
+
 def _check_distinct_to_model(choices: list[str], vocab: Vocabulary, cfg: VQAConfig) -> None:
     seen: dict[tuple, int] = {}
     for i, c in enumerate(choices):

@@ -113,6 +113,8 @@ class VQAResponse(BaseModel):
     probs: list[float] = Field(description="probability of every choice, in the order given")
     question: str
     choices: list[str]
+    unknown_words: list[str] = Field(default_factory=list, description="words of the question and choices outside "
+                                     "the model's vocabulary: it reads each as the same unknown word")
     model: ModelRef
     timings: Timings
     batch_size: int

@@ -199,3 +199,10 @@ def test_many_huge_pngs_at_once_stay_within_the_decode_budget_and_memory_goes_ba
     # RGB: PIL's 4-byte pixels and a copy), plus what the preprocessing allocates
     assert peak - base < max(512, 8 * 40) + 128, (base, peak)
     assert after - base < 64, (base, after)  # and it goes back after the burst
+
+
+def test_the_answer_names_the_words_the_model_does_not_know(server):
+    url, _, _ = server
+    img = base64.b64encode(JPG).decode()
+    r = _vqa(url, json.dumps({"image": img, "question": "is the giraffe red", "choices": ["a dog", "a zebra"]}).encode())
+    assert r.status_code == 200 and r.json()["unknown_words"] == ["is", "giraffe", "zebra"], r.text

@@ -22,12 +22,12 @@ log = logging.getLogger("captioner.evaluate")
 
 
 
-def caption_records(cap: Captioner, records, batch_size: int, workers: int, **gen) -> dict:
+def caption_records(cap: Captioner, records, batch_size: int, workers: int, progress: bool = True, **gen) -> dict:
     """image_id -> best caption for every readable record."""
     ds = CaptionDataset(records, cap.cfg.preprocess, train=False)
     dl = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     preds = {}
-    for b in tqdm(dl, desc="captioning", dynamic_ncols=True):
+    for b in tqdm(dl, desc="captioning", dynamic_ncols=True, disable=not progress):
         for i, msg in b["errors"]:
             log.warning("skipped %s", msg)
         if b["images"].size(0):
@@ -55,7 +55,8 @@ def main(args: argparse.Namespace) -> dict:
     else:
         cap = Captioner.from_pretrained(args.checkpoint, device=args.device, precision=args.precision)
         with torch.inference_mode():
-            preds = caption_records(cap, records, args.batch_size, args.workers, beam_size=args.beam_size,
+            preds = caption_records(cap, records, args.batch_size, args.workers, progress=not args.no_progress,
+                                    beam_size=args.beam_size,
                                     max_length=args.max_length, length_penalty=args.length_penalty,
                                     block_trigrams=args.block_trigrams)
         write_results(args.out, preds)

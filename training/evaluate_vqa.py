@@ -112,7 +112,8 @@ def image_loader(records, model: CaptionModel, batch_size: int, workers: int, re
 
 
 def evaluate_model(cap: Captioner, examples: Sequence[VQAExample], batch_size: int, workers: int,
-                   modes: Sequence[str] = ("image", "zero")) -> tuple[dict, dict, list[EncodedQA]]:
+                   modes: Sequence[str] = ("image", "zero"), progress: bool = True
+                   ) -> tuple[dict, dict, list[EncodedQA]]:
     """(metrics per mode, raw predictions per mode, encoded questions) for a loaded checkpoint."""
     if not cap.has_vqa:
         raise VQAUnavailableError(f"{cap.path}: this checkpoint has no VQA head")
@@ -120,7 +121,7 @@ def evaluate_model(cap: Captioner, examples: Sequence[VQAExample], batch_size: i
     records, per_image = group_by_image(examples)
     loader = image_loader(records, cap.model, batch_size, workers, read_images="image" in modes)
     raw = predict(cap.model, loader, encoded, per_image, cap.device,
-                  lambda: autocast(cap.device, cap.precision), modes)
+                  lambda: autocast(cap.device, cap.precision), modes, progress=progress)
     types = [e.qtype for e in examples]
     return {m: summarize(encoded, types, raw[m]["pred"]) for m in modes}, raw, encoded
 
@@ -153,10 +154,12 @@ def main(args: argparse.Namespace) -> dict:
     if not cap.has_vqa:
         raise SystemExit(f"{cap.path}: this checkpoint has no VQA head; train one with `captioner train --task vqa`")
     with torch.inference_mode():
-        metrics, raw, encoded = evaluate_model(cap, examples, args.batch_size, args.workers)
+        metrics, raw, encoded = evaluate_model(cap, examples, args.batch_size, args.workers,
+                                               progress=not args.no_progress)
         if args.blind_checkpoint:
             blind = Captioner.from_pretrained(args.blind_checkpoint, device=args.device, precision=args.precision)
-            bm, _, _ = evaluate_model(blind, examples, args.batch_size, args.workers, modes=("zero",))
+            bm, _, _ = evaluate_model(blind, examples, args.batch_size, args.workers, modes=("zero",),
+                                      progress=not args.no_progress)
             metrics["blind_model"] = bm["zero"]
     results = []
     for i, (e, enc) in enumerate(zip(examples, encoded)):

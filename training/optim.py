@@ -18,6 +18,10 @@ def amp_settings(choice: str, device: torch.device) -> tuple[torch.dtype | None,
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
+    """Linear warm-up over ``warmup`` steps, but never more than a tenth of the run (a short run that is all
+    warm-up never reaches its learning rate and learns nothing), then constant or cosine to zero."""
+    warmup = min(warmup, total // 10)
+
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup

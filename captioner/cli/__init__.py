@@ -48,10 +48,14 @@ RUNS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"captioner {_version()}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        p = argparse.ArgumentParser("captioner", description="Image captioning: train, evaluate, caption. Errors in "
+        p = parsers.Parser("captioner", description="Image captioning: train, evaluate, caption. Errors in "
                                     "your input print one line; add --debug to any command for the traceback.")
         p.add_argument("command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v}" for k, v in COMMANDS.items()))
+        p.add_argument("-V", "--version", action="store_true", help="print the version and exit")
         p.parse_args(argv[:1])  # prints help or the error and exits
         return 2
     command, rest = argv[0], argv[1:]
@@ -68,6 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"captioner {command}: error: {_one_line(e)}\n(run with --debug for the traceback)", file=sys.stderr)
         return 2
     return result if isinstance(result, int) else 0
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("captioner")
+    except Exception:  # noqa: BLE001 - a source tree that is not installed
+        return "unknown (not installed)"
 
 
 def _pick(command: str, argv: list[str]):

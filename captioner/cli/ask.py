@@ -12,7 +12,7 @@ import sys
 
 from ..checkpoint import CheckpointError
 from ..preprocess import ImageError
-from ..vqa import VQAInputError, VQAUnavailableError
+from ..vqa import VQAInputError, VQAUnavailableError, unknown_words
 
 
 
@@ -26,9 +26,14 @@ def main(args: argparse.Namespace) -> int:
     except (VQAInputError, VQAUnavailableError, ImageError, CheckpointError) as e:
         print(f"captioner ask: error: {e}", file=sys.stderr)
         return 2
+    unknown = unknown_words(cap.vocab, [args.question, *args.choice])
     if args.json:
-        print(json.dumps({"image": args.image, "question": args.question, "choices": args.choice, **ans.to_dict()}))
+        print(json.dumps({"image": args.image, "question": args.question, "choices": args.choice, **ans.to_dict(),
+                          "unknown_words": unknown}))
         return 0
+    if unknown:
+        print(f"captioner ask: warning: the model does not know {', '.join(map(repr, unknown))}: it reads each as "
+              "the same unknown word", file=sys.stderr)
     if "vqa" not in cap.tasks:
         print("captioner ask: warning: this checkpoint's metrics do not list 'vqa' as trained", file=sys.stderr)
     print(f"Q: {' '.join(args.question.split())}")

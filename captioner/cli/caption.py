@@ -26,12 +26,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from ..inputs import InputError, Item, assign_image_ids, dedupe, expand_inputs, parse_shard, shard
+from ..inputs import (InputError, Item, assign_image_ids, dedupe, expand_inputs, missing_folders, parse_shard,
+                      shard)
 from ..fileio import write_json_atomic
 from ..data import ImageDataset, collate
 from ..preprocess import eval_transform
 from ..runtime import resolve_device
-from .writers import RecordWriter, drop_errors, format_for, in_input_order, read_records, records_path, write_output
+from .writers import STDOUT, RecordWriter, drop_errors, format_for, in_input_order, read_records, records_path, write_output
 
 # the output cannot be written (disk full, quota, read-only): the user's to fix, like a bad option
 OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES})
@@ -364,6 +365,8 @@ def _run(args, fmt, my_shard, world, rank, ckpt, cfg, precision, cap, engine) ->
         if args.dataset:
             items = dataset_items(args.dataset, args.annotations, args.images, args.split)
         else:
+            if (missing := missing_folders(args.inputs)):
+                return usage(f"input {missing[0]}: no such file or folder")
             items = expand_inputs(args.inputs, warn=_err)
     except (InputError, ValueError) as e:  # DatasetError is a ValueError
         return usage(str(e))
@@ -375,8 +378,9 @@ def _run(args, fmt, my_shard, world, rank, ckpt, cfg, precision, cap, engine) ->
     # resume: whatever the record file already holds is done
     rpath = records_path(args.out, fmt, my_shard)
     try:
-        Path(rpath).parent.mkdir(parents=True, exist_ok=True)
-        open(rpath, "ab").close()
+        if rpath != STDOUT:
+            Path(rpath).parent.mkdir(parents=True, exist_ok=True)
+            open(rpath, "ab").close()
     except OSError as e:
         return usage(f"cannot write {rpath}: {e}")
     gen = dict(beam_size=args.beam_size, num_captions=args.num_captions, max_length=args.max_length,
@@ -386,7 +390,7 @@ def _run(args, fmt, my_shard, world, rank, ckpt, cfg, precision, cap, engine) ->
         gen["return_attention"] = True
     options = {"model": f"{cfg.name} v{cfg.version}", "checkpoint": str(ckpt.resolve()),
                "precision": precision, "seed": args.seed, **gen}  # what ran ('auto' resolved)
-    pending = _pending(rpath, mine, options, args)
+    pending = _pending(rpath, mine, options, args) if rpath != STDOUT else (mine, 0)  # stdout: nothing to resume
     if isinstance(pending, str):
         return usage(pending)
     todo, failed_before = pending
@@ -441,6 +445,8 @@ def _run(args, fmt, my_shard, world, rank, ckpt, cfg, precision, cap, engine) ->
 def _plan(args) -> tuple | str:
     """(output format, this process's shard or None, world size, rank, device), or what is wrong with the options.
     Under torchrun every rank takes its own shard and its own GPU; loader workers share the machine's cores."""
+    if args.out == STDOUT and (args.shard or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        return "--out - (standard output) cannot be sharded: give each shard a file"
     if os.path.isdir(args.out):
         return f"--out {args.out} is a folder; give a file name (.jsonl, .json, .parquet or .html)"
     try:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import importlib.util
 from pathlib import Path
+from typing import NoReturn
 
 from .writers import FORMATS  # light: no torch
 
@@ -24,6 +26,27 @@ def _doc(module: str) -> str:
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the conventions scripts rely on: no abbreviations (``--beam 5`` is an error, not a silent
+    ``--beam-size``, which a later ``--beam-width`` would break), and an unknown option gets one line with the
+    closest real one instead of the whole usage."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        hint = ""
+        if message.startswith("unrecognized arguments:"):
+            known = [o for a in self._actions for o in a.option_strings]
+            for word in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.6)
+                if close:
+                    hint = f" (did you mean {close[0]}?)"
+                    break
+        self.exit(2, f"{self.prog}: error: {message}{hint}\nrun '{self.prog} --help' for the options\n")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows an option's default only when it has one and its help does not already say it."""
 
@@ -34,7 +57,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def train(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("captioner train", add_help=add_help, description=_doc("training.train"),
+    p = Parser("captioner train", add_help=add_help, description=_doc("training.train"),
                                 formatter_class=HelpFormatter)
     p.add_argument("--task", choices=["caption", "vqa", "joint"], default="caption",
                    help="caption: a caption model (these options); vqa or joint: a VQA head, alone or with captions "
@@ -103,7 +126,8 @@ def train(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--encoder-lr", type=float, help="encoder learning rate (default: --lr)")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
-    g.add_argument("--warmup-steps", type=int, default=200)
+    g.add_argument("--warmup-steps", type=int, default=200,
+                   help="linear learning-rate warm-up, in steps; never more than a tenth of the run")
     g.add_argument("--grad-clip", type=float, default=5.0, help="max gradient norm (0 = off)")
     g.add_argument("--label-smoothing", type=float, default=0.0)
     g.add_argument("--amp", choices=[*PRECISIONS, "off"], default="auto",
@@ -122,7 +146,7 @@ def train(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def train_vqa(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("captioner train --task vqa|joint", add_help=add_help,
+    p = Parser("captioner train --task vqa|joint", add_help=add_help,
                                 description=_doc("training.train_vqa"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=["vqa", "joint"], required=True)
@@ -203,7 +227,8 @@ def _train_vqa_model_and_run(p: argparse.ArgumentParser) -> None:
     g.add_argument("--encoder-lr", type=float)
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
-    g.add_argument("--warmup-steps", type=int, default=200)
+    g.add_argument("--warmup-steps", type=int, default=200,
+                   help="linear learning-rate warm-up, in steps; never more than a tenth of the run")
     g.add_argument("--grad-clip", type=float, default=5.0)
     g.add_argument("--label-smoothing", type=float, default=0.0, help="caption loss only")
     g.add_argument("--amp", choices=[*PRECISIONS, "off"], default="auto",
@@ -219,7 +244,7 @@ def _train_vqa_model_and_run(p: argparse.ArgumentParser) -> None:
 
 
 def distill(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("captioner distill", add_help=add_help, description=_doc("training.distill"),
+    p = Parser("captioner distill", add_help=add_help, description=_doc("training.distill"),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("images (no labels are used)")
     g.add_argument("inputs", nargs="*", help="extra image files, folders, globs or @list.txt")
@@ -262,7 +287,8 @@ def distill(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--lr", type=float, default=2e-3)
     g.add_argument("--weight-decay", type=float, default=0.05)
-    g.add_argument("--warmup-steps", type=int, default=200)
+    g.add_argument("--warmup-steps", type=int, default=200,
+                   help="linear learning-rate warm-up, in steps; never more than a tenth of the run")
     g.add_argument("--grad-clip", type=float, default=5.0)
     g.add_argument("--amp", choices=[*PRECISIONS, "off"], default="auto",
                    help="autocast precision (off = fp32)")
@@ -282,7 +308,7 @@ def distill(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def label(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("captioner label", add_help=add_help, description=_doc("training.label"),
+    p = Parser("captioner label", add_help=add_help, description=_doc("training.label"),
                                 formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", help="image files, folders, globs or @list.txt")
     p.add_argument("--out", required=True, help="run folder (labels.json, paths.txt, part-NNNNN.safetensors)")
@@ -301,7 +327,7 @@ def label(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def evaluate(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("captioner evaluate", add_help=add_help, description=_doc("training.evaluate"),
+    p = Parser("captioner evaluate", add_help=add_help, description=_doc("training.evaluate"),
                                 formatter_class=HelpFormatter)
     p.add_argument("--task", choices=["caption", "vqa"], default="caption",
                    help="caption: COCO caption metrics (these options); vqa: multiple-choice accuracy "
@@ -324,11 +350,12 @@ def evaluate(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", default="results.json", help="COCO results file to write")
     p.add_argument("--metrics-out", help="metrics JSON (default: next to --out)")
     p.add_argument("--no-java", action="store_true", help="Python tokenization, METEOR skipped")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def evaluate_vqa(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("captioner evaluate --task vqa", add_help=add_help,
+    p = Parser("captioner evaluate --task vqa", add_help=add_help,
                                 description=_doc("training.evaluate_vqa"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=["vqa"], default="vqa")
@@ -348,11 +375,12 @@ def evaluate_vqa(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--out", default="vqa_results.json", help="per-question predictions")
     p.add_argument("--metrics-out", help="metrics JSON (default: next to --out)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def make_vqa(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("captioner make-vqa", add_help=add_help, description=_doc("training.make_vqa"),
+    p = Parser("captioner make-vqa", add_help=add_help, description=_doc("training.make_vqa"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--karpathy", nargs=2, action="append", metavar=("ANNOTATIONS", "IMAGES"),
                    help="a Karpathy split JSON and its image root (repeatable); the --splits of it are used")
@@ -372,7 +400,7 @@ def make_vqa(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def caption(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         "captioner caption", add_help=add_help, description=_doc("captioner.cli.caption"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  captioner caption photos/ --out captions.jsonl\n"
@@ -444,7 +472,7 @@ def caption(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def ask(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("captioner ask", add_help=add_help, description=_doc("captioner.cli.ask"),
+    p = Parser("captioner ask", add_help=add_help, description=_doc("captioner.cli.ask"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image", help="image file")
     p.add_argument("--question", "-q", required=True)
@@ -457,7 +485,7 @@ def ask(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def export(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("captioner export", add_help=add_help, description=_doc("captioner.cli.export"),
+    p = Parser("captioner export", add_help=add_help, description=_doc("captioner.cli.export"),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="trained checkpoint directory (e.g. runs/x/best)")
     p.add_argument("--out", required=True, help="directory to write (replaced atomically)")
@@ -476,7 +504,7 @@ def export(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def merge(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("captioner merge", add_help=add_help, description=_doc("captioner.cli.merge"))
+    p = Parser("captioner merge", add_help=add_help, description=_doc("captioner.cli.merge"))
     p.add_argument("parts", nargs="*", metavar="PART", help="part files (default: every OUT.shard*-of-N.jsonl)")
     p.add_argument("--out", required=True, help="final output: .jsonl, .json (COCO results), .parquet or .html")
     p.add_argument("--format", choices=FORMATS, help="output format (default: from --out's suffix)")
@@ -486,7 +514,7 @@ def merge(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def serve() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("captioner serve", description=_doc("captioner.cli.serve"),
+    p = Parser("captioner serve", description=_doc("captioner.cli.serve"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--checkpoint", default=None, help="checkpoint directory (env CAPTIONER_CHECKPOINT; default: the shipped model)")

@@ -17,6 +17,19 @@ from pathlib import Path
 
 
 
+def _temp_dir_problem() -> str | None:
+    """Multipart uploads over 1 MiB are spooled to a temporary file: on a read-only filesystem without a writable
+    temp dir every such upload would fail. Said once at start-up instead."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile():
+            return None
+    except OSError as e:
+        return (f"no writable temporary directory ({e}): uploads over 1 MiB are spooled to one. Give it one: "
+                "docker run --tmpfs /tmp (compose: tmpfs: [/tmp]), or TMPDIR=/a/writable/folder")
+
+
 def main(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -53,7 +66,14 @@ def main(args: argparse.Namespace) -> int:
     except CheckpointError as e:
         print(f"captioner serve: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. a mounted checkpoint the container's user may not read
+        print(f"captioner serve: cannot read the checkpoint {ckpt}: {e.strerror or e} ({e.filename or ckpt})",
+              file=sys.stderr)
+        return 2
     settings.checkpoint = ckpt
+    if (problem := _temp_dir_problem()) is not None:
+        print(f"captioner serve: {problem}", file=sys.stderr)
+        return 2
 
     from service.app import create_app
     from service.logs import configure

@@ -14,6 +14,7 @@ import html
 import io
 import json
 import os
+import stat
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,8 +29,15 @@ FORMATS = ("jsonl", "coco", "parquet", "html")
 _SUFFIX_FORMAT = {".jsonl": "jsonl", ".json": "coco", ".parquet": "parquet", ".html": "html", ".htm": "html"}
 
 
+STDOUT = "-"  # --out -: JSONL records on standard output
+
+
 def format_for(out: str, fmt: str | None) -> str:
-    """--format, else the suffix of --out (.jsonl, .json = COCO results, .parquet, .html/.htm)."""
+    """--format, else the suffix of --out (.jsonl, .json = COCO results, .parquet, .html/.htm); JSONL for ``-``."""
+    if out == STDOUT:
+        if fmt not in (None, "jsonl"):
+            raise ValueError("--out - writes JSONL records to standard output; other formats need a file name")
+        return "jsonl"
     if fmt:
         if fmt not in FORMATS:
             raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -134,19 +142,25 @@ class RecordWriter:
     being written, and leaves at worst a torn last line, which ``read_records(repair=True)`` removes."""
 
     def __init__(self, path: str) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._f: IO[bytes] = open(path, "ab")
+        if path == STDOUT:  # a pipe (into jq, say): whole lines a batch at a time, nothing to sync or resume
+            self._f: IO[bytes] = sys.stdout.buffer
+        else:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(path, "ab")
+        self._sync = stat.S_ISREG(os.fstat(self._f.fileno()).st_mode)
 
     def write(self, records: Sequence[dict[str, Any]]) -> None:
         if not records:
             return
         self._f.write("".join(json_line(r) for r in records).encode("utf-8"))
         self._f.flush()
-        os.fsync(self._f.fileno())
+        if self._sync:
+            os.fsync(self._f.fileno())
 
     def close(self) -> None:
-        self._f.close()
+        if self.path != STDOUT:
+            self._f.close()
 
     def __enter__(self) -> "RecordWriter":
         return self

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from ..errors import ClientGone, InputError, ServiceUnavailable
 from ..images import ImageRejected, decode_base64, load_upload
 from ..schemas import ModelRef, Timings
 from ..state import ServiceState
+
+log = logging.getLogger("service")
 
 MAX_FORM_FIELDS = 64
 MAX_FIELD_BYTES = 64 * 1024  # one form field other than the image (questions and choices are far shorter)
@@ -118,6 +121,10 @@ async def read_form(request: Request, svc: ServiceState):
             raise InputError(413, ("body",), f"a form field is larger than the request body limit ({msg})",
                              "too_large") from None
         raise InputError(422, ("body",), f"malformed form data: {msg}", "form_invalid") from None
+    except OSError as e:  # the upload could not be spooled (no writable temp dir, disk full): the server's problem
+        log.error("cannot spool an upload to a temporary file: %s", e)
+        raise ServiceUnavailable("the server cannot store uploads right now (no writable temporary space)",
+                                 retry_after=30) from None
     try:
         yield form
     finally:

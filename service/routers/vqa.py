@@ -5,6 +5,8 @@ import time
 
 from fastapi import APIRouter, Request
 
+from captioner.vqa import unknown_words
+
 from ..deps import Arrival, VQAInput, VQAService
 from ..engine import VQAJob
 from ..schemas import MAX_CHOICE_CHARS, MAX_CHOICES, MAX_QUESTION_CHARS, VQAResponse, error_responses
@@ -58,5 +60,6 @@ async def answer_question(request: Request, svc: VQAService, arrival: Arrival, i
     request.state.batch_size = res.batch_size  # for the access log
     a = res.value
     return VQAResponse(answer=a.text, index=a.index, probs=[float(p) for p in a.probs], question=inp.question,
-                       choices=inp.choices, model=model_ref(svc), timings=timings(inp.raw.received, decoded, res),
-                       batch_size=res.batch_size)
+                       choices=inp.choices, unknown_words=unknown_words(svc.captioner.vocab, [inp.question,
+                                                                                              *inp.choices]),
+                       model=model_ref(svc), timings=timings(inp.raw.received, decoded, res), batch_size=res.batch_size)

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The everyday-world encoder (issue 31, towards default model v7): more photos, object knowledge, a stronger teacher.
+#   1. Photos: Flickr8k train+val and coco-mini (../shared/data), plus three public photo sets, each at a fixed commit
+#      (kept git-ignored under data/):
+#        - nsimsiri/Image-Captioning @ 5496cf3bad1c914a99356ba37d997669be26e3f5: data/resized2014 (5,000 COCO train2014)
+#          and data/val_resized2014 (1,228 COCO val2014), 256x256
+#        - EliSchwartz/imagenet-sample-images @ bc69043e: 1,000 JPEGs, one per ImageNet class
+#        - VeriSilicon/acuity-dataset @ aded2e9f: ILSVRC2012_VAL_SET/data/, 1,300 ImageNet validation JPEGs, 227x227
+#      The 172 COCO test ids (../shared/data/coco-captions-pool/coco_test_ids.txt) are never opened: --exclude-ids
+#      drops them (and the 5 coco-mini val photos among them) before labelling, so no later step can see their pixels.
+#   2. `captioner label`: a COCO detector (SSD-MobileNetV2, 80 classes) on every photo and EfficientNet-Lite3 on four
+#      views of it (the centre square + three random crops), cached once (pip install -e ".[label]"): ~55 min on the
+#      2-core CPU for 15,689 photos.
+#   3. `captioner distill --labels`: a wider, 128-px VGG-style student learns the teacher's features and classes and
+#      the detector's objects and counts on the very views the teacher saw; Flickr8k val and coco-mini val are held
+#      out (agreement is measured on them). Resumable: run the same command again, it goes on from the last epoch.
+#   DATA=../shared/data bash recipes/everyday-photos.sh
+set -euo pipefail
+DATA=${DATA:-../shared/data}
+RUN=${RUN:-runs/v7}
+SRC=${SRC:-data}
+mkdir -p "$RUN" "$SRC"
+
+fetch() {  # fetch REPO COMMIT DIR PATHS...: the photos of one repository at one commit, without its history
+    local repo=$1 commit=$2 dir=$3
+    shift 3
+    if [ ! -d "$dir" ]; then
+        git init -q "$dir.tmp" && git -C "$dir.tmp" remote add origin "https://github.com/$repo"
+        git -C "$dir.tmp" fetch -q --depth 1 origin "$commit" && git -C "$dir.tmp" checkout -q FETCH_HEAD -- "$@"
+        mv "$dir.tmp" "$dir"
+    fi
+}
+fetch nsimsiri/Image-Captioning 5496cf3bad1c914a99356ba37d997669be26e3f5 "$SRC/coco2014" data/resized2014 data/val_resized2014
+fetch EliSchwartz/imagenet-sample-images bc69043e "$SRC/imagenet-sample" .
+fetch VeriSilicon/acuity-dataset aded2e9f "$SRC/acuity" ILSVRC2012_VAL_SET/data
+
+printf '%s\n' "$DATA/flickr8k/images" "$SRC/coco2014/data/resized2014" "$SRC/coco2014/data/val_resized2014" \
+    "$DATA/coco-mini/train2017" "$DATA/coco-mini/val2017" "$SRC/imagenet-sample" "$SRC/acuity/ILSVRC2012_VAL_SET/data" \
+    > "$RUN/photos.txt"
+
+# 2. objects and teacher outputs, once (exit 1 only says some files were unreadable: they are listed and skipped)
+captioner label "@$RUN/photos.txt" --exclude-ids "$DATA/coco-captions-pool/coco_test_ids.txt" --out "$RUN/labels" || [ $? -eq 1 ]
+
+# 3. the student: 13 layers as the shipped encoder, the last block 384 wide, 128 px (1.45x its FLOPs)
+captioner distill --labels "$RUN/labels" --annotations "$DATA/flickr8k/dataset_flickr8k.json" --images "$DATA/flickr8k" \
+    --val-split val --hold-out "$DATA/coco-mini/val2017" --max-val-images 600 \
+    --encoder-layers 32,M,64,M,128,128,M,256,256,M,384,384,M --fc-dims 512 --image-size 128 \
+    --epochs 24 --batch-size 64 --lr 2e-3 --warmup-steps 300 --workers 2 --out "$RUN/distill" \
+    $( [ -f "$RUN/distill/training_state.pt" ] && echo --resume ) ${STOP_AFTER:+--stop-after "$STOP_AFTER"}
