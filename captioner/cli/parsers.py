@@ -326,6 +326,22 @@ def label(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+def pseudo_refs(add_help: bool = True) -> argparse.ArgumentParser:
+    p = Parser("captioner pseudo-refs", add_help=add_help, description=_doc("training.pseudo_refs"),
+               formatter_class=HelpFormatter)
+    p.add_argument("--labels", required=True, metavar="RUN", help="a run of captioner label")
+    p.add_argument("--pool", required=True, help="a COCO caption file (its captions are used as text only)")
+    p.add_argument("--photos", nargs="+", metavar="INPUT",
+                   help="only these labelled photos (files, folders, globs, @list.txt); default: every one")
+    p.add_argument("--exclude-ids", nargs="+", metavar="FILE",
+                   help="never use pool captions of these image ids (a text file, one a line, or a COCO JSON file)")
+    p.add_argument("--per-photo", type=int, default=5, help="pseudo-references per photo")
+    p.add_argument("--threshold", type=float, default=0.5, help="detector score that counts an object")
+    p.add_argument("--seed", type=int, default=0, help="breaks ties between equally good captions")
+    p.add_argument("--out", required=True, help="Karpathy-format JSON to write")
+    return p
+
+
 def evaluate(add_help: bool = True) -> argparse.ArgumentParser:
     p = Parser("captioner evaluate", add_help=add_help, description=_doc("training.evaluate"),
                                 formatter_class=HelpFormatter)
