@@ -52,3 +52,27 @@ def test_photos_get_the_pool_captions_that_name_their_objects_and_never_excluded
     from training.datasets import read_dataset
     records = read_dataset("karpathy", out, tmp_path, "train")  # what captioner train --annotations reads
     assert len(records) == 2 and all(len(r.captions) == 2 for r in records)
+
+
+def test_make_vqa_asks_presence_and_counts_of_photos_known_only_from_their_labels(tmp_path, make_images):
+    from training.make_vqa import labelled_photos, make_questions, photo_candidates
+
+    photos = [str(p) for p in make_images(4, "photos")]
+    run = fake_run(tmp_path / "labels", photos, [
+        [("dog", 0.9, 0.1, 0.1, 0.4, 0.9), ("dog", 0.8, 0.5, 0.1, 0.9, 0.9)],  # two dogs
+        [("dog", 0.9, 0.1, 0.1, 0.4, 0.9), ("dog", 0.4, 0.5, 0.1, 0.9, 0.9)],  # one sure, one unsure: no dog question
+        [("cat", 0.95, 0.2, 0.2, 0.8, 0.8)],
+        [("person", 0.9, 0.1, 0.1, 0.3, 0.9), ("person", 0.9, 0.4, 0.1, 0.6, 0.9), ("person", 0.9, 0.7, 0.1, 0.9, 0.9)]])
+    ps = labelled_photos(str(run), "train", 0.5, None)
+    assert [p.instances for p in ps] == [{"dog": 2}, {"dog": 1}, {"cat": 1}, {"person": 3}]
+    assert ps[1].unsure == {"dog"} and not ps[0].unsure
+    asked = [{c.question: c.answer for c in photo_candidates(k, p, 2)} for k, p in enumerate(ps)]
+    assert asked[0]["How many dogs are there?"] == "two" and asked[0]["Is there a dog in the picture?"] == "yes"
+    assert asked[0]["Is there a cat in the picture?"] == "no"
+    assert "How many dogs are there?" not in asked[1] and "Is there a dog in the picture?" not in asked[1]
+    assert asked[2]["Is there a cat in the picture?"] == "yes" and asked[3]["How many people are there?"] == "three"
+    data = make_questions(ps, seed=0)  # balanced: per question text, no answer more common than the next
+    for im in data["images"]:
+        for q in im["qa_pairs"]:
+            assert q["answer"] in ("yes", "no", "one", "two", "three", "four")
+            assert q["answer"] not in q["multiple_choices"]

@@ -11,6 +11,9 @@ multiple choice in Visual7W telling format (``read_v7w`` and any Visual7W tool r
     animal    "What animal is in the picture?"   dog, horse, ...
     activity  "What is the dog doing?"           running, ...      (the verb after the subject)
 
+Photos without captions but with detector labels (``--labels``, a captioner label run) get presence and count
+questions from their detections alone (detected_candidates).
+
 An answer is kept only where the captions agree: at least --min-support captions say it and none says
 something else of the same kind (another colour for the shirt, another count, another place, another animal). A
 "no" is asked only about a thing no caption mentions (nor a word that could cover it: "animal" blocks every "no"
@@ -166,6 +169,7 @@ class Photo:
     captions: list[str]
     instances: dict[str, int] | None = None  # COCO category -> count (large enough objects), None = unknown
     tokens: list[list[str]] = field(default_factory=list)
+    unsure: set[str] = field(default_factory=set)  # detector labels: categories with boxes of middling score
 
 
 # ----------------------------------------------------------------------------------------------- what captions say
@@ -253,6 +257,8 @@ def photo_candidates(k: int, photo: Photo, min_support: int) -> list[Candidate]:
     mentions = lambda ws: sum(1 for s in sets if s & ws)  # noqa: E731
     out: list[Candidate] = []
 
+    if not photo.captions:  # a photo known only from its detector labels
+        return detected_candidates(k, photo)
     # presence: COCO instances decide where present; else captions (yes needs support, no needs silence)
     for thing, (kind, ws) in THINGS.items():
         if photo.instances is not None and thing in COCO_THINGS.values():
@@ -305,6 +311,33 @@ def photo_candidates(k: int, photo: Photo, min_support: int) -> list[Candidate]:
             said = set().union(*per)
             out.append(Candidate("activity", QUESTIONS["activity"].format(subj), act,
                                  [x for x in ACTIVITIES if x not in said], k))
+    for c in out:
+        c.key = c.question
+    return out
+
+
+# plural noun of a count question -> the COCO category it counts, for photos known only from detector labels
+DETECTED_COUNTS = {"people": "person", "dogs": "dog", "cats": "cat", "horses": "horse", "birds": "bird",
+                   "cows": "cow", "sheep": "sheep", "elephants": "elephant", "giraffes": "giraffe", "zebras": "zebra",
+                   "cars": "car", "bikes": "bicycle", "boats": "boat", "umbrellas": "umbrella"}
+
+
+def detected_candidates(k: int, photo: Photo) -> list[Candidate]:
+    """Presence and count questions from a detector's labels alone (captioner label): "yes" where a box of the
+    category scores >= the threshold, "no" where none scores even the cache's 0.3; a count of 1..4 confident
+    boxes when no box of that category has a middling score (between 0.3 and the threshold)."""
+    out = []
+    inst = photo.instances or {}
+    for cat, thing in COCO_THINGS.items():
+        if cat in photo.unsure:
+            continue
+        ans = "yes" if inst.get(cat) else "no"
+        out.append(Candidate("presence", PRESENCE_Q.format(thing), ans, ["no" if ans == "yes" else "yes"], k))
+    for noun, cat in DETECTED_COUNTS.items():
+        n = inst.get(cat, 0)
+        if 1 <= n <= 4 and cat not in photo.unsure:
+            out.append(Candidate("count", QUESTIONS["count"].format(noun), COUNT_WORDS[n - 1],
+                                 [w for w in COUNT_WORDS if w != COUNT_WORDS[n - 1]], k))
     for c in out:
         c.key = c.question
     return out
@@ -437,9 +470,34 @@ def read_photos(args: argparse.Namespace) -> list[Photo]:
         for r in read_dataset("coco", ann, images, split):
             photos.append(Photo(r.path, r.image_id, split, r.captions,
                                 None if inst is None or r.image_id not in inst else inst[r.image_id]))
+    if args.labels:
+        photos += labelled_photos(args.labels, args.label_split, args.label_threshold, args.label_photos)
     if not photos:
-        raise DatasetError("no photos: give --karpathy ANNOTATIONS IMAGES and/or --coco CAPTIONS IMAGES SPLIT")
+        raise DatasetError("no photos: give --karpathy ANNOTATIONS IMAGES, --coco CAPTIONS IMAGES SPLIT and/or "
+                           "--labels RUN")
     return photos
+
+
+def labelled_photos(run: str, split: str, threshold: float, only: list[str] | None) -> list[Photo]:
+    """The photos of a captioner label run as caption-less Photos: their centre view's confident detections as
+    instances, and the categories with a box of middling score as unsure (no question is asked about those)."""
+    from captioner.inputs import expand_inputs
+
+    from .label import MIN_SCORE, Labels
+
+    labels = Labels(run)
+    keys = {os.path.abspath(it.path) for it in expand_inputs(only, warn=log.warning)} if only else None
+    _, counts = labels.objects(threshold)
+    low = labels.objects(labels.settings.get("min_score", MIN_SCORE))[1]  # every box the cache kept
+    out = []
+    for i, path in enumerate(labels.paths):
+        if not labels.ok[i] or keys is not None and os.path.abspath(path) not in keys:
+            continue
+        sure = {labels.classes[c]: int(n) for c, n in enumerate(counts[i, 0].tolist()) if n}
+        unsure = {labels.classes[c] for c, (n, m) in enumerate(zip(counts[i, 0].tolist(), low[i, 0].tolist()))
+                  if m > n}
+        out.append(Photo(os.path.abspath(path), f"label:{Path(path).stem}", split, [], sure, unsure=unsure))
+    return out
 
 
 def relative_to(photos: list[Photo], root: str | None) -> Path:

@@ -405,6 +405,11 @@ def make_vqa(add_help: bool = True) -> argparse.ArgumentParser:
                         "instances_*.json beside it, if there, decides presence and people counts")
     p.add_argument("--splits", nargs="+", default=["train", "val"],
                    help="Karpathy splits to use (keep test out of anything you train or select on)")
+    p.add_argument("--labels", metavar="RUN", help="a captioner label run: presence and count questions from its "
+                                                   "detections for photos without captions")
+    p.add_argument("--label-photos", nargs="+", metavar="INPUT", help="only these photos of --labels (default all)")
+    p.add_argument("--label-split", default="train", help="the split the --labels questions get")
+    p.add_argument("--label-threshold", type=float, default=0.5, help="detector score that counts an object")
     p.add_argument("--image-root", help="filenames are written relative to this folder (default: the deepest "
                                         "folder above every image); give it as --vqa-images when training")
     p.add_argument("--min-support", type=int, default=2, help="captions that must say an answer (none may "
