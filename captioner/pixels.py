@@ -87,6 +87,8 @@ def load_image(src: PixelInput, max_pixels: int | None = 178_956_970, min_side: 
         raise ImageError(f"{name}: corrupt or truncated image ({e})") from None
 
 
+ORIENTATION = 0x0112  # the EXIF tag
+
 # A JPEG of a flat colour, progressive and optimised, holds ~250 pixels per byte; one claiming more than 8x that
 # lacks its data: libjpeg would only warn ("premature end of data") and fill the rest with grey.
 MAX_JPEG_PIXELS_PER_BYTE = 2048
@@ -101,7 +103,8 @@ def decode_rgb(im: Image.Image, min_side: int | None = None, name: str = "image"
     draft(im, min_side)
     im.load()  # decodes: truncated or corrupt data fails here
     im = _reduce_huge(im, min_side)
-    im = ImageOps.exif_transpose(im)
+    if im.getexif().get(ORIENTATION, 1) != 1:  # exif_transpose would copy even an upright image
+        im = ImageOps.exif_transpose(im)
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         im = Image.fromarray(_to_uint8(np.asarray(im), im.mode))
     return im.convert("RGB")
