@@ -430,6 +430,6 @@ def test_rerun_with_other_options_is_refused_unless_asked(tmp_path, make_images,
 
 def test_unreadable_inputs_are_named_on_stderr(tmp_path, tiny_checkpoint, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert caption("no_such_dir", "--out", tmp_path / "x.jsonl", ckpt=tiny_checkpoint) == 1
+    assert caption("no_such.jpg", "--out", tmp_path / "x.jsonl", ckpt=tiny_checkpoint) == 1
     err = capsys.readouterr().err
-    assert "skipped no_such_dir: no such file" in err and "1 failed" in err
+    assert "skipped no_such.jpg: no such file" in err and "1 failed" in err

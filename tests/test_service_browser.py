@@ -54,6 +54,12 @@ def browser(tmp_path):
     driver.quit()
 
 
+def known_choices(browser) -> None:
+    box = browser.find_element(By.ID, "choices")
+    box.clear()
+    box.send_keys("grass\nwater\ndog\ncat")
+
+
 def test_page_uploads_a_photo_shows_captions_and_answers(browser, tmp_path):
     ckpt = tiny_vqa_checkpoint(tmp_path / "tiny-vqa")
     (ckpt / "metrics.json").write_text('{"domain": "tiny test shapes."}')
@@ -85,7 +91,9 @@ def test_page_uploads_a_photo_shows_captions_and_answers(browser, tmp_path):
         assert "batch of" in browser.find_element(By.ID, "caption-timings").text
         assert browser.find_element(By.ID, "preview").get_attribute("src").startswith("blob:")
 
-        # ask a multiple-choice question: one probability bar per choice, one marked as chosen
+        # ask a multiple-choice question: one probability bar per choice, one marked as chosen (the page's default
+        # choices are words the tiny model does not know, which it refuses as one answer: give it words it knows)
+        known_choices(browser)
         browser.find_element(By.ID, "vqa-button").click()
         wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#answers .answer.chosen")))
         rows = browser.find_elements(By.CSS_SELECTOR, "#answers .answer")
@@ -185,6 +193,7 @@ def test_page_shows_word_heatmaps_for_an_attention_model(browser, tmp_path):
         ActionChains(browser).move_to_element(browser.find_element(By.TAG_NAME, "h1")).perform()
         wait.until(EC.invisibility_of_element(canvas))
         # the VQA head reads v from the same grid
+        known_choices(browser)
         browser.find_element(By.ID, "vqa-button").click()
         wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#answers .answer.chosen")))
     assert (shots / "service_page_attention.png").stat().st_size > 10_000
