@@ -32,6 +32,7 @@ from captioner.runtime import autocast
 from captioner.config import ModelConfig, preset
 from captioner.decoder import Decoder
 from captioner.decoding import Hypotheses, beam_search, greedy_search
+from captioner.generation import GenerationConfig
 from captioner.model import CaptionModel
 from captioner.tokenizer import BOS_ID, EOS_ID, Vocabulary
 
@@ -120,7 +121,8 @@ def load_features(model: CaptionModel, n: int, image_dir: str | None, device: to
 
 
 def per_image(decoder: Decoder, v: torch.Tensor, beam: int, max_length: int) -> list[Hypotheses]:
-    return [beam_search(decoder, v[i:i + 1], beam, max_length) for i in range(v.size(0))]
+    gen = GenerationConfig(beam_size=beam)
+    return [beam_search(decoder, v[i:i + 1], gen, max_length) for i in range(v.size(0))]
 
 
 def strip(seq: list[int]) -> list[int]:
@@ -198,17 +200,17 @@ def main(args: argparse.Namespace) -> int:
 def bench_precision(prec: str, decoder: Decoder, v: torch.Tensor, vocab: Vocabulary, beam: int, max_length: int,
                     repeats: int, device: torch.device, clock: str, att=None) -> bool:
     """Time batched beam, per-image beam and batched greedy; True when every top caption agrees."""
-    n = v.size(0)
+    n, gen = v.size(0), GenerationConfig(beam_size=beam)
     paths = {
-        "batched": lambda: beam_search(decoder, v, beam, max_length),
+        "batched": lambda: beam_search(decoder, v, gen, max_length),
         "per_image": lambda: per_image(decoder, v, beam, max_length),
         "greedy": lambda: greedy_search(decoder, v, max_length),
     }
     members = getattr(decoder, "members", None)
     if members is not None:
-        paths["member"] = lambda: beam_search(members[0], v, beam, max_length)
+        paths["member"] = lambda: beam_search(members[0], v, gen, max_length)
     if att is not None:
-        paths["attention"] = lambda: beam_search(att[0], att[1], beam, max_length)
+        paths["attention"] = lambda: beam_search(att[0], att[1], gen, max_length)
     res = interleaved(paths, device, repeats, clock=clock)
     (t_batch, times_b, hyp_b), (t_loop, times_l, hyp_l), (t_greedy, times_g, _) = list(res.values())[:3]
 

@@ -87,10 +87,11 @@ def load_model(ckpt: Path, device: str):
 
 def forward(engine, photos: list[bytes], beam: int) -> None:
     """Decode + preprocess each photo (what a request handler does), then run them as one batch."""
-    from service.engine import CaptionJob, GenParams
+    from captioner.generation import GenerationConfig
+    from service.engine import CaptionJob
 
-    cap = engine.captioner
-    engine([CaptionJob(cap.preprocess([p])[0], GenParams(beam_size=beam)) for p in photos])
+    cap, gen = engine.captioner, GenerationConfig(beam_size=beam)
+    engine([CaptionJob(cap.preprocess([p])[0], gen) for p in photos])
 
 
 def raw_throughput(engine, photos: list[bytes], batch_size: int, beam: int, passes: int = 2) -> float:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_pretrained, read_metrics
+from .generation import GenerationConfig, with_options
 from .model import CaptionModel
 from .preprocess import ImageInput, eval_transform, to_tensor
 from .runtime import autocast, default_device, memory_format, resolve_precision
@@ -20,7 +21,7 @@ class Caption:
     text: str
     log_prob: float  # sum of token log-probabilities, <eos> included
     score: float  # the ranking score (length-normalised when length_penalty > 0)
-    # with return_attention: the caption's word tokens (before detokenizing "dog 's" to "dog's") and, per word,
+    # with attention: the caption's word tokens (before detokenizing "dog 's" to "dog's") and, per word,
     # the attention map that produced it, a grid of S x S floats summing to 1 (rows top to bottom)
     words: list[str] | None = None
     attention: list[list[list[float]]] | None = None
@@ -114,16 +115,15 @@ class Captioner:
         return self.cfg.attention
 
     @torch.no_grad()
-    def caption_batch(self, batch: torch.Tensor | None = None, features: torch.Tensor | None = None, **gen) -> list[list[Caption]]:
+    def caption_batch(self, batch: torch.Tensor | None = None, features: torch.Tensor | None = None, *,
+                      generation: GenerationConfig | None = None, generator: torch.Generator | None = None,
+                      **options) -> list[list[Caption]]:
         """Caption a preprocessed batch (B, 3, S, S) or precomputed features (encode()'s); returns n-best per image.
-        return_attention=True (attention models) adds each caption's words and per-word maps."""
-        n, beam = gen.get("num_captions", 1), gen.get("beam_size", 3)
-        if not gen.get("do_sample") and not 1 <= n <= beam:
-            raise ValueError(f"num_captions ({n}) must be between 1 and beam_size ({beam}): pass beam_size={max(n, 1)} "
-                             "for that many beam-search captions, or do_sample=True for independent samples")
+        ``generation`` and ``options`` as caption() takes them."""
+        gen = with_options(generation, options)
         v = self.encode(batch) if features is None else features.to(self.device)
         with autocast(self.device, self.precision):
-            hyp = self.model.generate(features=v, **gen)
+            hyp = self.model.generate(features=v, generation=gen, generator=generator)
         toks, lps, scs = hyp.tokens.tolist(), hyp.log_probs.tolist(), hyp.scores.tolist()
         out = [[Caption(self.vocab.decode(t), lp, s) for t, lp, s in zip(ti, li, si)] for ti, li, si in zip(toks, lps, scs)]
         if hyp.attention is not None:
@@ -137,26 +137,21 @@ class Captioner:
                     cap.attention = att[i, j, :n].view(n, S, S).tolist()
         return out
 
-    def caption(
-        self,
-        images: ImageInput | Sequence[ImageInput],
-        beam_size: int = 3,
-        max_length: int | None = None,
-        num_captions: int = 1,
-        batch_size: int = 32,
-        **gen,
-    ) -> list[Caption] | list[list[Caption]]:
+    def caption(self, images: ImageInput | Sequence[ImageInput], generation: GenerationConfig | None = None,
+                batch_size: int = 32, generator: torch.Generator | None = None,
+                **options) -> list[Caption] | list[list[Caption]]:
         """Caption one image (-> list of captions) or a list of images (-> one list per image).
 
-        Images may be paths, bytes, PIL images or tensors. Extra keywords go to ``CaptionModel.generate``
-        (length_penalty, block_trigrams, do_sample, temperature, top_k, return_attention).
+        Images may be paths, bytes, PIL images or tensors. How: ``generation`` (default GenerationConfig()) with any
+        of its fields changed by keyword, e.g. ``caption(img, beam_size=5, num_captions=3)``. attention=True (attention models) adds each
+        caption's words and per-word maps; ``generator`` seeds sampling.
         """
+        gen = with_options(generation, options)  # invalid options fail before any image is read
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         out: list[list[Caption]] = []
         for i in range(0, len(items), batch_size):
-            batch = self.preprocess(items[i:i + batch_size])
-            out += self.caption_batch(batch, beam_size=beam_size, max_length=max_length, num_captions=num_captions, **gen)
+            out += self.caption_batch(self.preprocess(items[i:i + batch_size]), generation=gen, generator=generator)
         return out[0] if single else out
 
     # ------------------------------------------------------------------ multiple-choice VQA

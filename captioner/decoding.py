@@ -1,7 +1,8 @@
 """Batched caption search: every image and every beam advance together in one tensor program.
 
 All functions take the decoder and image features v (B, D) and return a ``Hypotheses`` holding
-n candidates per image. Sequences are word ids followed by <eos> and then <pad>.
+n candidates per image. Sequences are word ids followed by <eos> and then <pad>. ``decode`` picks the search a
+GenerationConfig asks for; ``max_length`` is always given resolved (CaptionModel.generate fills in the model's).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .decoder import Decoder
+from .generation import GenerationConfig
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 NEG_INF = float("-inf")
@@ -59,23 +61,23 @@ class AttentionUnavailableError(ValueError):
     """Attention maps were asked of a model without an attention decoder."""
 
 
-def _step(decoder: Decoder, tok, state, iv, t: int, record: bool):
+def _step(decoder: Decoder, tok, state, iv, t: int, attention: bool):
     """decoder.step, with the step's attention (N, P) or None."""
-    if record:
+    if attention:
         return decoder.step(tok, state, iv, t, return_attention=True)
     return (*decoder.step(tok, state, iv, t), None)
 
 
-def _check_attention(decoder: Decoder, return_attention: bool) -> None:
-    if return_attention and getattr(decoder, "attend", None) is None:
+def _check_attention(decoder: Decoder, attention: bool) -> None:
+    if attention and getattr(decoder, "attend", None) is None:
         raise AttentionUnavailableError("this model's decoder has no attention (config decoder.inject is "
                                         f"{decoder.cfg.inject!r}): attention maps need a model trained with "
                                         "`captioner train --inject attention`")
 
 
 @torch.no_grad()
-def greedy_search(decoder: Decoder, v: torch.Tensor, max_length: int, return_attention: bool = False) -> Hypotheses:
-    _check_attention(decoder, return_attention)
+def greedy_search(decoder: Decoder, v: torch.Tensor, max_length: int, attention: bool = False) -> Hypotheses:
+    _check_attention(decoder, attention)
     B = v.size(0)
     iv = decoder.image_proj(v)
     state = decoder.init_state(B)
@@ -84,7 +86,7 @@ def greedy_search(decoder: Decoder, v: torch.Tensor, max_length: int, return_att
     total = torch.zeros(B, device=v.device)
     out, att = [], []
     for t in range(max_length + 1):
-        logits, state, alpha = _step(decoder, tok, state, iv, t, return_attention)
+        logits, state, alpha = _step(decoder, tok, state, iv, t, attention)
         logp = _mask_specials(F.log_softmax(logits.float(), -1), t, max_length)
         lp, tok = logp.max(-1)
         tok = tok.masked_fill(done, PAD_ID)
@@ -97,31 +99,20 @@ def greedy_search(decoder: Decoder, v: torch.Tensor, max_length: int, return_att
             break
     seqs = torch.stack(out, 1)[:, None]  # (B, 1, T)
     lengths = _lengths(seqs)
-    attention = torch.stack(att, 1)[:, None] if att else None  # (B, 1, T, P)
-    return Hypotheses(seqs, total[:, None], total[:, None].clone(), lengths, attention)
+    maps = torch.stack(att, 1)[:, None] if att else None  # (B, 1, T, P)
+    return Hypotheses(seqs, total[:, None], total[:, None].clone(), lengths, maps)
 
 
 @torch.no_grad()
-def beam_search(
-    decoder: Decoder,
-    v: torch.Tensor,
-    beam_size: int = 3,
-    max_length: int = 20,
-    num_return: int = 1,
-    length_penalty: float = 0.0,
-    block_trigrams: bool = False,
-    return_attention: bool = False,
-) -> Hypotheses:
-    """Beam search over all B images at once (B*K rows).
+def beam_search(decoder: Decoder, v: torch.Tensor, gen: GenerationConfig, max_length: int) -> Hypotheses:
+    """Beam search over all B images at once (B*K rows, K = gen.beam_size), for gen.num_captions captions each.
 
     A beam that emits <eos> stays in its slot with a frozen score (it may only extend with <pad> at
     no cost), so every image keeps exactly K hypotheses; with K = 1 this is greedy search.
     The final n-best list is ranked by log_prob / length ** length_penalty.
     """
-    if not 1 <= num_return <= beam_size:
-        raise ValueError(f"num_return must be in 1..beam_size ({beam_size}), got {num_return}")
-    _check_attention(decoder, return_attention)
-    B, K, dev = v.size(0), beam_size, v.device
+    _check_attention(decoder, gen.attention)
+    B, K, dev = v.size(0), gen.beam_size, v.device
     iv = decoder.image_proj(v).repeat_interleave(K, 0)  # (B*K, G*H), or (B*K, P, C+A) for attention
     state = decoder.init_state(B * K)
     tok = torch.full((B * K,), BOS_ID, dtype=torch.long, device=dev)
@@ -132,12 +123,12 @@ def beam_search(
     row0 = torch.arange(B, device=dev)[:, None] * K  # (B, 1)
     att = None  # (B*K, t, P): each beam's attention history, reordered with it
     for t in range(max_length + 1):
-        logits, state, alpha = _step(decoder, tok, state, iv, t, return_attention)
+        logits, state, alpha = _step(decoder, tok, state, iv, t, gen.attention)
         if alpha is not None:
             step_att = alpha.masked_fill(done[:, None], 0.0)[:, None]
             att = step_att if att is None else torch.cat([att, step_att], 1)
         logp = _mask_specials(F.log_softmax(logits.float(), -1), t, max_length)  # (B*K, V)
-        if block_trigrams:
+        if gen.block_trigrams:
             _block_repeated_trigrams(logp, seqs)
         logp[done] = NEG_INF
         logp[done, PAD_ID] = 0.0
@@ -155,36 +146,28 @@ def beam_search(
             break
     seqs = seqs.view(B, K, -1)
     lengths = _lengths(seqs)
-    scores = beam_lp / lengths.float() ** length_penalty if length_penalty else beam_lp.clone()
-    order = scores.argsort(dim=1, descending=True, stable=True)[:, :num_return]
+    lp = gen.length_penalty
+    scores = beam_lp / lengths.float() ** lp if lp else beam_lp.clone()
+    order = scores.argsort(dim=1, descending=True, stable=True)[:, :gen.num_captions]
     pick = lambda x: x.gather(1, order if x.dim() == 2 else order[..., None].expand(-1, -1, x.size(-1)))  # noqa: E731
-    attention = None
+    maps = None
     if att is not None:
         att = att.view(B, K, *att.shape[1:])  # (B, K, T, P)
-        attention = att.gather(1, order[..., None, None].expand(-1, -1, *att.shape[2:]))
-    return Hypotheses(pick(seqs), pick(beam_lp), pick(scores), pick(lengths), attention)
+        maps = att.gather(1, order[..., None, None].expand(-1, -1, *att.shape[2:]))
+    return Hypotheses(pick(seqs), pick(beam_lp), pick(scores), pick(lengths), maps)
 
 
 @torch.no_grad()
-def sample(
-    decoder: Decoder,
-    v: torch.Tensor,
-    num_samples: int = 1,
-    max_length: int = 20,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    generator: torch.Generator | None = None,
-    return_attention: bool = False,
-) -> Hypotheses:
-    """Ancestral sampling at ``temperature`` from the ``top_k`` most likely words (0 = all).
+def sample(decoder: Decoder, v: torch.Tensor, gen: GenerationConfig, max_length: int,
+           generator: torch.Generator | None = None) -> Hypotheses:
+    """gen.num_captions ancestral samples per image at gen.temperature from the gen.top_k most likely words
+    (0 = all).
 
     log_probs are under the model itself (temperature 1), so samples are comparable; each image's
     samples come back most likely first.
     """
-    if temperature <= 0:
-        raise ValueError("temperature must be > 0 (use beam_size=1 for greedy)")
-    _check_attention(decoder, return_attention)
-    B, n, dev = v.size(0), num_samples, v.device
+    _check_attention(decoder, gen.attention)
+    B, n, dev = v.size(0), gen.num_captions, v.device
     iv = decoder.image_proj(v).repeat_interleave(n, 0)
     state = decoder.init_state(B * n)
     tok = torch.full((B * n,), BOS_ID, dtype=torch.long, device=dev)
@@ -192,16 +175,16 @@ def sample(
     total = torch.zeros(B * n, device=dev)
     out, att = [], []
     for t in range(max_length + 1):
-        logits, state, alpha = _step(decoder, tok, state, iv, t, return_attention)
+        logits, state, alpha = _step(decoder, tok, state, iv, t, gen.attention)
         if alpha is not None:
             att.append(alpha.masked_fill(done[:, None], 0.0))
         logp = _mask_specials(F.log_softmax(logits.float(), -1), t, max_length)
         # shift the best word to 0 before dividing: the quotient is then <= 0, the best word's exactly 0, and
         # softmax never sees inf - inf; a temperature below float32's smallest normal (1e-300 would round to 0,
         # and 0/0 is nan) is raised to it, which is greedy decoding either way
-        scaled = (logp - logp.amax(-1, keepdim=True)) / max(temperature, torch.finfo(logp.dtype).tiny)
-        if top_k and top_k < scaled.size(1):
-            kth = scaled.topk(top_k, dim=1).values[:, -1:]
+        scaled = (logp - logp.amax(-1, keepdim=True)) / max(gen.temperature, torch.finfo(logp.dtype).tiny)
+        if gen.top_k and gen.top_k < scaled.size(1):
+            kth = scaled.topk(gen.top_k, dim=1).values[:, -1:]
             scaled = scaled.masked_fill(scaled < kth, NEG_INF)
         tok = torch.multinomial(F.softmax(scaled, -1), 1, generator=generator).squeeze(1)
         total += logp.gather(1, tok[:, None]).squeeze(1).masked_fill(done, 0.0)
@@ -215,8 +198,18 @@ def sample(
     order = total.argsort(dim=1, descending=True, stable=True)
     seqs = seqs.gather(1, order[..., None].expand_as(seqs))
     total = total.gather(1, order)
-    attention = None
+    maps = None
     if att:
         a = torch.stack(att, 1).view(B, n, len(att), -1)  # (B, n, T, P)
-        attention = a.gather(1, order[..., None, None].expand_as(a))
-    return Hypotheses(seqs, total, total.clone(), _lengths(seqs), attention)
+        maps = a.gather(1, order[..., None, None].expand_as(a))
+    return Hypotheses(seqs, total, total.clone(), _lengths(seqs), maps)
+
+
+def decode(decoder: Decoder, v: torch.Tensor, gen: GenerationConfig, max_length: int,
+           generator: torch.Generator | None = None) -> Hypotheses:
+    """The search ``gen`` asks for: sampling, greedy (one beam, one caption), or beam search."""
+    if gen.sample:
+        return sample(decoder, v, gen, max_length, generator)
+    if gen.beam_size == 1:
+        return greedy_search(decoder, v, max_length, gen.attention)
+    return beam_search(decoder, v, gen, max_length)

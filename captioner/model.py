@@ -12,8 +12,9 @@ import torch.nn as nn
 
 from .config import ModelConfig
 from .decoder import build_decoder
-from .decoding import Hypotheses, beam_search, greedy_search, sample
+from .decoding import Hypotheses, decode
 from .encoder import VGGEncoder
+from .generation import GenerationConfig
 from .vqa import VQAHead, VQAUnavailableError
 
 
@@ -52,32 +53,12 @@ class CaptionModel(nn.Module):
         return self.vqa(self.image_vector(features), question_tokens, choice_tokens, choice_mask)
 
     @torch.no_grad()
-    def generate(
-        self,
-        images: torch.Tensor | None = None,
-        features: torch.Tensor | None = None,
-        beam_size: int = 3,
-        num_captions: int = 1,
-        max_length: int | None = None,
-        length_penalty: float = 0.0,
-        block_trigrams: bool = False,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        generator: torch.Generator | None = None,
-        return_attention: bool = False,
-    ) -> Hypotheses:
-        """Caption a batch: greedy (beam_size=1), beam search, or sampling (do_sample=True); return_attention (attention
-        decoders only) fills Hypotheses.attention with each step's alpha over the grid."""
+    def generate(self, images: torch.Tensor | None = None, features: torch.Tensor | None = None,
+                 generation: GenerationConfig | None = None, generator: torch.Generator | None = None) -> Hypotheses:
+        """Caption a batch as ``generation`` (default GenerationConfig()) says: greedy (beam_size=1), beam search, or
+        sampling; with attention (attention decoders only) Hypotheses.attention holds each step's alpha."""
         if (images is None) == (features is None):
             raise ValueError("pass exactly one of images or features")
-        if beam_size < 1 or num_captions < 1:
-            raise ValueError("beam_size and num_captions must be >= 1")
+        gen = generation or GenerationConfig()
         v = self.encode(images) if features is None else features
-        max_length = max_length or self.cfg.max_length
-        att = return_attention
-        if do_sample:
-            return sample(self.decoder, v, num_captions, max_length, temperature, top_k, generator, att)
-        if beam_size == 1 and num_captions == 1:
-            return greedy_search(self.decoder, v, max_length, att)
-        return beam_search(self.decoder, v, beam_size, max_length, num_captions, length_penalty, block_trigrams, att)
+        return decode(self.decoder, v, gen, gen.max_length or self.cfg.max_length, generator)

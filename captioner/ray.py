@@ -13,7 +13,7 @@ Two stages, Ray Data's pattern for offline inference:
 The checkpoint travels through Ray's object store, so worker machines need no copy of it; images are read where
 the decode task runs (a shared filesystem, or a ``bytes`` column from object storage).
 
-Each output row: ``captions`` a list of {caption, log_prob, score} (+ words, attention with return_attention=True),
+Each output row: ``captions`` a list of {caption, log_prob, score} (+ words, attention with attention=True),
 best first, and ``error`` null; or, for an unreadable image, ``captions`` null and ``error`` saying why.
 """
 from __future__ import annotations
@@ -22,18 +22,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import ray
 
 from .config import PreprocessConfig
+from .generation import GenerationConfig, with_options
 from .pixels import ImageError, crop, load_image  # torch-free: decode workers start in a second, not five
-
-# what caption_dataset passes on to Captioner.caption_batch (model.generate)
-DECODING = ("beam_size", "num_captions", "max_length", "length_penalty", "block_trigrams", "do_sample",
-            "temperature", "top_k", "return_attention")
 
 
 def init(address: str | None = None, **kwargs) -> None:
@@ -103,7 +99,7 @@ class CaptionPredictor:
     """Ray actor: loads the model once, then captions batches of decoded rows."""
 
     def __init__(self, model_files: list, precision: str, threads: int | None, seed: int | None,
-                 decoding: dict[str, Any]) -> None:
+                 generation: GenerationConfig) -> None:
         import torch
 
         from .api import Caption, Captioner
@@ -122,8 +118,8 @@ class CaptionPredictor:
             shutil.rmtree(folder, ignore_errors=True)
         if seed is not None:
             torch.manual_seed(seed)
-        self.decoding = decoding
-        self.type = Caption.arrow_type(bool(decoding.get("return_attention")))
+        self.generation = generation
+        self.type = Caption.arrow_type(generation.attention)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
@@ -137,7 +133,8 @@ class CaptionPredictor:
             s = self.cap.cfg.preprocess.image_size
             arr = np.frombuffer(bytearray(b"".join(pixels[i] for i in ok)), dtype=np.uint8).reshape(len(ok), s, s, 3)
             with torch.inference_mode():
-                caps = self.cap.caption_batch(normalize_batch(arr, self.cap.cfg.preprocess), **self.decoding)
+                caps = self.cap.caption_batch(normalize_batch(arr, self.cap.cfg.preprocess),
+                                              generation=self.generation)
             for i, c in zip(ok, caps):
                 captions[i] = [x.to_dict(rounded=True) for x in c]
         return batch.drop_columns(["image"]).append_column("captions", pa.array(captions, type=self.type))
@@ -166,7 +163,7 @@ def _pool(concurrency: int | tuple[int, int]):
 def caption_dataset(ds: "ray.data.Dataset", checkpoint: str | Path | None = None, *, batch_size: int = 32,
                     concurrency: int | tuple[int, int] = 1, num_gpus: float = 0, workers: int | None = None,
                     precision: str = "auto", threads: int | None = None, seed: int | None = None,
-                    **decoding) -> "ray.data.Dataset":
+                    generation: GenerationConfig | None = None, **options) -> "ray.data.Dataset":
     """Caption every row of ``ds`` (a ``path`` column; a ``bytes`` column, as read_binary_files(include_paths=True)
     gives, is decoded instead of reading the file). Lazy, like any Ray Dataset: iterate it or write it.
 
@@ -179,30 +176,24 @@ def caption_dataset(ds: "ray.data.Dataset", checkpoint: str | Path | None = None
     threads      torch threads per CPU actor (default: all cores of its machine; set it when several CPU actors
                  share a machine)
     seed         torch seed of each actor (sampling)
-    **decoding   beam_size, num_captions, max_length, length_penalty, block_trigrams, do_sample, temperature,
-                 top_k, return_attention: as Captioner.caption_batch takes them
+    generation   how to caption (default GenerationConfig()); **options change its fields, as Captioner.caption's
     """
     from .api import default_checkpoint
     from .checkpoint import load_pretrained
 
-    unknown = sorted(set(decoding) - set(DECODING))
-    if unknown:
-        raise TypeError(f"caption_dataset() got unknown decoding options {unknown}; known: {', '.join(DECODING)}")
+    gen = with_options(generation, options)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if num_gpus < 0 or (workers is not None and workers < 1):
         raise ValueError("num_gpus must be >= 0 and workers >= 1")
-    n, beam = decoding.get("num_captions", 1), decoding.get("beam_size", 3)
-    if not decoding.get("do_sample") and not 1 <= n <= beam:
-        raise ValueError(f"num_captions ({n}) must be between 1 and beam_size ({beam}), or pass do_sample=True")
     cols = ds.columns(fetch_if_missing=False)  # known without running anything for most sources
     if cols is not None and "path" not in cols:
         raise ValueError(f"the dataset needs a 'path' column (it has {cols}); "
                          "ray.data.read_binary_files(..., include_paths=True) gives one")
     ckpt = Path(checkpoint) if checkpoint is not None else default_checkpoint()
     cfg = load_pretrained(ckpt)[0].cfg  # a bad checkpoint fails here, on the driver, not in every actor
-    if decoding.get("return_attention") and not cfg.attention:
-        raise ValueError(f"return_attention: the model {cfg.name!r} ({ckpt}) has no attention decoder")
+    if gen.attention and not cfg.attention:
+        raise ValueError(f"attention: the model {cfg.name!r} ({ckpt}) has no attention decoder")
     files = ray.put(model_files(ckpt))
     # CPU actors: the model is the bottleneck and owns the cores; decoders run niced in its gaps, two per reserved
     # CPU (the local engine's 2 loader workers beside a 2-thread model). With GPUs decoding is the bottleneck: a
@@ -217,4 +208,4 @@ def caption_dataset(ds: "ray.data.Dataset", checkpoint: str | Path | None = None
         CaptionPredictor, batch_size=batch_size, batch_format="pyarrow", num_cpus=1, num_gpus=num_gpus or None,
         compute=_pool(concurrency),
         fn_constructor_kwargs=dict(model_files=[files], precision=precision, threads=threads, seed=seed,
-                                   decoding=decoding))
+                                   generation=gen))

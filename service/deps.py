@@ -13,6 +13,7 @@ from fastapi import Depends, HTTPException, Request
 from pydantic import ValidationError
 
 from captioner.config import VQAConfig
+from captioner.generation import GenerationConfig, GenerationConfigError
 from captioner.tokenizer import Vocabulary
 from captioner.vqa import VQAInputError, check_choices, check_question
 
@@ -54,7 +55,7 @@ Arrival = Annotated[object, Depends(_announce)]
 @dataclass
 class CaptionRequest:
     raw: RequestInput
-    params: CaptionParams
+    generation: GenerationConfig
 
 
 async def _caption_input(request: Request, svc: Annotated[ServiceState, Depends(service)]) -> CaptionRequest:
@@ -62,9 +63,13 @@ async def _caption_input(request: Request, svc: Annotated[ServiceState, Depends(
     if inp.json:
         check_json_types(inp.fields)
     try:
-        return CaptionRequest(inp, CaptionParams.model_validate(inp.fields))
+        params = CaptionParams.model_validate(inp.fields)
     except ValidationError as e:
         raise InputError.from_validation(e) from None
+    try:
+        return CaptionRequest(inp, params.generation())
+    except GenerationConfigError as e:  # the rules across fields, in the words every interface uses
+        raise InputError(422, ("body", e.field), str(e)) from None
 
 
 CaptionInput = Annotated[CaptionRequest, Depends(_caption_input)]

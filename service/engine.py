@@ -2,8 +2,8 @@
 encoder pass, then captions run batched per generation setting and questions run batched through the VQA head.
 
     jobs (mixed CaptionJob / VQAJob) --stack--> (B, 3, S, S) --encode--> v (B, D) (or an attention model's grid)
-        caption jobs grouped by GenParams --caption_batch(features=v[idx])--> n-best captions
-        VQA jobs                          --answer_batch(v[idx], questions, choices)--> answers
+        caption jobs grouped by GenerationConfig --caption_batch(features=v[idx])--> n-best captions
+        VQA jobs                                 --answer_batch(v[idx], questions, choices)--> answers
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from captioner.api import Captioner
+from captioner.generation import GenerationConfig
 
 log = logging.getLogger("service.engine")
 
@@ -29,33 +30,10 @@ def has_vqa(captioner: Captioner) -> bool:
             and "vqa" in getattr(captioner, "tasks", ["vqa"]))
 
 
-@dataclass(frozen=True)
-class GenParams:
-    """Generation settings; jobs with equal GenParams decode together in one caption_batch call."""
-    beam_size: int = 3
-    num_captions: int = 1
-    max_length: int | None = None
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    attention: bool = False  # return per-word attention maps (attention models)
-
-    def normalized(self) -> "GenParams":
-        # settings that do not change the result must not split groups
-        if self.do_sample:
-            return GenParams(1, self.num_captions, self.max_length, True, self.temperature, self.top_k, self.attention)
-        return GenParams(self.beam_size, self.num_captions, self.max_length, False, 1.0, 0, self.attention)
-
-    def kwargs(self) -> dict:
-        kw = dict(beam_size=self.beam_size, num_captions=self.num_captions, max_length=self.max_length,
-                  do_sample=self.do_sample, temperature=self.temperature, top_k=self.top_k)
-        return {**kw, "return_attention": True} if self.attention else kw
-
-
 @dataclass
 class CaptionJob:
     pixels: torch.Tensor  # (3, S, S) preprocessed
-    params: GenParams = field(default_factory=GenParams)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 @dataclass
@@ -89,16 +67,17 @@ class Engine:
         v = self.encode(x)  # every image encoded once, shared by captions and VQA
         out: list = [None] * len(jobs)
 
-        groups: dict[GenParams, list[int]] = defaultdict(list)
+        # jobs whose configs give the same captions decode together in one caption_batch call
+        groups: dict[GenerationConfig, list[int]] = defaultdict(list)
         vqa_idx: list[int] = []
         for i, j in enumerate(jobs):
             if isinstance(j, CaptionJob):
-                groups[j.params.normalized()].append(i)
+                groups[j.generation.canonical()].append(i)
             else:
                 vqa_idx.append(i)
 
-        for params, idx in groups.items():
-            caps = self.captioner.caption_batch(features=v[idx], **params.kwargs())
+        for gen, idx in groups.items():
+            caps = self.captioner.caption_batch(features=v[idx], generation=gen)
             for i, c in zip(idx, caps):
                 out[i] = c
         if groups and self.on_images:

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
+
+from captioner.generation import GenerationConfig
 
 MAX_BEAM = 10
 MAX_LENGTH = 100
@@ -12,40 +15,44 @@ MAX_CHOICE_CHARS = 200
 MAX_CHOICES = 32
 MIN_TEMPERATURE = 0.01  # below it sampling is greedy decoding in all but name
 
+# what one request may cost, on top of GenerationConfig's own rules
+LIMITS = {"beam_size": {"le": MAX_BEAM}, "num_captions": {"le": MAX_BEAM}, "max_length": {"le": MAX_LENGTH},
+          "temperature": {"ge": MIN_TEMPERATURE, "le": 10}, "top_k": {"le": 10_000}}
+NOTES = {"attention": "; other models answer 422"}
 
-class CaptionParams(BaseModel):
-    """Generation settings: multipart form fields next to ``image``, or JSON keys next to ``image``."""
+
+class _GenerationFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    beam_size: int = Field(3, ge=1, le=MAX_BEAM, description="beam width (1 = greedy)")
-    # declared before num_captions: fields validate in order and the num_captions check reads these two
-    sample: bool = Field(False, description="sample instead of beam search (num_captions independent samples)")
-    num_captions: int = Field(1, ge=1, le=MAX_BEAM,
-                              description="captions returned, best first; at most beam_size unless sample is true")
-    max_length: int | None = Field(None, ge=1, le=MAX_LENGTH, description="most words (default: the model's)")
-    temperature: float = Field(1.0, ge=MIN_TEMPERATURE, le=10,
-                               description="sampling temperature (lower: closer to greedy)")
-    top_k: int = Field(0, ge=0, le=10_000, description="sample from the k most likely words (0 = all)")
-    attention: bool = Field(False, description="return each caption's words and, per word, its attention map over "
-                                               "the image grid (attention models only: others answer 422)")
-
-    @field_validator("sample", "attention", mode="before")
+    @field_validator("*", mode="before")
     @classmethod
-    def _form_bool(cls, v: object) -> object:
+    def _form_bool(cls, v: object, info: ValidationInfo) -> object:
         # a form field is text: only true/false (any case) mean a boolean, not pydantic's lax 0/1/on/off/yes/no
-        if isinstance(v, str):
+        if isinstance(v, str) and cls.model_fields[info.field_name].annotation is bool:
             if v.lower() not in ("true", "false"):
                 raise ValueError("must be true or false")
             return v.lower() == "true"
         return v
 
-    @field_validator("num_captions")
-    @classmethod
-    def _not_more_than_beam(cls, v: int, info: ValidationInfo) -> int:
-        beam = info.data.get("beam_size")
-        if not info.data.get("sample", False) and beam is not None and v > beam:
-            raise ValueError(f"num_captions ({v}) must be <= beam_size ({beam}) unless sample is true")
-        return v
+    def generation(self) -> GenerationConfig:
+        """The request's GenerationConfig; GenerationConfigError (naming the field) for what the schema cannot
+        say, such as num_captions > beam_size without sampling."""
+        return GenerationConfig(**self.model_dump())
+
+
+def _request_field(f) -> tuple:
+    """A GenerationConfig field as a request field: its type, default, help and bounds, within LIMITS."""
+    base, _, optional = f.type.partition(" | ")
+    kind = {"int": int, "float": float, "bool": bool}[base]
+    bounds = {k: v for k, v in f.metadata.items() if k in ("ge", "gt")} | LIMITS.get(f.name, {})
+    return (kind | None if optional else kind,
+            Field(f.default, description=f.metadata["help"] + NOTES.get(f.name, ""), **bounds))
+
+
+CaptionParams = create_model(
+    "CaptionParams", __base__=_GenerationFields,
+    __doc__="Generation settings: multipart form fields next to ``image``, or JSON keys next to ``image``.",
+    **{f.name: _request_field(f) for f in fields(GenerationConfig)})
 
 
 def _json_types(prop: dict) -> set[str]:

@@ -19,7 +19,7 @@ from captioner.checkpoint import CheckpointError
 
 from .batcher import DynamicBatcher
 from .images import ByteBudget
-from .engine import CaptionJob, Engine, GenParams, VQAJob, default_encode_batch_size, has_vqa
+from .engine import CaptionJob, Engine, VQAJob, default_encode_batch_size, has_vqa
 from .metrics import Metrics
 from .settings import Settings
 
@@ -111,7 +111,7 @@ class ServiceState:
         engine = Engine(cap, encode_batch_size=self.encode_batch_size)
         x = torch.zeros(3, size, size)
         for n in sorted({1, self.settings.max_batch_size}):
-            jobs: list = [CaptionJob(x, GenParams()) for _ in range(n)]
+            jobs: list = [CaptionJob(x) for _ in range(n)]
             if has_vqa(cap):
                 jobs[-1] = VQAJob(x, "what is it", ["a dog", "a cat"])
             engine(jobs)

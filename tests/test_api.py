@@ -133,12 +133,12 @@ def test_num_captions_sorted_by_score(cap, trained):
 def test_generation_options_pass_through(cap, trained):
     path = trained[1][0]
     greedy = cap.caption(path, beam_size=1)
-    top1 = cap.caption(path, do_sample=True, top_k=1, generator=torch.Generator().manual_seed(0))
+    top1 = cap.caption(path, sample=True, top_k=1, generator=torch.Generator().manual_seed(0))
     assert as_tuples(greedy) == as_tuples(top1)
     short = cap.caption(path, beam_size=3, max_length=2)
     assert len(short[0].text.split()) <= 2
     with pytest.raises(ValueError, match="temperature"):
-        cap.caption(path, do_sample=True, temperature=0)
+        cap.caption(path, sample=True, temperature=0)
 
 
 def test_caption_batch_and_features(cap, trained):
@@ -252,9 +252,9 @@ def test_user_facing_messages_and_repr(tiny_checkpoint):
 
     cap = Captioner.from_pretrained(tiny_checkpoint, "cpu")
     img = torch.zeros(3, 32, 32, dtype=torch.uint8)
-    with pytest.raises(ValueError, match=r"num_captions \(5\) must be between 1 and beam_size \(3\).*beam_size=5"):
+    with pytest.raises(ValueError, match=r"num_captions \(5\) must be at most beam_size \(3\).*use beam_size 5"):
         cap.caption(img, num_captions=5)
-    assert len(cap.caption(img, num_captions=5, do_sample=True)) == 5
+    assert len(cap.caption(img, num_captions=5, sample=True)) == 5
     r = repr(cap)
     assert r.startswith("Captioner(") and "tasks=['caption']" in r and "device=cpu" in r and f"precision={cap.precision}" in r
 

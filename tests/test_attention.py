@@ -13,6 +13,7 @@ from captioner.api import Captioner
 from captioner.checkpoint import load_pretrained, save_pretrained
 from captioner.config import ModelConfig
 from captioner.decoding import AttentionUnavailableError, beam_search, greedy_search, sample
+from captioner.generation import GenerationConfig
 from captioner.model import CaptionModel
 from captioner.tokenizer import BOS_ID, Vocabulary
 from conftest import TINY_WORDS, tiny_model_config
@@ -99,10 +100,11 @@ def test_alpha_sums_to_one_and_step_equals_forward(cell, num_layers):
 def test_batched_beam_equals_per_image_with_attention(cell):
     model = att_model(cell, seed=1)
     grid = model.encode(torch.randn(4, 3, 32, 32))
-    batched = beam_search(model.decoder, grid, 3, 8, num_return=2, return_attention=True)
+    gen = GenerationConfig(beam_size=3, num_captions=2, attention=True)
+    batched = beam_search(model.decoder, grid, gen, 8)
     assert batched.attention.shape[:2] == (4, 2) and batched.attention.shape[-1] == 64
     for i in range(4):
-        one = beam_search(model.decoder, grid[i:i + 1], 3, 8, num_return=2, return_attention=True)
+        one = beam_search(model.decoder, grid[i:i + 1], gen, 8)
         T = one.tokens.size(-1)
         assert torch.equal(one.tokens[0], batched.tokens[i, :, :T])
         assert torch.allclose(one.attention[0], batched.attention[i, :, :T], atol=1e-5)
@@ -117,10 +119,11 @@ def test_batched_beam_equals_per_image_with_attention(cell):
 def test_beam_one_equals_greedy_and_sampling_records_attention():
     model = att_model("lstm", seed=2)
     grid = model.encode(torch.randn(3, 3, 32, 32))
-    g = greedy_search(model.decoder, grid, 8, return_attention=True)
-    b = beam_search(model.decoder, grid, 1, 8, return_attention=True)
+    g = greedy_search(model.decoder, grid, 8, attention=True)
+    b = beam_search(model.decoder, grid, GenerationConfig(beam_size=1, attention=True), 8)
     assert torch.equal(g.tokens, b.tokens) and torch.allclose(g.attention, b.attention, atol=1e-6)
-    s = sample(model.decoder, grid, 4, 8, generator=torch.Generator().manual_seed(0), return_attention=True)
+    s = sample(model.decoder, grid, GenerationConfig(sample=True, num_captions=4, attention=True), 8,
+               torch.Generator().manual_seed(0))
     assert s.attention.shape[:2] == (3, 4)
     # the maps follow their samples when those are sorted by likelihood: re-decode each sample by teacher forcing
     for i in range(3):
@@ -135,11 +138,11 @@ def test_fc_models_refuse_attention_maps(tiny_checkpoint):
     model, _ = load_pretrained(tiny_checkpoint, "cpu")
     v = model.encode(torch.randn(1, 3, 32, 32))
     with pytest.raises(AttentionUnavailableError, match="inject attention"):
-        model.generate(features=v, return_attention=True)
+        model.generate(features=v, generation=GenerationConfig(attention=True))
     cap = Captioner.from_pretrained(tiny_checkpoint, device="cpu")
     assert not cap.has_attention
     with pytest.raises(AttentionUnavailableError):
-        cap.caption(Image.new("RGB", (40, 40)), return_attention=True)
+        cap.caption(Image.new("RGB", (40, 40)), attention=True)
 
 
 def test_config_round_trip_and_fc_config_unchanged(tmp_path):
@@ -158,7 +161,7 @@ def test_captioner_round_trip_gives_per_word_maps(tmp_path):
     cap = Captioner.from_pretrained(path, device="cpu", precision="fp32")
     assert cap.has_attention
     images = [Image.new("RGB", (40, 40), c) for c in ("red", "blue")]
-    out = cap.caption(images, beam_size=3, num_captions=2, return_attention=True)
+    out = cap.caption(images, beam_size=3, num_captions=2, attention=True)
     for caps in out:
         for c in caps:
             assert len(c.words) == len(c.attention) == len(c.text.split())
@@ -229,7 +232,7 @@ def test_train_cli_fresh_attention_decoder_and_scst(tmp_path, make_images):
                                                    "--output", str(tmp_path / "att")]))
     cap = Captioner.from_pretrained(tmp_path / "att" / "best", device="cpu")
     assert cap.cfg.decoder.inject == "attention" and cap.cfg.decoder.attention_dim == 8
-    assert cap.caption(paths[0], return_attention=True)[0].attention is not None
+    assert cap.caption(paths[0], attention=True)[0].attention is not None
     train.main(train_parser().parse_args(common + ["--init-from", str(tmp_path / "att" / "best"), "--scst",
                                                    "--scst-samples", "2", "--epochs", "1",
                                                    "--output", str(tmp_path / "scst")]))
@@ -297,7 +300,7 @@ def test_batch_cli_attention_records_gallery_strip_and_refusal(tmp_path, make_im
     recs = [json.loads(x) for x in (tmp_path / "c.jsonl").read_text().splitlines()]
     good = [r for r in recs if "error" not in r]
     assert len(good) == 3 and len(recs) == 4
-    direct = Captioner.from_pretrained(att, device="cpu").caption([str(p) for p in paths], return_attention=True)
+    direct = Captioner.from_pretrained(att, device="cpu").caption([str(p) for p in paths], attention=True)
     for r in good:
         c = r["captions"][0]
         assert r["attention_crop"] == pytest.approx(32 / 36)

@@ -29,7 +29,7 @@ def test_shipped_attention_model_is_complete_and_small(att):
 
 
 def test_captions_with_maps_that_look_somewhere(att):
-    for caps in att.caption(SAMPLES, return_attention=True):
+    for caps in att.caption(SAMPLES, attention=True):
         c = caps[0]
         assert len(c.words) >= 3 and len(c.attention) == len(c.words)
         peaks = []

@@ -311,7 +311,7 @@ def test_exit_codes(tmp_path, make_images, tiny_checkpoint, monkeypatch, capsys)
         "no images found": ["void", "--out", "v.jsonl"],
         "cannot tell the output format": ["imgs", "--out", "o.txt"],
         "--shard must look like": ["imgs", "--out", "o.jsonl", "--shard", "2"],
-        "needs --beam-size >= 4": ["imgs", "--out", "o.jsonl", "--num-captions", "4"],
+        "num_captions (4) must be at most beam_size (3)": ["imgs", "--out", "o.jsonl", "--num-captions", "4"],
         "--dataset needs --annotations": ["--dataset", "coco", "--out", "o.json"],
         "list file nolist.txt: no such file": ["@nolist.txt", "--out", "o.jsonl"],
         "is a folder": ["imgs", "--out", "void"],

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 import captioner.checkpoint as ckpt
 from captioner.checkpoint import CheckpointError, load_pretrained, read_config, save_pretrained
 from captioner.config import ModelConfig
+from captioner.generation import GenerationConfig
 from captioner.model import CaptionModel
 from captioner.tokenizer import (BOS_ID, EOS_ID, PAD_ID, SPECIALS, UNK, UNK_ID, Vocabulary, detokenize,
                                  tokenize)
@@ -53,8 +54,8 @@ def test_round_trip_is_exact(tmp_path, cell):
     for k in sd:
         assert sd2[k].dtype == sd[k].dtype and torch.equal(sd[k], sd2[k]), k
     x = images()
-    a = model.generate(images=x, beam_size=3, num_captions=2)
-    b = loaded.generate(images=x, beam_size=3, num_captions=2)
+    gen = GenerationConfig(beam_size=3, num_captions=2)
+    a, b = model.generate(images=x, generation=gen), loaded.generate(images=x, generation=gen)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.log_probs, b.log_probs)
     assert ckpt.read_metrics(path) == {"CIDEr-D": 0.5}
 

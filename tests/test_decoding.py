@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from captioner.decoding import Hypotheses, beam_search, greedy_search, sample
+from captioner.generation import GenerationConfig
 from captioner.model import CaptionModel
 from captioner.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Vocabulary
 from tests.conftest import TINY_WORDS, tiny_model_config
@@ -121,7 +122,7 @@ def test_beam_one_equals_greedy(cell, inject):
     model = make_model(cell, inject=inject)
     v = mixed_features()
     g = greedy_search(model.decoder, v, MAX_LEN)
-    b = beam_search(model.decoder, v, beam_size=1, max_length=MAX_LEN)
+    b = beam_search(model.decoder, v, GenerationConfig(beam_size=1), MAX_LEN)
     check_well_formed(g, MAX_LEN)
     check_well_formed(b, MAX_LEN)
     for i in range(v.size(0)):
@@ -147,15 +148,14 @@ def test_greedy_log_probs_match_teacher_forcing():
 def test_batched_beam_equals_per_image(cell, block_trigrams, length_penalty):
     model = make_model(cell)
     v = mixed_features(8)
-    kw = dict(beam_size=3, max_length=MAX_LEN, num_return=3, block_trigrams=block_trigrams,
-              length_penalty=length_penalty)
-    batch = beam_search(model.decoder, v, **kw)
+    gen = GenerationConfig(beam_size=3, num_captions=3, block_trigrams=block_trigrams, length_penalty=length_penalty)
+    batch = beam_search(model.decoder, v, gen, MAX_LEN)
     check_well_formed(batch, MAX_LEN)
     assert batch.tokens.shape[:2] == (8, 3)
     assert len(set(batch.lengths.flatten().tolist())) > 1  # lengths vary, so length_penalty has an effect
     shorter = 0
     for i in range(v.size(0)):
-        alone = beam_search(model.decoder, v[i:i + 1], **kw)
+        alone = beam_search(model.decoder, v[i:i + 1], gen, MAX_LEN)
         shorter += alone.tokens.size(-1) < batch.tokens.size(-1)
         # a lone image may finish sooner: compare after trimming trailing <pad>
         assert [trim(s) for s in batch.tokens[i]] == [trim(s) for s in alone.tokens[0]], i
@@ -169,7 +169,8 @@ def test_batched_beam_equals_per_image(cell, block_trigrams, length_penalty):
 def test_nbest_is_sorted_and_scores_are_right(length_penalty):
     model = make_model("lstm")
     v = mixed_features(4)
-    h = beam_search(model.decoder, v, beam_size=4, max_length=MAX_LEN, num_return=4, length_penalty=length_penalty)
+    h = beam_search(model.decoder, v, GenerationConfig(beam_size=4, num_captions=4, length_penalty=length_penalty),
+                    MAX_LEN)
     check_well_formed(h, MAX_LEN)
     assert (h.scores[:, :-1] >= h.scores[:, 1:]).all()
     expected_scores = h.log_probs / h.lengths.float() ** length_penalty
@@ -188,18 +189,13 @@ def test_beam_search_is_at_least_as_likely_as_greedy_with_wide_beam():
     model = make_model("gru", seed=3)
     v = mixed_features(6)
     g = greedy_search(model.decoder, v, MAX_LEN)
-    b = beam_search(model.decoder, v, beam_size=8, max_length=MAX_LEN)
+    b = beam_search(model.decoder, v, GenerationConfig(beam_size=8), MAX_LEN)
     assert (b.log_probs[:, 0] >= g.log_probs[:, 0] - 1e-5).all()
 
 
-def test_num_return_must_fit_beam():
-    model = make_model()
-    with pytest.raises(ValueError, match="num_return"):
-        beam_search(model.decoder, mixed_features(2), beam_size=2, num_return=3)
+def test_generate_takes_images_or_features():
     with pytest.raises(ValueError, match="exactly one"):
-        model.generate()
-    with pytest.raises(ValueError, match=">= 1"):
-        model.generate(features=mixed_features(2), beam_size=0)
+        make_model().generate()
 
 
 # ------------------------------------------------------------------------------------- trigram blocking
@@ -207,8 +203,9 @@ def test_num_return_must_fit_beam():
 def test_trigram_blocking():
     model = rig_repeater(make_model("rnn"))
     v = mixed_features(3)
-    free = beam_search(model.decoder, v, beam_size=3, max_length=MAX_LEN, num_return=3)
-    blocked = beam_search(model.decoder, v, beam_size=3, max_length=MAX_LEN, num_return=3, block_trigrams=True)
+    free = beam_search(model.decoder, v, GenerationConfig(beam_size=3, num_captions=3), MAX_LEN)
+    blocking = GenerationConfig(beam_size=3, num_captions=3, block_trigrams=True)
+    blocked = beam_search(model.decoder, v, blocking, MAX_LEN)
     check_well_formed(blocked, MAX_LEN)
     # the rigged model repeats itself when allowed to ...
     top = trim(free.tokens[0, 0])
@@ -219,7 +216,7 @@ def test_trigram_blocking():
             tri = trigrams(seq.tolist())
             assert len(set(tri)) == len(tri), seq.tolist()
     # the generate() path passes the option through
-    gen = model.generate(features=v, beam_size=3, num_captions=3, block_trigrams=True, max_length=MAX_LEN)
+    gen = model.generate(features=v, generation=blocking.replace(max_length=MAX_LEN))
     assert torch.equal(gen.tokens, blocked.tokens)
 
 
@@ -231,15 +228,16 @@ def test_max_length_is_respected(max_length):
     v = mixed_features(3)
     runs = [
         greedy_search(model.decoder, v, max_length),
-        beam_search(model.decoder, v, beam_size=3, max_length=max_length, num_return=2),
-        sample(model.decoder, v, num_samples=2, max_length=max_length, generator=torch.Generator().manual_seed(0)),
+        beam_search(model.decoder, v, GenerationConfig(beam_size=3, num_captions=2), max_length),
+        sample(model.decoder, v, GenerationConfig(sample=True, num_captions=2), max_length,
+               torch.Generator().manual_seed(0)),
     ]
     for h in runs:
         check_well_formed(h, max_length)
         # forced to stop: every caption uses its full budget of words, then <eos>
         assert (h.lengths == max_length + 1).all()
     # generate() defaults to the config's max_length
-    h = model.generate(features=v, beam_size=2)
+    h = model.generate(features=v, generation=GenerationConfig(beam_size=2))
     check_well_formed(h, model.cfg.max_length)
     assert h.tokens.size(-1) == model.cfg.max_length + 1
 
@@ -251,8 +249,8 @@ def test_sampling_top1_equals_greedy(cell):
     model = make_model(cell)
     v = mixed_features()
     g = greedy_search(model.decoder, v, MAX_LEN)
-    s = sample(model.decoder, v, num_samples=1, max_length=MAX_LEN, top_k=1, temperature=1.3,
-               generator=torch.Generator().manual_seed(0))
+    s = sample(model.decoder, v, GenerationConfig(sample=True, top_k=1, temperature=1.3), MAX_LEN,
+               torch.Generator().manual_seed(0))
     check_well_formed(s, MAX_LEN)
     for i in range(v.size(0)):
         assert trim(g.tokens[i, 0]) == trim(s.tokens[i, 0])
@@ -264,7 +262,7 @@ def test_sampling_is_reproducible_with_a_generator():
     v = mixed_features(4)
 
     def draw(seed: int) -> Hypotheses:
-        return model.generate(features=v, do_sample=True, num_captions=5, temperature=1.5,
+        return model.generate(features=v, generation=GenerationConfig(sample=True, num_captions=5, temperature=1.5),
                               generator=torch.Generator().manual_seed(seed))
 
     a, b, c = draw(7), draw(7), draw(8)
@@ -283,7 +281,8 @@ def test_sampling_is_reproducible_with_a_generator():
 def test_sampling_top_k_restricts_choices():
     model = make_model("lstm")
     v = mixed_features(2)
-    s = sample(model.decoder, v, num_samples=20, max_length=1, top_k=2, generator=torch.Generator().manual_seed(0))
+    s = sample(model.decoder, v, GenerationConfig(sample=True, num_captions=20, top_k=2), 1,
+               torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits, _ = model.decoder.step(torch.full((2,), BOS_ID), model.decoder.init_state(2),
                                        model.decoder.image_proj(v), 0)
@@ -291,15 +290,6 @@ def test_sampling_top_k_restricts_choices():
     top2 = logits.topk(2, dim=1).indices
     for i in range(2):
         assert set(s.tokens[i, :, 0].tolist()) <= set(top2[i].tolist())
-
-
-@pytest.mark.parametrize("temperature", [0.0, -1.0])
-def test_sampling_rejects_non_positive_temperature(temperature):
-    model = make_model()
-    with pytest.raises(ValueError, match="temperature"):
-        sample(model.decoder, mixed_features(2), temperature=temperature)
-    with pytest.raises(ValueError, match="temperature"):
-        model.generate(features=mixed_features(2), do_sample=True, temperature=temperature)
 
 
 # ------------------------------------------------------------------------------------- overfit 8 captions
@@ -328,7 +318,7 @@ def test_overfit_eight_captions():
         opt.step()
     elapsed = time.perf_counter() - start
     model.eval()
-    hyp = model.generate(images=images, beam_size=1)
+    hyp = model.generate(images=images, generation=GenerationConfig(beam_size=1))
     decoded = [vocab.decode(s) for s in hyp.tokens[:, 0]]
     targets = [vocab.decode(vocab.encode(c)) for c in CAPTIONS]
     exact = sum(d == t for d, t in zip(decoded, targets))
@@ -341,8 +331,10 @@ def test_overfit_eight_captions():
 def test_unk_is_never_generated_even_when_most_likely():
     model = rig_repeater(make_model(), word=UNK_ID)  # <unk> first, then two real words
     v = features(3)
-    for h in (greedy_search(model.decoder, v, MAX_LEN), beam_search(model.decoder, v, 3, MAX_LEN, num_return=3),
-              sample(model.decoder, v, 4, MAX_LEN, generator=torch.Generator().manual_seed(0))):
+    for h in (greedy_search(model.decoder, v, MAX_LEN),
+              beam_search(model.decoder, v, GenerationConfig(beam_size=3, num_captions=3), MAX_LEN),
+              sample(model.decoder, v, GenerationConfig(sample=True, num_captions=4), MAX_LEN,
+                     torch.Generator().manual_seed(0))):
         check_well_formed(h, MAX_LEN)
         assert UNK_ID not in h.tokens.unique().tolist()
     assert greedy_search(model.decoder, v, MAX_LEN).tokens[0, 0, 0] == UNK_ID + 1  # the runner-up word instead

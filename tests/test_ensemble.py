@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from captioner.checkpoint import CheckpointError, load_pretrained, save_pretrained
 from captioner.decoder import Decoder, DecoderEnsemble
+from captioner.generation import GenerationConfig
 from captioner.cli.export import add_decoders
 from captioner.cli.export import main as export_main
 from captioner.cli.parsers import export as export_parser
@@ -67,8 +68,8 @@ def test_ensemble_of_copies_searches_like_its_member(beam_size):
     single = copy.deepcopy(model)
     single.decoder = member
     v = torch.randn(6, model.cfg.encoder.feature_dim)
-    a = model.generate(features=v, beam_size=beam_size)
-    b = single.generate(features=v, beam_size=beam_size)
+    gen = GenerationConfig(beam_size=beam_size)
+    a, b = model.generate(features=v, generation=gen), single.generate(features=v, generation=gen)
     assert torch.equal(a.tokens, b.tokens)
     torch.testing.assert_close(a.log_probs, b.log_probs, atol=1e-4, rtol=1e-5)
 
@@ -77,7 +78,7 @@ def test_ensemble_beam_search_follows_the_mixture():
     """The beam's log-probability of its caption is the mixture's, and it differs from either member's search."""
     model, members = ensemble_of(11, 12)
     v = torch.randn(8, model.cfg.encoder.feature_dim)
-    hyp = model.generate(features=v, beam_size=3)
+    hyp = model.generate(features=v, generation=GenerationConfig(beam_size=3))
     seq = hyp.tokens[:, 0]
     inp = torch.cat([torch.full((8, 1), 1), seq[:, :-1]], 1)  # <bos> then the caption
     with torch.no_grad():

@@ -20,6 +20,7 @@ from PIL import Image, ImageOps  # noqa: E402
 import captioner.ray as cray  # noqa: E402
 from captioner.api import default_checkpoint  # noqa: E402
 from captioner.cli import main as cli  # noqa: E402
+from captioner.generation import GenerationConfigError  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parents[1] / "service" / "static" / "samples"
 pytestmark = pytest.mark.slow
@@ -181,14 +182,14 @@ def test_caption_dataset_reads_bytes_columns(cluster, photos, tmp_path, monkeypa
 
 def test_caption_dataset_checks_its_arguments_on_the_driver(cluster, tmp_path):
     ds = ray.data.from_items([{"path": "x.jpg"}])
-    with pytest.raises(TypeError, match="beam_width"):
+    with pytest.raises(GenerationConfigError, match="unknown generation options \\['beam_width'\\]"):
         cray.caption_dataset(ds, beam_width=3)
-    with pytest.raises(ValueError, match="num_captions"):
+    with pytest.raises(GenerationConfigError, match="num_captions"):
         cray.caption_dataset(ds, beam_size=2, num_captions=3)
     with pytest.raises(ValueError, match="'path' column"):
         cray.caption_dataset(ray.data.from_items([{"file": "x.jpg"}]))
     with pytest.raises(ValueError, match="no attention decoder"):
-        cray.caption_dataset(ds, return_attention=True)
+        cray.caption_dataset(ds, attention=True)
     with pytest.raises(ValueError, match="concurrency"):
         cray.caption_dataset(ds, concurrency=(3, 2))
     (tmp_path / "config.json").write_text("{}")

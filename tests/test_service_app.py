@@ -329,10 +329,12 @@ def test_shutdown_answers_accepted_requests_and_refuses_new_ones(tiny_checkpoint
 def test_engine_micro_batched_nhwc_encoder_matches_the_plain_path(tiny_checkpoint):
     import torch
 
-    from service.engine import CaptionJob, Engine, GenParams
+    from captioner.generation import GenerationConfig
+    from service.engine import CaptionJob, Engine
 
     size = 32
-    jobs = [CaptionJob(torch.randn(3, size, size, generator=torch.Generator().manual_seed(i)), GenParams(beam_size=2))
+    jobs = [CaptionJob(torch.randn(3, size, size, generator=torch.Generator().manual_seed(i)),
+                       GenerationConfig(beam_size=2))
             for i in range(5)]
     nchw = Captioner.from_pretrained(tiny_checkpoint, "cpu", "fp32", channels_last=False)
     assert nchw.model.encoder.features[0].weight.is_contiguous()  # --no-channels-last really is NCHW

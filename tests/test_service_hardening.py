@@ -57,10 +57,10 @@ def test_poisoned_request_fails_alone_and_its_batch_neighbours_are_answered(tiny
     cap = Captioner.from_pretrained(tiny_checkpoint, "cpu")
     real = cap.caption_batch
 
-    def poisoned(*a, top_k=0, **k):
-        if top_k == 4321:
+    def poisoned(*a, generation, **k):
+        if generation.top_k == 4321:
             raise RuntimeError("probability tensor contains either inf, nan or element < 0")
-        return real(*a, top_k=top_k, **k)
+        return real(*a, generation=generation, **k)
 
     cap.caption_batch = poisoned
     with app_client(tiny_checkpoint, cap, max_batch_size=16, max_delay_ms=300, warmup=False) as c:
@@ -88,7 +88,7 @@ def test_the_reported_poison_is_refused_up_front_and_harmless_in_the_library(tin
     cap = Captioner.from_pretrained(tiny_checkpoint, "cpu")
     greedy = cap.caption(JPG, beam_size=1)[0].text
     for t in (1e-300, 1e-45, 1e-8):  # sampling cannot overflow at any temperature > 0: it becomes greedy
-        assert cap.caption(JPG, do_sample=True, temperature=t)[0].text == greedy
+        assert cap.caption(JPG, sample=True, temperature=t)[0].text == greedy
 
 
 # ------------------------------------------------------------------ 2. thin images never reach the resize

@@ -13,7 +13,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 from _service_util import jpeg_bytes, tiny_vqa_checkpoint, wait_ready  # noqa: E402
 from captioner.api import Captioner  # noqa: E402
 from service.app import create_app  # noqa: E402
-from service.engine import CaptionJob, Engine, GenParams, VQAJob  # noqa: E402
+from captioner.generation import GenerationConfig  # noqa: E402
+from service.engine import CaptionJob, Engine, VQAJob  # noqa: E402
 from service.deps import validate_vqa  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
@@ -150,12 +151,12 @@ def test_mixed_batch_shares_one_encoder_pass(vqa_checkpoint):
     size = cap.cfg.preprocess.image_size
     px = [torch.randn(3, size, size, generator=torch.Generator().manual_seed(i)) for i in range(6)]
     jobs = [
-        CaptionJob(px[0], GenParams(beam_size=3)),
+        CaptionJob(px[0], GenerationConfig(beam_size=3)),
         VQAJob(px[1], "what is it", ["a dog", "a cat"]),
-        CaptionJob(px[2], GenParams(beam_size=2, num_captions=2)),
-        CaptionJob(px[3], GenParams(beam_size=3)),
+        CaptionJob(px[2], GenerationConfig(beam_size=2, num_captions=2)),
+        CaptionJob(px[3], GenerationConfig(beam_size=3)),
         VQAJob(px[4], "which one", ["red", "two people", "water", "grass", "a ball"]),  # mixed choice counts
-        CaptionJob(px[5], GenParams(do_sample=True, beam_size=4, temperature=0.7, num_captions=2)),
+        CaptionJob(px[5], GenerationConfig(sample=True, beam_size=4, temperature=0.7, num_captions=2)),
     ]
     out = Engine(counting)(jobs)
     assert counting.calls.count(("encode", 6)) == 1 and sum(c[0] == "encode" for c in counting.calls) == 1

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from captioner.api import Captioner
 from captioner.fileio import write_json_atomic
+from captioner.generation import GenerationConfig
 
 from .datasets import CaptionDataset, collate, read_dataset
 from .metrics import format_metrics, read_results, score_captions, write_results
@@ -22,7 +23,8 @@ log = logging.getLogger("captioner.evaluate")
 
 
 
-def caption_records(cap: Captioner, records, batch_size: int, workers: int, progress: bool = True, **gen) -> dict:
+def caption_records(cap: Captioner, records, batch_size: int, workers: int, gen: GenerationConfig,
+                    progress: bool = True) -> dict:
     """image_id -> best caption for every readable record."""
     ds = CaptionDataset(records, cap.cfg.preprocess, train=False)
     dl = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate)
@@ -31,7 +33,7 @@ def caption_records(cap: Captioner, records, batch_size: int, workers: int, prog
         for i, msg in b["errors"]:
             log.warning("skipped %s", msg)
         if b["images"].size(0):
-            for i, caps in zip(b["indices"].tolist(), cap.caption_batch(b["images"], **gen)):
+            for i, caps in zip(b["indices"].tolist(), cap.caption_batch(b["images"], generation=gen)):
                 preds[records[i].image_id] = caps[0].text
     return preds
 
@@ -45,6 +47,7 @@ def variety(preds: dict) -> dict:
 
 def main(args: argparse.Namespace) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    gen = GenerationConfig.from_args(args)  # a bad option fails before the dataset is read
     records = read_dataset(args.dataset, args.annotations, args.images, args.split)
     records = [r for r in records if r.captions][: args.max_images or None]
     t0 = time.perf_counter()
@@ -55,10 +58,7 @@ def main(args: argparse.Namespace) -> dict:
     else:
         cap = Captioner.from_pretrained(args.checkpoint, device=args.device, precision=args.precision)
         with torch.inference_mode():
-            preds = caption_records(cap, records, args.batch_size, args.workers, progress=not args.no_progress,
-                                    beam_size=args.beam_size,
-                                    max_length=args.max_length, length_penalty=args.length_penalty,
-                                    block_trigrams=args.block_trigrams)
+            preds = caption_records(cap, records, args.batch_size, args.workers, gen, progress=not args.no_progress)
         write_results(args.out, preds)
     refs = {r.image_id: r.captions for r in records if r.image_id in preds}
     if not preds:

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from captioner.generation import GenerationConfig
 from captioner.model import CaptionModel
 from captioner.tokenizer import EOS_ID, PAD_ID
 
@@ -85,10 +86,12 @@ def scst_step(step_fn, model: CaptionModel, batch: dict, cider: CiderD, refs, ar
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         v = (x if is_feat else model.encode(x)).float()
-        sampled = words(model.generate(features=v, do_sample=True, num_captions=k, max_length=args.max_length,
-                                       generator=g).tokens.flatten(0, 1))  # B*k, image-major
+        samples = GenerationConfig(sample=True, num_captions=k, max_length=args.max_length)
+        sampled = words(model.generate(features=v, generation=samples, generator=g)
+                        .tokens.flatten(0, 1))  # B*k, image-major
         if args.scst_baseline == "greedy":
-            greedy = words(model.generate(features=v, beam_size=1, max_length=args.max_length).tokens[:, 0])
+            greedy_gen = GenerationConfig(beam_size=1, max_length=args.max_length)
+            greedy = words(model.generate(features=v, generation=greedy_gen).tokens[:, 0])
     r = rewards(cider, refs, idx, sampled, k, args.scst_bleu_weight).view(-1, k)  # (B, k)
     if args.scst_baseline == "greedy":
         base = rewards(cider, refs, idx, greedy, 1, args.scst_bleu_weight)[:, None]  # (B, 1)

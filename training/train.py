@@ -23,6 +23,7 @@ from tqdm import tqdm
 from captioner.checkpoint import VQA_METRICS, load_pretrained, load_training_state, read_metrics
 from captioner.config import override_encoder, preset
 from captioner.decoder import Decoder
+from captioner.generation import GenerationConfig
 from captioner.model import CaptionModel
 from captioner.tokenizer import PAD_ID, Vocabulary
 
@@ -118,7 +119,8 @@ def evaluate(model: CaptionModel, loader, records, caps, vocab: Vocabulary, args
             total += F.cross_entropy(logits.flatten(0, 1).float(), tgt.to(device).flatten(), ignore_index=PAD_ID,
                                      reduction="sum").item()
             ntok += int((tgt != PAD_ID).sum())
-            hyp = model.generate(features=v, beam_size=args.eval_beam, max_length=args.max_length)
+            hyp = model.generate(features=v, generation=GenerationConfig(beam_size=args.eval_beam,
+                                                                         max_length=args.max_length))
         for i, t in zip(idx, hyp.tokens[:, 0].tolist()):
             preds[records[i].image_id] = vocab.decode(t)
     refs = {r.image_id: r.captions for r in records if r.image_id in preds}

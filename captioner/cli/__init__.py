@@ -103,6 +103,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     """Errors about the user's input, as opposed to bugs: these print one line, others a traceback."""
     errors: list[type[BaseException]] = [FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError]
     for module, name in (("captioner.checkpoint", "CheckpointError"), ("captioner.preprocess", "ImageError"),
+                         ("captioner.generation", "GenerationConfigError"),
                          ("training.datasets", "DatasetError"), ("captioner.vqa", "VQAInputError"),
                          ("captioner.vqa", "VQAUnavailableError")):
         cls = getattr(sys.modules.get(module), name, None)  # only modules the command loaded can raise them

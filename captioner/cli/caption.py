@@ -30,6 +30,7 @@ from ..inputs import (InputError, Item, assign_image_ids, dedupe, expand_inputs,
                       shard)
 from ..fileio import write_json_atomic
 from ..data import ImageDataset, collate
+from ..generation import GenerationConfig, GenerationConfigError
 from ..preprocess import eval_transform
 from ..runtime import resolve_device
 from .writers import STDOUT, RecordWriter, drop_errors, format_for, in_input_order, read_records, records_path, write_output
@@ -131,6 +132,8 @@ def check_options(rpath: str, options: dict, anyway: bool) -> str | None:
             before = json.loads(side.read_text())
         except (OSError, ValueError):
             before = {}
+        # a generation option that did not exist when those records were made had its default then
+        before = {**GenerationConfig().to_dict(), **before}
         changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in options.items() if before.get(k) != v]
         if changed and not anyway:
             return (f"{rpath} holds captions made with other options ({'; '.join(changed)}); pass --restart to "
@@ -215,7 +218,7 @@ def _record(pos: int, item: Item, captions: list[dict] | None = None, error: str
     return r
 
 
-def caption_items(cap, todo: Sequence[tuple[int, Item]], out_path: str, gen: dict[str, Any], batch_size: int,
+def caption_items(cap, todo: Sequence[tuple[int, Item]], out_path: str, gen: GenerationConfig, batch_size: int,
                   workers: int, progress: bool = True, desc: str = "captioning", position: int = 0,
                   stop: StopFlag | None = None) -> Summary:
     """Caption ``todo`` ((input position, item) pairs) and append a record per image to ``out_path``.
@@ -246,9 +249,9 @@ def caption_items(cap, todo: Sequence[tuple[int, Item]], out_path: str, gen: dic
                 if b is None:
                     break
                 pos = b["indices"].tolist()
-                caps = cap.caption_batch(b["images"], **gen) if pos else []
+                caps = cap.caption_batch(b["images"], generation=gen) if pos else []
                 recs = {j: _record(*todo[j], captions=[x.to_dict(rounded=True) for x in c]) for j, c in zip(pos, caps)}
-                if gen.get("return_attention"):  # the maps cover the centre crop: this fraction of the shorter side
+                if gen.attention:  # the maps cover the centre crop: this fraction of the shorter side
                     for r in recs.values():
                         r["attention_crop"] = round(cap.cfg.preprocess.image_size / cap.cfg.preprocess.resize, 6)
                 recs.update({j: _record(*todo[j], error=e) for j, e in b["errors"]})
@@ -287,16 +290,6 @@ def _validate(args) -> str | None:
         return "--batch-size must be >= 1"
     if args.workers is not None and args.workers < 0:
         return "--workers must be >= 0"
-    if args.beam_size < 1 or args.num_captions < 1:
-        return "--beam-size and --num-captions must be >= 1"
-    if not args.sample and args.num_captions > args.beam_size:
-        return f"--num-captions {args.num_captions} needs --beam-size >= {args.num_captions} (or --sample)"
-    if args.sample and args.temperature <= 0:
-        return "--temperature must be > 0"
-    if args.top_k < 0:
-        return "--top-k must be >= 0"
-    if args.max_length is not None and args.max_length < 1:
-        return "--max-length must be >= 1"
     nice = os.environ.get("CAPTIONER_LOADER_NICE")
     if nice is not None and not (nice.strip().isdigit() and int(nice) <= 19):
         return f"CAPTIONER_LOADER_NICE must be 0..19 (how far loader workers lower their priority), got {nice!r}"
@@ -321,7 +314,7 @@ def run(args: argparse.Namespace) -> RunResult:
     plan = _plan(args)
     if isinstance(plan, str):
         return usage(plan)
-    fmt, my_shard, world, rank, device = plan
+    fmt, my_shard, world, rank, device, gen = plan
 
     # the model
     ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
@@ -345,18 +338,18 @@ def run(args: argparse.Namespace) -> RunResult:
         _err(f"captioner caption: error: cannot load the model from {ckpt}: {e}")
         return RunResult(EXIT_NO_MODEL)
     try:
-        return _run(args, fmt, my_shard, world, rank, ckpt, cfg, precision, cap, engine)
+        return _run(args, fmt, my_shard, world, rank, gen, ckpt, cfg, precision, cap, engine)
     finally:
         if engine is not None:
             engine.close()
 
 
-def _run(args, fmt, my_shard, world, rank, ckpt, cfg, precision, cap, engine) -> RunResult:
+def _run(args, fmt, my_shard, world, rank, gen, ckpt, cfg, precision, cap, engine) -> RunResult:
     def usage(msg: str) -> RunResult:
         _err(f"captioner caption: error: {msg}")
         return RunResult(EXIT_USAGE)
 
-    if args.attention and not cfg.attention:
+    if gen.attention and not cfg.attention:
         return usage(f"--attention: the model {cfg.name!r} ({ckpt}) has no attention decoder, so it has no "
                      "attention maps; use a model trained with `captioner train --inject attention`")
 
@@ -383,13 +376,8 @@ def _run(args, fmt, my_shard, world, rank, ckpt, cfg, precision, cap, engine) ->
             open(rpath, "ab").close()
     except OSError as e:
         return usage(f"cannot write {rpath}: {e}")
-    gen = dict(beam_size=args.beam_size, num_captions=args.num_captions, max_length=args.max_length,
-               length_penalty=args.length_penalty, block_trigrams=args.block_trigrams, do_sample=args.sample,
-               temperature=args.temperature, top_k=args.top_k)
-    if args.attention:
-        gen["return_attention"] = True
     options = {"model": f"{cfg.name} v{cfg.version}", "checkpoint": str(ckpt.resolve()),
-               "precision": precision, "seed": args.seed, **gen}  # what ran ('auto' resolved)
+               "precision": precision, "seed": args.seed, **gen.to_dict()}  # what ran ('auto' resolved)
     pending = _pending(rpath, mine, options, args) if rpath != STDOUT else (mine, 0)  # stdout: nothing to resume
     if isinstance(pending, str):
         return usage(pending)
@@ -443,8 +431,9 @@ def _run(args, fmt, my_shard, world, rank, ckpt, cfg, precision, cap, engine) ->
 
 
 def _plan(args) -> tuple | str:
-    """(output format, this process's shard or None, world size, rank, device), or what is wrong with the options.
-    Under torchrun every rank takes its own shard and its own GPU; loader workers share the machine's cores."""
+    """(output format, this process's shard or None, world size, rank, device, GenerationConfig), or what is wrong
+    with the options. Under torchrun every rank takes its own shard and its own GPU; loader workers share the
+    machine's cores."""
     if args.out == STDOUT and (args.shard or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         return "--out - (standard output) cannot be sharded: give each shard a file"
     if os.path.isdir(args.out):
@@ -456,11 +445,15 @@ def _plan(args) -> tuple | str:
         return str(e)
     if (msg := _validate(args)) is not None:
         return msg
+    try:
+        gen = GenerationConfig.from_args(args)
+    except GenerationConfigError as e:
+        return str(e)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if args.engine == "ray":  # Ray places the work (and the devices) itself
         if my_shard is not None or world > 1:
             return "--engine ray spreads the work over the Ray cluster itself: no --shard, no torchrun"
-        return fmt, None, 1, 0, None
+        return fmt, None, 1, 0, None, gen
     if args.address or args.concurrency or args.num_gpus is not None:
         return "--address, --concurrency and --num-gpus are options of --engine ray"
     if args.workers is None:  # share the cores among the processes torchrun put on this machine
@@ -474,7 +467,7 @@ def _plan(args) -> tuple | str:
         device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else None)
     except (ValueError, RuntimeError) as e:
         return str(e)
-    return fmt, my_shard, world, rank, device
+    return fmt, my_shard, world, rank, device, gen
 
 
 def _pending(rpath: str, mine: list, options: dict, args) -> tuple[list, int] | str:

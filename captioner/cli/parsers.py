@@ -9,10 +9,13 @@ import argparse
 import ast
 import difflib
 import importlib.util
+from dataclasses import fields
 from pathlib import Path
 from typing import NoReturn
 
-from .writers import FORMATS  # light: no torch
+# light: no torch
+from ..generation import OPTIONS, GenerationConfig
+from .writers import FORMATS
 
 
 def _doc(module: str) -> str:
@@ -54,6 +57,20 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, False) or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+def add_generation_options(group, only: tuple[str, ...] = OPTIONS, help: dict[str, str] | None = None) -> None:
+    """A --flag for each GenerationConfig field in ``only``, with the field's default, type and help (or ``help``'s):
+    a field added there is an option here too. GenerationConfig.from_args() reads them back."""
+    for f in fields(GenerationConfig):
+        if f.name not in only:
+            continue
+        flag, text = "--" + f.name.replace("_", "-"), (help or {}).get(f.name, f.metadata["help"])
+        if f.type == "bool":
+            group.add_argument(flag, action="store_true", help=text)
+        else:
+            kind = {"int": int, "float": float}[f.type.partition(" | ")[0]]
+            group.add_argument(flag, type=kind, default=f.default, help=text)
 
 
 def train(add_help: bool = True) -> argparse.ArgumentParser:
@@ -355,10 +372,7 @@ def evaluate(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--images", required=True)
     p.add_argument("--split", default="test")
     p.add_argument("--max-images", type=int, default=0)
-    p.add_argument("--beam-size", type=int, default=3)
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--length-penalty", type=float, default=0.0)
-    p.add_argument("--block-trigrams", action="store_true")
+    add_generation_options(p, only=("beam_size", "max_length", "length_penalty", "block_trigrams"))
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device")
@@ -442,18 +456,10 @@ def caption(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--images", help="image folder of the dataset")
     g.add_argument("--split", default="test", help="Karpathy split (for coco, just a label)")
     g = p.add_argument_group("decoding")
-    g.add_argument("--beam-size", type=int, default=3)
-    g.add_argument("--num-captions", type=int, default=1, help="captions per image (<= beam size, or samples)")
-    g.add_argument("--max-length", type=int, help="longest caption in words (default: the model's)")
-    g.add_argument("--length-penalty", type=float, default=0.0)
-    g.add_argument("--block-trigrams", action="store_true")
-    g.add_argument("--sample", action="store_true", help="sample instead of beam search")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely words (0 = all)")
+    add_generation_options(g, help={
+        "attention": "attention models: store each caption's words and per-word attention maps in the records; the "
+                     ".html gallery shows the best caption's words as a strip of heatmap overlays"})
     g.add_argument("--seed", type=int, help="random seed for --sample")
-    g.add_argument("--attention", action="store_true",
-                   help="attention models: store each caption's words and per-word attention maps in the records; "
-                        "the .html gallery shows the best caption's words as a strip of heatmap overlays")
     g = p.add_argument_group("execution")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--workers", type=int, default=None,

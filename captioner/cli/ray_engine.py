@@ -16,8 +16,8 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+from ..generation import GenerationConfig
 from ..inputs import Item
 from .caption import StopFlag, Summary, _record
 from .writers import RecordWriter
@@ -100,7 +100,7 @@ class RayEngine:
             return resolve_precision(self.args.precision, "cuda")
         return self.args.precision
 
-    def caption(self, todo: Sequence[tuple[int, Item]], out_path: str, gen: dict[str, Any], progress: bool = True,
+    def caption(self, todo: Sequence[tuple[int, Item]], out_path: str, gen: GenerationConfig, progress: bool = True,
                 desc: str = "captioning", stop: StopFlag | None = None) -> Summary:
         import pyarrow as pa
         from tqdm import tqdm
@@ -117,9 +117,9 @@ class RayEngine:
         ds = self.ray.data.from_arrow([table.slice(i, bs) for i in range(0, len(todo), bs)])
         out = self.cray.caption_dataset(ds, self.ckpt, batch_size=bs, concurrency=self.concurrency,
                                         num_gpus=self.num_gpus, workers=args.workers, precision=self.precision,
-                                        seed=args.seed, **gen)
+                                        seed=args.seed, generation=gen)
         crop = round(self.cfg.preprocess.image_size / self.cfg.preprocess.resize, 6) \
-            if gen.get("return_attention") else None
+            if gen.attention else None
         t0 = time.perf_counter()
         bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, file=sys.stderr,
                    dynamic_ncols=True, smoothing=0.1)

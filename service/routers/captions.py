@@ -6,7 +6,7 @@ import time
 from fastapi import APIRouter, Request
 
 from ..deps import Arrival, CaptionInput, CaptionService
-from ..engine import CaptionJob, GenParams
+from ..engine import CaptionJob
 from ..errors import InputError
 from ..schemas import CaptionOut, CaptionParams, CaptionResponse, error_responses, finite
 from .common import decode, model_ref, run, timings
@@ -52,18 +52,17 @@ async def create_captions(request: Request, svc: CaptionService, arrival: Arriva
     """Send the image as a multipart ``image`` file with optional form fields, or as JSON ``{"image": base64}``
     with the same optional keys. Beam search by default; ``sample=true`` draws ``num_captions`` samples;
     ``attention=true`` (attention models) adds each caption's words and per-word attention maps."""
-    p = inp.params
-    if p.attention and not getattr(svc.captioner, "has_attention", False):
+    gen = inp.generation
+    if gen.attention and not getattr(svc.captioner, "has_attention", False):
         raise InputError(422, ("body", "attention"),
                          f"model {svc.captioner.cfg.name!r} has no attention decoder, so it has no attention maps; "
                          "serve a model trained with `captioner train --inject attention`, or leave attention out")
     pixels = await decode(svc, inp.raw.image, inp.raw.received)
     decoded = time.perf_counter()
-    params = GenParams(p.beam_size, p.num_captions, p.max_length, p.sample, p.temperature, p.top_k, p.attention)
-    res = await run(svc, CaptionJob(pixels, params), request, inp.raw.received, arrival)
+    res = await run(svc, CaptionJob(pixels, gen), request, inp.raw.received, arrival)
     request.state.batch_size = res.batch_size  # for the access log
     caps = [CaptionOut(caption=c.text, log_prob=finite(c.log_prob), score=finite(c.score),
-                       words=c.words if p.attention else None, attention=c.attention if p.attention else None)
+                       words=c.words if gen.attention else None, attention=c.attention if gen.attention else None)
             for c in res.value]
     return CaptionResponse(captions=caps, model=model_ref(svc), timings=timings(inp.raw.received, decoded, res),
                            batch_size=res.batch_size)
