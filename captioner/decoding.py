@@ -1,6 +1,6 @@
 """Batched caption search: every image and every beam advance together in one tensor program.
 
-All functions take the decoder and image features v (B, D) and return a ``Hypotheses`` holding
+All functions take the decoder and the ImageFeatures of B images and return a ``Hypotheses`` holding
 n candidates per image. Sequences are word ids followed by <eos> and then <pad>. ``decode`` picks the search a
 GenerationConfig asks for; ``max_length`` is always given resolved (CaptionModel.generate fills in the model's).
 """
@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from .decoder import Decoder
+from .features import ImageFeatures
 from .generation import GenerationConfig
+from .inject import Precomputed
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 NEG_INF = float("-inf")
@@ -40,6 +42,8 @@ def _mask_specials(logp: torch.Tensor, t: int, max_length: int) -> torch.Tensor:
     logp[:, PAD_ID] = NEG_INF
     logp[:, BOS_ID] = NEG_INF
     logp[:, UNK_ID] = NEG_INF
+    if t == 0 and max_length > 0:  # an empty caption says nothing: an undertrained model may rank <eos> first
+        logp[:, EOS_ID] = NEG_INF
     if t == max_length:  # out of room: the only move left is <eos>
         eos = logp[:, EOS_ID].clone()
         logp.fill_(NEG_INF)
@@ -61,11 +65,9 @@ class AttentionUnavailableError(ValueError):
     """Attention maps were asked of a model without an attention decoder."""
 
 
-def _step(decoder: Decoder, tok, state, iv, t: int, attention: bool):
-    """decoder.step, with the step's attention (N, P) or None."""
-    if attention:
-        return decoder.step(tok, state, iv, t, return_attention=True)
-    return (*decoder.step(tok, state, iv, t), None)
+def _repeat(pre: Precomputed, k: int) -> Precomputed:
+    """decoder.precompute()'s tensors for k rows (beams or samples) per image, an image's rows together."""
+    return tuple(p.repeat_interleave(k, 0) for p in pre)
 
 
 def _check_attention(decoder: Decoder, attention: bool) -> None:
@@ -76,23 +78,23 @@ def _check_attention(decoder: Decoder, attention: bool) -> None:
 
 
 @torch.no_grad()
-def greedy_search(decoder: Decoder, v: torch.Tensor, max_length: int, attention: bool = False) -> Hypotheses:
+def greedy_search(decoder: Decoder, features: ImageFeatures, max_length: int, attention: bool = False) -> Hypotheses:
     _check_attention(decoder, attention)
-    B = v.size(0)
-    iv = decoder.image_proj(v)
+    B, dev = len(features), features.device
+    pre = decoder.precompute(features)
     state = decoder.init_state(B)
-    tok = torch.full((B,), BOS_ID, dtype=torch.long, device=v.device)
-    done = torch.zeros(B, dtype=torch.bool, device=v.device)
-    total = torch.zeros(B, device=v.device)
+    tok = torch.full((B,), BOS_ID, dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    total = torch.zeros(B, device=dev)
     out, att = [], []
     for t in range(max_length + 1):
-        logits, state, alpha = _step(decoder, tok, state, iv, t, attention)
+        logits, state, alpha = decoder.step(tok, state, pre, t)
         logp = _mask_specials(F.log_softmax(logits.float(), -1), t, max_length)
         lp, tok = logp.max(-1)
         tok = tok.masked_fill(done, PAD_ID)
         total += lp.masked_fill(done, 0.0)
         out.append(tok)
-        if alpha is not None:
+        if attention:
             att.append(alpha.masked_fill(done[:, None], 0.0))
         done |= tok == EOS_ID
         if done.all():
@@ -104,7 +106,7 @@ def greedy_search(decoder: Decoder, v: torch.Tensor, max_length: int, attention:
 
 
 @torch.no_grad()
-def beam_search(decoder: Decoder, v: torch.Tensor, gen: GenerationConfig, max_length: int) -> Hypotheses:
+def beam_search(decoder: Decoder, features: ImageFeatures, gen: GenerationConfig, max_length: int) -> Hypotheses:
     """Beam search over all B images at once (B*K rows, K = gen.beam_size), for gen.num_captions captions each.
 
     A beam that emits <eos> stays in its slot with a frozen score (it may only extend with <pad> at
@@ -112,8 +114,8 @@ def beam_search(decoder: Decoder, v: torch.Tensor, gen: GenerationConfig, max_le
     The final n-best list is ranked by log_prob / length ** length_penalty.
     """
     _check_attention(decoder, gen.attention)
-    B, K, dev = v.size(0), gen.beam_size, v.device
-    iv = decoder.image_proj(v).repeat_interleave(K, 0)  # (B*K, G*H), or (B*K, P, C+A) for attention
+    B, K, dev = len(features), gen.beam_size, features.device
+    pre = _repeat(decoder.precompute(features), K)  # each (B*K, ...): the beams of an image share its rows
     state = decoder.init_state(B * K)
     tok = torch.full((B * K,), BOS_ID, dtype=torch.long, device=dev)
     seqs = torch.zeros(B * K, 0, dtype=torch.long, device=dev)
@@ -123,8 +125,8 @@ def beam_search(decoder: Decoder, v: torch.Tensor, gen: GenerationConfig, max_le
     row0 = torch.arange(B, device=dev)[:, None] * K  # (B, 1)
     att = None  # (B*K, t, P): each beam's attention history, reordered with it
     for t in range(max_length + 1):
-        logits, state, alpha = _step(decoder, tok, state, iv, t, gen.attention)
-        if alpha is not None:
+        logits, state, alpha = decoder.step(tok, state, pre, t)
+        if gen.attention:
             step_att = alpha.masked_fill(done[:, None], 0.0)[:, None]
             att = step_att if att is None else torch.cat([att, step_att], 1)
         logp = _mask_specials(F.log_softmax(logits.float(), -1), t, max_length)  # (B*K, V)
@@ -158,7 +160,7 @@ def beam_search(decoder: Decoder, v: torch.Tensor, gen: GenerationConfig, max_le
 
 
 @torch.no_grad()
-def sample(decoder: Decoder, v: torch.Tensor, gen: GenerationConfig, max_length: int,
+def sample(decoder: Decoder, features: ImageFeatures, gen: GenerationConfig, max_length: int,
            generator: torch.Generator | None = None) -> Hypotheses:
     """gen.num_captions ancestral samples per image at gen.temperature from the gen.top_k most likely words
     (0 = all).
@@ -167,16 +169,16 @@ def sample(decoder: Decoder, v: torch.Tensor, gen: GenerationConfig, max_length:
     samples come back most likely first.
     """
     _check_attention(decoder, gen.attention)
-    B, n, dev = v.size(0), gen.num_captions, v.device
-    iv = decoder.image_proj(v).repeat_interleave(n, 0)
+    B, n, dev = len(features), gen.num_captions, features.device
+    pre = _repeat(decoder.precompute(features), n)
     state = decoder.init_state(B * n)
     tok = torch.full((B * n,), BOS_ID, dtype=torch.long, device=dev)
     done = torch.zeros(B * n, dtype=torch.bool, device=dev)
     total = torch.zeros(B * n, device=dev)
     out, att = [], []
     for t in range(max_length + 1):
-        logits, state, alpha = _step(decoder, tok, state, iv, t, gen.attention)
-        if alpha is not None:
+        logits, state, alpha = decoder.step(tok, state, pre, t)
+        if gen.attention:
             att.append(alpha.masked_fill(done[:, None], 0.0))
         logp = _mask_specials(F.log_softmax(logits.float(), -1), t, max_length)
         # shift the best word to 0 before dividing: the quotient is then <= 0, the best word's exactly 0, and
@@ -205,11 +207,11 @@ def sample(decoder: Decoder, v: torch.Tensor, gen: GenerationConfig, max_length:
     return Hypotheses(seqs, total, total.clone(), _lengths(seqs), maps)
 
 
-def decode(decoder: Decoder, v: torch.Tensor, gen: GenerationConfig, max_length: int,
+def decode(decoder: Decoder, features: ImageFeatures, gen: GenerationConfig, max_length: int,
            generator: torch.Generator | None = None) -> Hypotheses:
     """The search ``gen`` asks for: sampling, greedy (one beam, one caption), or beam search."""
     if gen.sample:
-        return sample(decoder, v, gen, max_length, generator)
+        return sample(decoder, features, gen, max_length, generator)
     if gen.beam_size == 1:
-        return greedy_search(decoder, v, max_length, gen.attention)
-    return beam_search(decoder, v, gen, max_length)
+        return greedy_search(decoder, features, max_length, gen.attention)
+    return beam_search(decoder, features, gen, max_length)

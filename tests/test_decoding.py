@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from captioner.decoding import Hypotheses, beam_search, greedy_search, sample
+from captioner.features import ImageFeatures
 from captioner.generation import GenerationConfig
 from captioner.model import CaptionModel
 from captioner.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Vocabulary
@@ -55,14 +56,14 @@ def caption_batch(vocab: Vocabulary, captions: list[str]) -> tuple[torch.Tensor,
     return inp, tgt
 
 
-def features(n: int = 6, seed: int = 1) -> torch.Tensor:
+def features(n: int = 6, seed: int = 1) -> ImageFeatures:
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 32, generator=g)  # non-negative like the encoder's ReLU output
+    return ImageFeatures(torch.rand(n, 32, generator=g))  # v non-negative like the encoder's ReLU output
 
 
-def mixed_features(n: int = 6) -> torch.Tensor:
+def mixed_features(n: int = 6) -> ImageFeatures:
     """Half the training features (fluent captions) and half fresh ones (less certain captions)."""
-    return torch.cat([features(8, seed=123)[: n // 2], features(n - n // 2)])
+    return ImageFeatures.cat([features(8, seed=123)[: n // 2], features(n - n // 2)])
 
 
 def trim(seq: torch.Tensor) -> list[int]:
@@ -90,11 +91,11 @@ def check_well_formed(h: Hypotheses, max_length: int) -> None:
             assert all(i == PAD_ID for i in seq[e + 1:]), seq
 
 
-def teacher_forced_log_prob(decoder, v: torch.Tensor, seq: list[int]) -> float:
-    """Sum of log p(w_t | w_<t, v) of a sequence ending in <eos>, from the decoder's forward()."""
+def teacher_forced_log_prob(decoder, one: ImageFeatures, seq: list[int]) -> float:
+    """Sum of log p(w_t | w_<t, v) of a sequence ending in <eos> given one image's features, from forward()."""
     inp = torch.tensor([[BOS_ID] + seq[:-1]])
     with torch.no_grad():
-        logp = F.log_softmax(decoder(v[None], inp).float(), -1)[0]  # (T, V)
+        logp = F.log_softmax(decoder(one, inp).float(), -1)[0]  # (T, V)
     return logp.gather(1, torch.tensor(seq)[:, None]).sum().item()
 
 
@@ -125,7 +126,7 @@ def test_beam_one_equals_greedy(cell, inject):
     b = beam_search(model.decoder, v, GenerationConfig(beam_size=1), MAX_LEN)
     check_well_formed(g, MAX_LEN)
     check_well_formed(b, MAX_LEN)
-    for i in range(v.size(0)):
+    for i in range(len(v)):
         assert trim(g.tokens[i, 0]) == trim(b.tokens[i, 0])
     torch.testing.assert_close(g.log_probs, b.log_probs, atol=1e-5, rtol=0)
     # captions differ between images (otherwise per-image checks below would prove little)
@@ -136,9 +137,10 @@ def test_greedy_log_probs_match_teacher_forcing():
     model = make_model("gru")
     v = mixed_features()
     g = greedy_search(model.decoder, v, MAX_LEN)
-    for i in range(v.size(0)):
+    for i in range(len(v)):
         seq = trim(g.tokens[i, 0])
-        assert g.log_probs[i, 0].item() == pytest.approx(teacher_forced_log_prob(model.decoder, v[i], seq), abs=1e-4)
+        want = teacher_forced_log_prob(model.decoder, v[i:i + 1], seq)
+        assert g.log_probs[i, 0].item() == pytest.approx(want, abs=1e-4)
 
 
 # -------------------------------------------------------------------------- batched == per-image beam
@@ -154,7 +156,7 @@ def test_batched_beam_equals_per_image(cell, block_trigrams, length_penalty):
     assert batch.tokens.shape[:2] == (8, 3)
     assert len(set(batch.lengths.flatten().tolist())) > 1  # lengths vary, so length_penalty has an effect
     shorter = 0
-    for i in range(v.size(0)):
+    for i in range(len(v)):
         alone = beam_search(model.decoder, v[i:i + 1], gen, MAX_LEN)
         shorter += alone.tokens.size(-1) < batch.tokens.size(-1)
         # a lone image may finish sooner: compare after trimming trailing <pad>
@@ -175,11 +177,11 @@ def test_nbest_is_sorted_and_scores_are_right(length_penalty):
     assert (h.scores[:, :-1] >= h.scores[:, 1:]).all()
     expected_scores = h.log_probs / h.lengths.float() ** length_penalty
     torch.testing.assert_close(h.scores, expected_scores)
-    for i in range(v.size(0)):
+    for i in range(len(v)):
         seqs = [trim(s) for s in h.tokens[i]]
         assert len(set(map(tuple, seqs))) == len(seqs)  # n distinct hypotheses
         for k, seq in enumerate(seqs):
-            want = teacher_forced_log_prob(model.decoder, v[i], seq)
+            want = teacher_forced_log_prob(model.decoder, v[i:i + 1], seq)
             assert h.log_probs[i, k].item() == pytest.approx(want, abs=1e-4)
 
 
@@ -220,6 +222,25 @@ def test_trigram_blocking():
     assert torch.equal(gen.tokens, blocked.tokens)
 
 
+# ------------------------------------------------------------------------------------------ never empty
+
+def test_no_search_returns_an_empty_caption():
+    model = make_model("lstm")
+    with torch.no_grad():  # an undertrained model that ranks <eos> first at every step
+        model.decoder.W_hy.bias[EOS_ID] = 50.0
+    v = mixed_features(3)
+    runs = [
+        greedy_search(model.decoder, v, MAX_LEN),
+        beam_search(model.decoder, v, GenerationConfig(beam_size=3, num_captions=3), MAX_LEN),
+        sample(model.decoder, v, GenerationConfig(sample=True, num_captions=2), MAX_LEN,
+               torch.Generator().manual_seed(0)),
+    ]
+    for h in runs:
+        check_well_formed(h, MAX_LEN)
+        # one word, then the <eos> the model wanted from the start
+        assert (h.lengths == 2).all() and (h.tokens[..., 0] != EOS_ID).all()
+
+
 # ------------------------------------------------------------------------------------------ max_length
 
 @pytest.mark.parametrize("max_length", [1, 3, 5])
@@ -252,7 +273,7 @@ def test_sampling_top1_equals_greedy(cell):
     s = sample(model.decoder, v, GenerationConfig(sample=True, top_k=1, temperature=1.3), MAX_LEN,
                torch.Generator().manual_seed(0))
     check_well_formed(s, MAX_LEN)
-    for i in range(v.size(0)):
+    for i in range(len(v)):
         assert trim(g.tokens[i, 0]) == trim(s.tokens[i, 0])
     torch.testing.assert_close(g.log_probs, s.log_probs, atol=1e-5, rtol=0)
 
@@ -271,10 +292,10 @@ def test_sampling_is_reproducible_with_a_generator():
     check_well_formed(a, model.cfg.max_length)
     assert (a.log_probs[:, :-1] >= a.log_probs[:, 1:]).all()  # most likely sample first
     # log_probs are under the model (temperature 1), whatever temperature drew them
-    for i in range(v.size(0)):
+    for i in range(len(v)):
         for k in range(5):
             seq = trim(a.tokens[i, k])
-            want = teacher_forced_log_prob(model.decoder, v[i], seq)
+            want = teacher_forced_log_prob(model.decoder, v[i:i + 1], seq)
             assert a.log_probs[i, k].item() == pytest.approx(want, abs=1e-4)
 
 
@@ -284,8 +305,8 @@ def test_sampling_top_k_restricts_choices():
     s = sample(model.decoder, v, GenerationConfig(sample=True, num_captions=20, top_k=2), 1,
                torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits, _ = model.decoder.step(torch.full((2,), BOS_ID), model.decoder.init_state(2),
-                                       model.decoder.image_proj(v), 0)
+        logits, _, _ = model.decoder.step(torch.full((2,), BOS_ID), model.decoder.init_state(2),
+                                          model.decoder.precompute(v), 0)
     logits[:, [PAD_ID, BOS_ID]] = float("-inf")
     top2 = logits.topk(2, dim=1).indices
     for i in range(2):
