@@ -1,6 +1,6 @@
 """Batched beam search vs a per-image beam loop on the same decoder and the same image features.
 
-Both paths call captioner.decoding.beam_search on precomputed features v (B, D), so only decoding is
+Both paths call captioner.decoding.beam_search on precomputed ImageFeatures (v (B, D)), so only decoding is
 timed: the batched path makes one call with all images (B*K rows per step), the per-image path makes
 one call per image (K rows per step), which is what neuraltalk2 / im2txt / the PyTorch tutorial do.
 
@@ -12,8 +12,9 @@ ensemble checkpoint (config.json decoder.members > 1) it also times its first me
 rounds: the price of the ensemble.
 
 --attention [DIR] also times an attention decoder (decoder.inject = attention; DIR, or a random one of the same
-shape on the same encoder) in the same rounds, batched beam on its conv grids, and prints its speed as a ratio of
-the FC decoder's, with the size of the per-image tensors it carries for a batch of 32 x the beam:
+shape on the same encoder) in the same rounds, batched beam on its features (with att, the conv grid), and prints
+its speed as a ratio of the FC decoder's, with the size of the per-image tensors it carries for a batch of 32 x the
+beam:
 
     python bench/decode.py --checkpoint captioner/models/default --attention models/attention \
         --image-dir ../shared/data/flickr8k/images
@@ -32,6 +33,7 @@ from captioner.runtime import autocast
 from captioner.config import ModelConfig, preset
 from captioner.decoder import Decoder
 from captioner.decoding import Hypotheses, beam_search, greedy_search
+from captioner.features import ImageFeatures
 from captioner.generation import GenerationConfig
 from captioner.model import CaptionModel
 from captioner.tokenizer import BOS_ID, EOS_ID, Vocabulary
@@ -83,8 +85,8 @@ def attention_twin(model: CaptionModel, path: str, n: int, image_dir: str | None
         from captioner.checkpoint import load_pretrained
 
         att, _ = load_pretrained(path, device)
-    grid, _ = load_features(att.eval(), n, image_dir, device)
-    return att.decoder.eval(), grid
+    features, _ = load_features(att.eval(), n, image_dir, device)
+    return att.decoder.eval(), features
 
 
 def random_model(vocab_size: int, image_scale: float) -> tuple[CaptionModel, Vocabulary]:
@@ -98,8 +100,9 @@ def random_model(vocab_size: int, image_scale: float) -> tuple[CaptionModel, Voc
     return model.eval(), vocab
 
 
-def load_features(model: CaptionModel, n: int, image_dir: str | None, device: torch.device) -> tuple[torch.Tensor, str]:
-    """v (n, D) for a checkpoint: encode real images when a folder is given, else noise images."""
+def load_features(model: CaptionModel, n: int, image_dir: str | None, device: torch.device
+                  ) -> tuple[ImageFeatures, str]:
+    """The features of n images for a checkpoint: encode real images when a folder is given, else noise images."""
     from captioner.preprocess import eval_transform, to_tensor
 
     pre = model.cfg.preprocess
@@ -116,13 +119,13 @@ def load_features(model: CaptionModel, n: int, image_dir: str | None, device: to
         x = torch.randn(n, 3, pre.image_size, pre.image_size)
         src = f"{n} Gaussian-noise images (pass --image-dir for real ones)"
     with torch.inference_mode():
-        v = torch.cat([model.encode(x[i:i + 16].to(device)) for i in range(0, n, 16)])
-    return v, src
+        features = ImageFeatures.cat([model.encode(x[i:i + 16].to(device)) for i in range(0, n, 16)])
+    return features, src
 
 
-def per_image(decoder: Decoder, v: torch.Tensor, beam: int, max_length: int) -> list[Hypotheses]:
+def per_image(decoder: Decoder, v: ImageFeatures, beam: int, max_length: int) -> list[Hypotheses]:
     gen = GenerationConfig(beam_size=beam)
-    return [beam_search(decoder, v[i:i + 1], gen, max_length) for i in range(v.size(0))]
+    return [beam_search(decoder, v[i:i + 1], gen, max_length) for i in range(len(v))]
 
 
 def strip(seq: list[int]) -> list[int]:
@@ -131,12 +134,12 @@ def strip(seq: list[int]) -> list[int]:
 
 
 @torch.no_grad()
-def rescore(decoder: Decoder, v: torch.Tensor, seq: list[int]) -> float:
-    """Sum of log-probabilities of ``seq`` (ending in <eos>) given v (D,), by teacher forcing in fp32."""
-    with torch.autocast(v.device.type, enabled=False):
-        tokens = torch.tensor([[BOS_ID] + seq[:-1]], device=v.device)
-        logp = torch.log_softmax(decoder(v[None].float(), tokens).float(), -1)  # (1, T, V)
-        return logp[0].gather(1, torch.tensor(seq, device=v.device)[:, None]).sum().item()
+def rescore(decoder: Decoder, one: ImageFeatures, seq: list[int]) -> float:
+    """Sum of log-probabilities of ``seq`` (ending in <eos>) given one image's features, by teacher forcing in fp32."""
+    with torch.autocast(one.device.type, enabled=False):
+        tokens = torch.tensor([[BOS_ID] + seq[:-1]], device=one.device)
+        logp = torch.log_softmax(decoder(one.float(), tokens).float(), -1)  # (1, T, V)
+        return logp[0].gather(1, torch.tensor(seq, device=one.device)[:, None]).sum().item()
 
 
 def main(args: argparse.Namespace) -> int:
@@ -168,7 +171,8 @@ def main(args: argparse.Namespace) -> int:
     else:
         model, vocab = random_model(args.vocab_size, args.image_scale)
         model.to(device)
-        v = torch.relu(torch.randn(args.images, model.cfg.encoder.feature_dim, device=device))  # ReLU-like features
+        fc = torch.relu(torch.randn(args.images, model.cfg.encoder.feature_dim, device=device))  # ReLU-like v
+        v = ImageFeatures(fc)
         src = f"{args.images} random ReLU feature vectors"
         weights = f"RANDOM weights (W_ih x {args.image_scale:g}); captions are gibberish, timings are what count"
     cfg: ModelConfig = model.cfg
@@ -187,7 +191,7 @@ def main(args: argparse.Namespace) -> int:
     if args.attention:
         att = attention_twin(model, args.attention, args.images, args.image_dir, device, args.image_scale)
         a = att[0]
-        print(f"attention decoder: {args.attention}; grid {tuple(att[1].shape[1:])}, attention_dim "
+        print(f"attention decoder: {args.attention}; att {tuple(att[1].att.shape[1:])}, attention_dim "
               f"{a.cfg.attention_dim}, gate {a.cfg.attention_gate}")
     ok = True
     for prec in precisions:
@@ -197,10 +201,10 @@ def main(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def bench_precision(prec: str, decoder: Decoder, v: torch.Tensor, vocab: Vocabulary, beam: int, max_length: int,
+def bench_precision(prec: str, decoder: Decoder, v: ImageFeatures, vocab: Vocabulary, beam: int, max_length: int,
                     repeats: int, device: torch.device, clock: str, att=None) -> bool:
     """Time batched beam, per-image beam and batched greedy; True when every top caption agrees."""
-    n, gen = v.size(0), GenerationConfig(beam_size=beam)
+    n, gen = len(v), GenerationConfig(beam_size=beam)
     paths = {
         "batched": lambda: beam_search(decoder, v, gen, max_length),
         "per_image": lambda: per_image(decoder, v, beam, max_length),
@@ -234,13 +238,13 @@ def bench_precision(prec: str, decoder: Decoder, v: torch.Tensor, vocab: Vocabul
         print(f"  attention / FC decoding time: {ratio:.2f}x (target <= 2x: {'met' if ratio <= 2 else 'NOT met'}); "
               f"mean caption length {length(hyp_a):.1f} vs {length(hyp_b):.1f} tokens")
         with torch.inference_mode():
-            iv = att[0].image_proj(att[1][:1])  # (1, P, C+A)
-            fc_row = decoder.image_proj(v[:1]).numel() * 4
-        per_row = iv.numel() * 4  # float32 bytes
-        print(f"  attention carries [a_i ; W_a a_i] = {tuple(iv.shape[1:])} per beam row: "
+            ann, wa = att[0].precompute(att[1][:1])  # a_i (1, P, C), W_a a_i (1, P, A)
+            fc_row = sum(t.numel() for t in decoder.precompute(v[:1])) * 4
+        per_row = (ann.numel() + wa.numel()) * 4  # float32 bytes
+        print(f"  attention carries a_i {tuple(ann.shape[1:])} and W_a a_i {tuple(wa.shape[1:])} per beam row: "
               f"{32 * beam * per_row / 2**20:.1f} MiB for batch 32 x beam {beam} (FC: W_ih v, "
               f"{32 * beam * fc_row / 2**20:.2f} MiB), plus {32 * beam * max_length} "
-              f"x {iv.shape[1]} floats of recorded maps when asked for")
+              f"x {ann.shape[1]} floats of recorded maps when asked for")
     speedup = t_loop / t_batch
     print(f"  speedup batched / per-image: {speedup:.1f}x  (target >= 10x: {'met' if speedup >= 10 else 'NOT met'})")
 
@@ -260,7 +264,7 @@ def bench_precision(prec: str, decoder: Decoder, v: torch.Tensor, vocab: Vocabul
             # Rescore both captions by teacher forcing in fp32: if each path scored its own caption right and the
             # two are (near-)equally likely, rounding of a batched (M=B*K) vs a B=1 (M=K) matmul flipped a
             # ranking; if a path's own score is off, or one caption is clearly better, something is wrong.
-            ra, rb = rescore(decoder, v[i], a), rescore(decoder, v[i], b)
+            ra, rb = rescore(decoder, v[i:i + 1], a), rescore(decoder, v[i:i + 1], b)
             tol = 1e-3 if prec == "fp32" else 2e-2 * len(a)  # bf16 logits carry ~3 significant digits
             scored_right = abs(ra - lp_b[i]) < tol and abs(rb - lp_l[i]) < tol
             tie = scored_right and abs(ra - rb) < tol

@@ -10,7 +10,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # the public names load on first use (PEP 562), so `import captioner` (and `captioner --help`) does not import torch
 _EXPORTS = {"Answer": "api", "Caption": "api", "Captioner": "api", "CaptionModel": "model", "DecoderConfig": "config",
             "EncoderConfig": "config", "GenerationConfig": "generation", "GenerationConfigError": "generation",
-            "ModelConfig": "config", "PreprocessConfig": "config", "VQAConfig": "config",
+            "ImageFeatures": "features", "ModelConfig": "config", "PreprocessConfig": "config", "VQAConfig": "config",
             "preset": "config", "Vocabulary": "tokenizer", "VQAInputError": "vqa"}
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_pretrained, read_metrics
+from .features import ImageFeatures
 from .generation import GenerationConfig, with_options
 from .model import CaptionModel
 from .preprocess import ImageInput, eval_transform, to_tensor
@@ -103,31 +104,32 @@ class Captioner:
         return torch.stack([to_tensor(im, self.cfg.preprocess, self.transform) for im in images])
 
     @torch.no_grad()
-    def encode(self, batch: torch.Tensor) -> torch.Tensor:
+    def encode(self, batch: torch.Tensor) -> ImageFeatures:
+        """A preprocessed batch (B, 3, S, S) -> its ImageFeatures (float32, on the model's device)."""
         with autocast(self.device, self.precision):
             x = batch.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             # on CPU, chunks of 8 keep the first block's activations in cache: 1.3-1.6x (bench/encoder.py)
             chunks = x.split(8) if x.device.type == "cpu" else (x,)
-            return torch.cat([self.model.encode(c).float() for c in chunks])
+            return ImageFeatures.cat([self.model.encode(c).float() for c in chunks])
 
     @property
     def has_attention(self) -> bool:
         return self.cfg.attention
 
     @torch.no_grad()
-    def caption_batch(self, batch: torch.Tensor | None = None, features: torch.Tensor | None = None, *,
+    def caption_batch(self, batch: torch.Tensor | None = None, features: ImageFeatures | None = None, *,
                       generation: GenerationConfig | None = None, generator: torch.Generator | None = None,
                       **options) -> list[list[Caption]]:
         """Caption a preprocessed batch (B, 3, S, S) or precomputed features (encode()'s); returns n-best per image.
         ``generation`` and ``options`` as caption() takes them."""
         gen = with_options(generation, options)
-        v = self.encode(batch) if features is None else features.to(self.device)
+        features = self.encode(batch) if features is None else features.to(self.device)
         with autocast(self.device, self.precision):
-            hyp = self.model.generate(features=v, generation=gen, generator=generator)
+            hyp = self.model.generate(features=features, generation=gen, generator=generator)
         toks, lps, scs = hyp.tokens.tolist(), hyp.log_probs.tolist(), hyp.scores.tolist()
         out = [[Caption(self.vocab.decode(t), lp, s) for t, lp, s in zip(ti, li, si)] for ti, li, si in zip(toks, lps, scs)]
         if hyp.attention is not None:
-            S = self.cfg.feature_shape[-1]
+            S = self.cfg.grid_size
             att = hyp.attention.float().cpu()  # (B, n, T, P)
             for i, caps in enumerate(out):
                 for j, cap in enumerate(caps):
@@ -176,7 +178,7 @@ class Captioner:
                                       "`captioner train --task vqa` or `--task joint`")
 
     @torch.no_grad()
-    def answer_batch(self, features: torch.Tensor, questions: Sequence[str],
+    def answer_batch(self, features: ImageFeatures, questions: Sequence[str],
                      choices: Sequence[Sequence[str]]) -> list[Answer]:
         """Answer one multiple-choice question per image from encoded images ``features`` (encode()'s).
 
@@ -184,9 +186,9 @@ class Captioner:
         """
         self._require_vqa()
         q, c, m, _ = encode_batch(self.vocab, self.cfg.vqa, questions, choices)
-        if features.shape[1:] != self.cfg.feature_shape or features.size(0) != len(questions):
-            raise VQAInputError(f"features must be (B={len(questions)}, {', '.join(map(str, self.cfg.feature_shape))}), "
-                                f"got {tuple(features.shape)}")
+        want = (len(questions), self.cfg.encoder.feature_dim)
+        if features.fc.shape != want:
+            raise VQAInputError(f"features.fc must be (B={want[0]}, {want[1]}), got {tuple(features.fc.shape)}")
         dev = self.device
         with autocast(dev, self.precision):
             logits = self.model.answer_logits(features.to(dev), q.to(dev), c.to(dev), m.to(dev))
@@ -208,8 +210,8 @@ class Captioner:
         encode_batch(self.vocab, self.cfg.vqa, questions, choices_list)  # reject bad text before any image work
         out: list[Answer] = []
         for i in range(0, len(images), batch_size):
-            v = self.encode(self.preprocess(images[i:i + batch_size]))
-            out += self.answer_batch(v, questions[i:i + batch_size], choices_list[i:i + batch_size])
+            features = self.encode(self.preprocess(images[i:i + batch_size]))
+            out += self.answer_batch(features, questions[i:i + batch_size], choices_list[i:i + batch_size])
         return out
 
     def answer(self, image: ImageInput, question: str, choices: Sequence[str]) -> Answer:

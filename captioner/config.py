@@ -132,12 +132,17 @@ class ModelConfig:
         return self.decoder.inject == "attention"
 
     @property
-    def feature_shape(self) -> tuple[int, ...]:
-        """What CaptionModel.encode() gives per image: v (D,), or for attention the conv grid (C, S, S)."""
+    def grid_size(self) -> int:
+        """Cells per side of the conv grid an attention decoder reads (ImageFeatures.att holds its cells row-major)."""
+        return self.encoder.grid_size(self.preprocess.image_size)
+
+    @property
+    def feature_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per image, the fields of CaptionModel.encode()'s ImageFeatures: fc (D,), and for attention att (P, C)."""
+        shapes = {"fc": (self.encoder.feature_dim,)}
         if self.attention:
-            s = self.encoder.grid_size(self.preprocess.image_size)
-            return (self.encoder.channels, s, s)
-        return (self.encoder.feature_dim,)
+            shapes["att"] = (self.grid_size ** 2, self.encoder.channels)
+        return shapes
 
     @property
     def decoder_image_dim(self) -> int:

@@ -1,18 +1,15 @@
-"""Recurrent caption decoder with the image injected through W_ih·v, written out by hand.
-
-torch's nn.RNN/GRU/LSTM take no per-step side input, so each layer computes its input pre-activation
-W_xh·x for all steps at once, adds W_ih·v (computed once per image), and loops only over W_hh·h:
+"""Recurrent caption decoder, written out by hand so that the image can enter at every step:
 
     rnn:  h_t = tanh(W_xh·x_t + W_hh·h_{t-1} + W_ih·v + b)
     gru/lstm: the same W_xh·x_t + W_ih·v (+ b) feeds the gates of the standard cells.
 
-Layer 0 reads word embeddings and receives the image; layer l > 0 reads h^(l-1)_t and its own h^(l)_{t-1}.
-
-With inject=attention (Xu et al. 2015, soft attention) the image is the encoder's conv grid a_1..a_P and layer 0's
-image term is W_ih·z_t instead of W_ih·v, with z_t = beta_t * sum_i alpha_ti a_i,
-alpha_t = softmax_i(w^T tanh(W_a a_i + U_a h_{t-1})): W_a a_i is computed once per image (image_proj), the rest
-per step. h_{t-1} is layer 0's own state, so the layers still run one after another over all steps in training.
-A ``DecoderEnsemble`` runs several such decoders over the same v and averages their next-word probabilities.
+torch's nn.RNN/GRU/LSTM take no per-step side input, so each layer computes its input pre-activation W_xh·x for all
+steps at once and loops only over W_hh·h. Layer 0 reads word embeddings and receives the image; layer l > 0 reads
+h^(l-1)_t and its own h^(l)_{t-1}. What the image term is - W_ih·v at every step, W_ih·v at t = 0 only, or W_ih·z_t
+from soft attention over the conv grid - is the decoder's injection core (captioner/inject.py), chosen by config
+decoder.inject when the decoder is built. An attention core reads layer 0's own h_{t-1}, so the layers still run one
+after another over all steps in training.
+A ``DecoderEnsemble`` runs several such decoders over the same features and averages their next-word probabilities.
 """
 from __future__ import annotations
 
@@ -24,6 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import DecoderConfig
+from .features import ImageFeatures
+from .inject import Precomputed, SoftAttention, build_injection
 
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 State = tuple[torch.Tensor, ...]  # (h,) or (h, c), each (L, N, H)
@@ -54,35 +53,6 @@ class RecurrentLayer(nn.Module):
         return torch.sigmoid(o) * torch.tanh(c), c
 
 
-class SoftAttention(nn.Module):
-    """Deterministic soft attention over P annotation vectors a_i (N, P, C), driven by the previous hidden state."""
-
-    def __init__(self, annotation_dim: int, hidden_dim: int, attention_dim: int, gate: bool) -> None:
-        super().__init__()
-        self.C = annotation_dim
-        self.W_a = nn.Linear(annotation_dim, attention_dim)  # carries the bias
-        self.U_a = nn.Linear(hidden_dim, attention_dim, bias=False)
-        self.w = nn.Linear(attention_dim, 1, bias=False)
-        self.f_beta = nn.Linear(hidden_dim, 1) if gate else None
-
-    def precompute(self, grid: torch.Tensor) -> torch.Tensor:
-        """grid (N, C, S, S) -> [a_i ; W_a a_i] (N, P=S*S, C+A), one tensor so that searches repeat and
-        reorder it like W_ih·v."""
-        a = grid.flatten(2).transpose(1, 2)  # (N, P, C), cells in row-major order
-        wa = self.W_a(a)
-        return torch.cat([a.to(wa.dtype), wa], -1)
-
-    def forward(self, ann: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ann = precompute(grid) (N, P, C+A), h = h_{t-1} (N, H) -> z_t (N, C), alpha_t (N, P) (float32)."""
-        a, wa = ann[..., :self.C], ann[..., self.C:]
-        e = self.w(torch.tanh(wa + self.U_a(h)[:, None])).squeeze(-1)  # (N, P)
-        alpha = e.float().softmax(-1)  # float32: the heatmaps sum to 1 at any autocast precision
-        z = torch.bmm(alpha[:, None].to(a.dtype), a).squeeze(1)  # (N, C)
-        if self.f_beta is not None:
-            z = torch.sigmoid(self.f_beta(h)) * z
-        return z, alpha
-
-
 class Decoder(nn.Module):
     def __init__(self, cfg: DecoderConfig, vocab_size: int, image_dim: int) -> None:
         super().__init__()
@@ -100,44 +70,39 @@ class Decoder(nn.Module):
             self.register_buffer("h0", h0)
         self.drop = nn.Dropout(cfg.dropout)
         self.W_hy = nn.Linear(H, vocab_size)
+        # the attention MLP exists only for the attention core; its parameters are the checkpoint's decoder.attend.*
         self.attend = (SoftAttention(image_dim, H, cfg.attention_dim, cfg.attention_gate)
                        if cfg.inject == "attention" else None)
+        self.inject = build_injection(cfg.inject, self.layers[0].W_ih, self.attend)
 
     def init_state(self, n: int) -> State:
         return tuple(s[:, None].expand(-1, n, -1).contiguous() for s in self.h0)  # each (L, N, H)
 
-    def image_proj(self, v: torch.Tensor) -> torch.Tensor:
-        """Computed once per image: W_ih·v (N, G*H), or for attention [a_i ; W_a a_i] (N, P, C+A) from the grid."""
-        return self.attend.precompute(v) if self.attend is not None else self.layers[0].W_ih(v)
+    def precompute(self, features: ImageFeatures) -> Precomputed:
+        """What the injection core computes once per image (W_ih·v, or a_i and W_a·a_i), each (N, ...)."""
+        return self.inject.precompute(features)
 
-    def _inject(self, xp: torch.Tensor, iv: torch.Tensor, t: int) -> torch.Tensor:
-        return xp + iv if (self.cfg.inject == "every" or t == 0) else xp
-
-    def forward(self, v: torch.Tensor, tokens: torch.Tensor, return_hidden: bool = False,
+    def forward(self, features: ImageFeatures, tokens: torch.Tensor, return_hidden: bool = False,
                 return_attention: bool = False):
-        """Teacher forcing: v (N, D) or grid (N, C, S, S), tokens (N, T) starting with <bos> -> logits (N, T, V)
-        (or the top layer's hidden states (N, T, H)); with return_attention also alpha (N, T, P) (attention only)."""
+        """Teacher forcing: features, tokens (N, T) starting with <bos> -> logits (N, T, V) (or the top layer's
+        hidden states (N, T, H)); with return_attention also alpha (N, T, P), None unless the core attends."""
         N, T = tokens.shape
-        iv = self.image_proj(v)
+        pre = self.precompute(features)
         state = self.init_state(N)
         x = self.drop(self.embed(tokens))  # (N, T, E)
         alphas: list[torch.Tensor] = []
         for l, layer in enumerate(self.layers):
-            xp = layer.W_xh(x)  # (N, T, G*H): all steps in one matmul
-            if l == 0 and self.cfg.inject == "every":
-                xp = xp + iv[:, None]
-            elif l == 0 and self.cfg.inject == "first":
-                xp = torch.cat([xp[:, :1] + iv[:, None], xp[:, 1:]], 1)
+            xp = layer.W_xh(x)  # (N, T, G*H): W_xh·x_t + b for all steps in one matmul
             h = state[0][l]
             c = state[1][l] if len(state) == 2 else None
             outs = []
             for t in range(T):
-                if l == 0 and self.attend is not None:
-                    z, alpha = self.attend(iv, h)
-                    alphas.append(alpha)
-                    h, c = layer.step(xp[:, t] + layer.W_ih(z), h, c)
-                else:
-                    h, c = layer.step(xp[:, t], h, c)
+                xp_t = xp[:, t]
+                if l == 0:  # the image enters layer 0
+                    xp_t, alpha = self.inject.step(xp_t, pre, h, t)
+                    if alpha is not None:
+                        alphas.append(alpha)
+                h, c = layer.step(xp_t, h, c)
                 outs.append(h)
             x = self.drop(torch.stack(outs, 1))  # (N, T, H)
         out = x if return_hidden else self.W_hy(x)
@@ -145,34 +110,33 @@ class Decoder(nn.Module):
             return out, torch.stack(alphas, 1) if alphas else None
         return out
 
-    def step(self, tokens: torch.Tensor, state: State, iv: torch.Tensor, t: int, return_attention: bool = False):
-        """One decoding step: tokens (N,), state, iv = image_proj(v) -> logits (N, V), new state
-        (and with return_attention the step's alpha (N, P), None without attention)."""
+    def step(self, tokens: torch.Tensor, state: State, pre: Precomputed, t: int
+             ) -> tuple[torch.Tensor, State, torch.Tensor | None]:
+        """One decoding step: tokens (N,), state, pre = precompute(features) -> logits (N, V), the new state, and
+        the step's alpha (N, P) (None unless the core attends)."""
         x = self.embed(tokens)  # (N, E)
         hs, cs = [], []
         alpha = None
         for l, layer in enumerate(self.layers):
-            xp = layer.W_xh(x)
-            if l == 0 and self.attend is not None:
-                z, alpha = self.attend(iv, state[0][0])
-                xp = xp + layer.W_ih(z)
-            elif l == 0:
-                xp = self._inject(xp, iv, t)
-            h, c = layer.step(xp, state[0][l], state[1][l] if len(state) == 2 else None)
+            xp = layer.W_xh(x)  # (N, G*H)
+            h = state[0][l]
+            if l == 0:  # the image enters layer 0
+                xp, alpha = self.inject.step(xp, pre, h, t)
+            h, c = layer.step(xp, h, state[1][l] if len(state) == 2 else None)
             hs.append(h)
             cs.append(c)
             x = h
         new_state = (torch.stack(hs),) + ((torch.stack(cs),) if len(state) == 2 else ())
-        return (self.W_hy(x), new_state, alpha) if return_attention else (self.W_hy(x), new_state)
+        return self.W_hy(x), new_state, alpha
 
 
 class DecoderEnsemble(nn.Module):
-    """cfg.members decoders of one shape over the same v, mixed at every step: log p(w) = log mean_m p_m(w).
+    """cfg.members decoders of one shape over the same features, mixed at every step: log p(w) = log mean_m p_m(w).
 
-    It has Decoder's interface (forward, init_state, image_proj, step), so search, training and SCST run on it
+    It has Decoder's interface (forward, init_state, precompute, step), so search, training and SCST run on it
     unchanged; the "logits" it returns are already normalised log-probabilities, which log_softmax leaves as they are.
-    The members' states are stacked along the layer axis and their image projections along the feature axis, so
-    beam search reorders them like a single decoder's.
+    The members' states are stacked along the layer axis and their precomputed tensors joined in one tuple, so beam
+    search repeats and reorders them like a single decoder's.
     """
 
     def __init__(self, cfg: DecoderConfig, vocab_size: int, image_dim: int) -> None:
@@ -186,26 +150,25 @@ class DecoderEnsemble(nn.Module):
         logp = torch.stack([F.log_softmax(x.float(), -1) for x in logits])  # (M, ..., V)
         return torch.logsumexp(logp, 0) - math.log(len(logits))
 
-    def forward(self, v: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: v (N, D), tokens (N, T) -> mixture log-probabilities (N, T, V)."""
-        return self.mix([m(v, tokens) for m in self.members])
+    def forward(self, features: ImageFeatures, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: features, tokens (N, T) -> mixture log-probabilities (N, T, V)."""
+        return self.mix([m(features, tokens) for m in self.members])
 
     def init_state(self, n: int) -> State:
         return tuple(torch.cat(s, 0) for s in zip(*(m.init_state(n) for m in self.members)))  # each (M*L, N, H)
 
-    def image_proj(self, v: torch.Tensor) -> torch.Tensor:
-        return torch.cat([m.image_proj(v) for m in self.members], 1)  # (N, M*G*H)
+    def precompute(self, features: ImageFeatures) -> Precomputed:
+        return sum((m.precompute(features) for m in self.members), ())  # member m's are the m-th len/M of them
 
-    def step(self, tokens: torch.Tensor, state: State, iv: torch.Tensor, t: int, return_attention: bool = False):
-        if return_attention:
-            raise ValueError("a decoder ensemble has no attention maps")
-        L = self.cfg.num_layers
+    def step(self, tokens: torch.Tensor, state: State, pre: Precomputed, t: int
+             ) -> tuple[torch.Tensor, State, None]:
+        L, k = self.cfg.num_layers, len(pre) // len(self.members)
         logits, states = [], []
-        for i, (m, iv_m) in enumerate(zip(self.members, iv.chunk(len(self.members), 1))):
-            out, s = m.step(tokens, tuple(x[i * L:(i + 1) * L] for x in state), iv_m, t)
+        for i, m in enumerate(self.members):
+            out, s, _ = m.step(tokens, tuple(x[i * L:(i + 1) * L] for x in state), pre[i * k:(i + 1) * k], t)
             logits.append(out)
             states.append(s)
-        return self.mix(logits), tuple(torch.cat(s, 0) for s in zip(*states))
+        return self.mix(logits), tuple(torch.cat(s, 0) for s in zip(*states)), None
 
 
 def build_decoder(cfg: DecoderConfig, vocab_size: int, image_dim: int) -> Decoder | DecoderEnsemble:

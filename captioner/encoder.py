@@ -2,8 +2,9 @@
 
     image (B, 3, S, S) -> features (conv stack) -> avgpool -> classifier (FC, ReLU, Dropout)* -> v (B, D)
 
-For an attention decoder the conv stack is tapped before its last max-pool: grid() gives the annotation vectors
-(B, C, S/16, S/16), and head(grid) finishes the same network to v, so both come from one pass and one set of weights.
+encode() gives ImageFeatures: fc = v, and for an attention decoder also att, the conv stack's output before its last
+max-pool (grid(), (B, C, S/16, S/16)) as annotation vectors; head(grid) finishes the same network to v, so both come
+from one pass and one set of weights.
 
 v is the penultimate FC output of the classification net (fc7, 4096-d for VGG16), as in NeuralTalk:
 torchvision's final 1000-way layer (classifier.6) is simply not built.
@@ -17,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .config import EncoderConfig
+from .features import ImageFeatures
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,15 @@ class VGGEncoder(nn.Module):
     def feature_dim(self) -> int:
         return self.cfg.feature_dim
 
+    def encode(self, images: torch.Tensor, att: bool = False) -> ImageFeatures:
+        """images (B, 3, S, S) -> fc = v (B, D), with ``att`` also the grid's P cells att (B, P, C)."""
+        grid = self.grid(images)  # (B, C, S/16, S/16)
+        # att: the cells in row-major order, each a_i contiguous (as searches' repeated copies and caches hold them,
+        # so the weighted sum over a_i runs the same kernel on all paths)
+        return ImageFeatures(self.head(grid), grid.flatten(2).transpose(1, 2).contiguous() if att else None)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, S, S) -> v (B, D), the classification network's penultimate layer."""
         x = self.features(images)  # (B, C, S/32, S/32)
         x = torch.flatten(self.avgpool(x), 1)  # (B, C * p * p)
         return self.classifier(x)  # (B, D)

@@ -1,19 +1,23 @@
-"""The caption model: VGG-style encoder -> v -> recurrent decoder with W_ih·v injection.
+"""The caption model: VGG-style encoder -> ImageFeatures -> recurrent decoder with W_ih·v injection (+ VQA head).
 
-    images (B, 3, S, S) --encoder--> v (B, D) --decoder(tokens)--> logits (B, T, V)
+    images (B, 3, S, S) --encoder--> ImageFeatures fc = v (B, D) [, att (B, P, C)] --decoder--> logits (B, T, V)
 
-With an attention decoder (config decoder.inject = 'attention') the features are the encoder's conv grid
-(B, C, S', S') instead of v; image_vector() turns them into v for the VQA head, so one encoder pass serves both.
+An attention decoder (config decoder.inject = 'attention') reads att, the encoder's conv grid; the VQA head always
+reads fc. Both come from one encoder pass.
 """
 from __future__ import annotations
+
+import copy
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 
-from .config import ModelConfig
+from .config import DecoderConfig, ModelConfig, VQAConfig
 from .decoder import build_decoder
 from .decoding import Hypotheses, decode
 from .encoder import VGGEncoder
+from .features import ImageFeatures
 from .generation import GenerationConfig
 from .vqa import VQAHead, VQAUnavailableError
 
@@ -28,37 +32,64 @@ class CaptionModel(nn.Module):
         self.decoder = build_decoder(cfg.decoder, cfg.vocab_size, cfg.decoder_image_dim)
         self.vqa = VQAHead(cfg.vqa, cfg.vocab_size, cfg.encoder.feature_dim) if cfg.vqa is not None else None
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """The decoder's view of the images: v (B, D), or the grid (B, C, S', S') for attention."""
-        return self.encoder.grid(images) if self.cfg.attention else self.encoder(images)
+    def encode(self, images: torch.Tensor) -> ImageFeatures:
+        """images (B, 3, S, S) -> fc (B, D), and att (B, P, C) when the decoder attends (cfg.feature_shapes)."""
+        return self.encoder.encode(images, att=self.cfg.attention)
 
-    def blank_features(self, n: int, like: torch.Tensor) -> torch.Tensor:
-        """All-zero features for n images (the image-blind baseline), on like's device and dtype."""
-        return like.new_zeros(n, *self.cfg.feature_shape)
-
-    def image_vector(self, features: torch.Tensor) -> torch.Tensor:
-        """v (B, D) from encode()'s features."""
-        return self.encoder.head(features) if features.dim() == 4 else features
+    def blank_features(self, n: int, device: torch.device | str) -> ImageFeatures:
+        """All-zero features for n images (the image-blind baseline), float32 on ``device``."""
+        return ImageFeatures(**{k: torch.zeros(n, *s, device=device) for k, s in self.cfg.feature_shapes.items()})
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """images (B, 3, S, S), tokens (B, T) starting with <bos> -> logits (B, T, V)."""
         return self.decoder(self.encode(images), tokens)
 
-    def answer_logits(self, features: torch.Tensor, question_tokens: torch.Tensor, choice_tokens: torch.Tensor,
+    def answer_logits(self, features: ImageFeatures, question_tokens: torch.Tensor, choice_tokens: torch.Tensor,
                       choice_mask: torch.Tensor) -> torch.Tensor:
-        """Multiple-choice VQA: features (B, D) or grid, question (B, T), choices (B, C, L), mask (B, C) -> (B, C)."""
+        """Multiple-choice VQA on features.fc: question (B, T), choices (B, C, L), mask (B, C) -> logits (B, C)."""
         if self.vqa is None:
             raise VQAUnavailableError("this model has no VQA head (config.json has no 'vqa' section); "
                                "train one with `captioner train --task vqa` or `--task joint`")
-        return self.vqa(self.image_vector(features), question_tokens, choice_tokens, choice_mask)
+        return self.vqa(features.fc, question_tokens, choice_tokens, choice_mask)
 
     @torch.no_grad()
-    def generate(self, images: torch.Tensor | None = None, features: torch.Tensor | None = None,
+    def generate(self, images: torch.Tensor | None = None, features: ImageFeatures | None = None,
                  generation: GenerationConfig | None = None, generator: torch.Generator | None = None) -> Hypotheses:
         """Caption a batch as ``generation`` (default GenerationConfig()) says: greedy (beam_size=1), beam search, or
         sampling; with attention (attention decoders only) Hypotheses.attention holds each step's alpha."""
         if (images is None) == (features is None):
             raise ValueError("pass exactly one of images or features")
         gen = generation or GenerationConfig()
-        v = self.encode(images) if features is None else features
-        return decode(self.decoder, v, gen, gen.max_length or self.cfg.max_length, generator)
+        features = self.encode(images) if features is None else features
+        return decode(self.decoder, features, gen, gen.max_length or self.cfg.max_length, generator)
+
+    # ------------------------------------------------------------------------------------------ model surgery
+    def with_decoder(self, cfg: DecoderConfig, decoder: nn.Module | None = None) -> "CaptionModel":
+        """This model with another caption decoder: one built from ``cfg`` with fresh weights (drawn from torch's
+        RNG), or ``decoder``, which must have been built for ``cfg`` (e.g. an ensemble of trained members). The
+        encoder and VQA head are this model's (shared, not copied); the config is a copy with decoder = ``cfg``,
+        validated (ModelConfig.__post_init__), so the returned model's config and modules agree."""
+        new = replace(copy.deepcopy(self.cfg), decoder=cfg)
+        if decoder is None:
+            decoder = build_decoder(cfg, new.vocab_size, new.decoder_image_dim)
+            decoder.to(next(self.encoder.parameters()).device).train(self.training)
+        elif getattr(decoder, "cfg", None) != cfg or len(getattr(decoder, "members", [decoder])) != cfg.members:
+            raise ValueError(f"with_decoder: the decoder was built for {getattr(decoder, 'cfg', None)}, not {cfg}")
+        return self._assemble(new, decoder, self.vqa)
+
+    def with_vqa_head(self, cfg: VQAConfig) -> "CaptionModel":
+        """This model with a new multiple-choice VQA head built from ``cfg`` (fresh weights); the encoder and caption
+        decoder are this model's (shared), the config a validated copy with vqa = ``cfg``."""
+        new = replace(copy.deepcopy(self.cfg), vqa=cfg)
+        head = VQAHead(cfg, new.vocab_size, new.encoder.feature_dim).to(next(self.encoder.parameters()).device)
+        head.train(self.training)
+        return self._assemble(new, self.decoder, head)
+
+    def _assemble(self, cfg: ModelConfig, decoder: nn.Module, vqa: nn.Module | None) -> "CaptionModel":
+        """A CaptionModel of ``cfg`` made of this model's encoder and the given decoder and VQA head (nothing is built,
+        so no random numbers are drawn; no module's training mode is changed)."""
+        model = CaptionModel.__new__(CaptionModel)
+        nn.Module.__init__(model)
+        model.cfg, model.encoder, model.decoder, model.vqa = cfg, self.encoder, decoder, vqa
+        model.training = self.training
+        return model

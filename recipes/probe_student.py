@@ -39,6 +39,7 @@ from training import train as train_mod  # noqa: E402
 from training.distill import TEACHERS, encoder_layout  # noqa: E402
 from training.datasets import ImageRecord  # noqa: E402
 from training.features import cache_key, compute_features  # noqa: E402
+from training.options import CaptionData  # noqa: E402
 from captioner.fileio import atomic_write  # noqa: E402
 from captioner.inputs import expand_inputs  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -71,7 +72,7 @@ def main(args: argparse.Namespace) -> dict:
     args.encoder = args.encoder[0] if args.encoder else None
     model, _ = load_pretrained(args.model, "cpu")
     train_args = parsers.train().parse_args([*[a for a in args.data if a != "--"], "--output", "unused"])
-    records = dict(zip(("train", "val"), train_mod.read_records(train_args)))
+    records = dict(zip(("train", "val"), train_mod.read_records(CaptionData.from_args(train_args))))
     targets = {}
     for split, rec in records.items():  # keyed by --model's own encoder, before any swap below
         path = Path(args.cache) / f"{cache_key(model, rec)}.safetensors"
@@ -94,11 +95,11 @@ def main(args: argparse.Namespace) -> dict:
             model.cfg.encoder, model.cfg.preprocess, model.encoder = cfg.encoder, cfg.preprocess, encoder
 
         def probe(rec):
-            return compute_features(model, rec, torch.device("cpu"), None, args.batch_size, args.workers)[0]
+            return compute_features(model, rec, torch.device("cpu"), None, args.batch_size, args.workers)[0].fc
     x = {split: probe(rec) for split, rec in records.items()}
     ok = {split: t["ok"] for split, t in targets.items()}
-    predict = ridge(x["train"][ok["train"]], targets["train"]["features"][ok["train"]])
-    r2 = {split: explained(predict, x[split][ok[split]], targets[split]["features"][ok[split]]) for split in x}
+    predict = ridge(x["train"][ok["train"]], targets["train"]["fc"][ok["train"]])
+    r2 = {split: explained(predict, x[split][ok[split]], targets[split]["fc"][ok[split]]) for split in x}
     for split, r in r2.items():
         print(f"{split}: {what} explains R^2 = {r:.3f} of the teacher's features (ridge fitted on train)")
     return r2
@@ -118,7 +119,7 @@ def probe_sets(args: argparse.Namespace) -> dict:
     if not args.teacher_cache:
         raise SystemExit("give --cache (a teacher_bound.py cache) or --teacher-cache (computed here)")
     train_args = parsers.train().parse_args([*[a for a in args.data if a != "--"], "--output", "unused"])
-    sets = dict(zip(("train", "val"), train_mod.read_records(train_args)))
+    sets = dict(zip(("train", "val"), train_mod.read_records(CaptionData.from_args(train_args))))
     for spec in args.extra:
         name, _, folder = spec.partition("=")
         sets[name] = [ImageRecord(str(Path(i.path).resolve()), i.path) for i in expand_inputs([folder])]
@@ -140,11 +141,11 @@ def probe_sets(args: argparse.Namespace) -> dict:
              for n, rec in sets.items()}
         ok = {n: x[n][1] & (targets[n].abs().sum(1) > 0) for n in sets}
         t_fit = targets["train"][ok["train"]]
-        mu, dim = t_fit.mean(0), x["train"][0].size(1)
+        mu, dim = t_fit.mean(0), x["train"][0].fc.size(1)
         _, _, basis = torch.pca_lowrank(t_fit - mu, q=min(dim, *t_fit.shape), center=False, niter=6)
         z = {n: (targets[n][ok[n]] - mu) @ basis for n in sets}
-        predict = ridge(x["train"][0][ok["train"]], z["train"])
-        rows[enc or args.model] = {n: explained(predict, x[n][0][ok[n]].double(), z[n]) for n in sets}
+        predict = ridge(x["train"][0].fc[ok["train"]], z["train"])
+        rows[enc or args.model] = {n: explained(predict, x[n][0].fc[ok[n]].double(), z[n]) for n in sets}
     names = list(sets)
     print(f"{'encoder':<60} " + " ".join(f"{n:>10}" for n in names))
     for enc, r in rows.items():

@@ -33,6 +33,7 @@ from training import train as train_mod
 from training.datasets import CaptionDataset, collate
 from training.distill import IMAGENET_MEAN, IMAGENET_STD, TEACHERS
 from training.features import cache_key, compute_features
+from training.options import CaptionData
 from captioner.cli import parsers
 
 
@@ -85,11 +86,12 @@ def main(args: argparse.Namespace) -> None:
     model, _ = load_pretrained(args.model, "cpu")
     teacher = TEACHERS[args.teacher]().to(memory_format=torch.channels_last)
     data = [a for a in args.data if a != "--"]
-    train_args = parsers.train().parse_args([*data, "--output", "unused"])
+    train_data = CaptionData.from_args(parsers.train().parse_args([*data, "--output", "unused"]))
     rows = {}
-    for split, rec in zip(("train", "val"), train_mod.read_records(train_args)):  # the records training will key
+    for split, rec in zip(("train", "val"), train_mod.read_records(train_data)):  # the records training will key
         t = teacher_features(teacher, rec, args.teacher_size, args.batch_size, args.workers)
-        v, ok = compute_features(model, rec, torch.device("cpu"), None, args.batch_size, args.workers)
+        features, ok = compute_features(model, rec, torch.device("cpu"), None, args.batch_size, args.workers)
+        v = features.fc
         rows[split] = (cache_key(model, rec), t, v, ok)
     _, t_fit, v_fit, ok = rows["train"]  # PCA, scale and ridge are fitted on the training images
     t_fit, v_fit = t_fit[ok], v_fit[ok]
@@ -105,7 +107,7 @@ def main(args: argparse.Namespace) -> None:
     for split, (key, t, v, ok) in rows.items():
         z = (t - mu) @ basis
         tmp, path = out / f"{key}.tmp{os.getpid()}", out / f"{key}.safetensors"
-        save_file({"features": (z * scale).float().contiguous(), "ok": ok}, str(tmp))
+        save_file({"fc": (z * scale).float().contiguous(), "ok": ok}, str(tmp))  # read as the cache's fc
         os.replace(tmp, path)  # a half-written cache file must never be read as features
         print(f"{split}: {len(z)} teacher features -> {path}; the student's v explains R^2 = "
               f"{explained(predict, v[ok], z[ok]):.3f} of them (ridge fitted on train)")

@@ -1,9 +1,9 @@
 """The batch function the service hands to the generic batcher: caption and VQA jobs in one batch share one
 encoder pass, then captions run batched per generation setting and questions run batched through the VQA head.
 
-    jobs (mixed CaptionJob / VQAJob) --stack--> (B, 3, S, S) --encode--> v (B, D) (or an attention model's grid)
-        caption jobs grouped by GenerationConfig --caption_batch(features=v[idx])--> n-best captions
-        VQA jobs                                 --answer_batch(v[idx], questions, choices)--> answers
+    jobs (mixed CaptionJob / VQAJob) --stack--> (B, 3, S, S) --encode--> ImageFeatures f (fc (B, D) [+ att])
+        caption jobs grouped by GenerationConfig --caption_batch(features=f[idx])--> n-best captions
+        VQA jobs                                 --answer_batch(f[idx], questions, choices)--> answers
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from captioner.api import Captioner
+from captioner.features import ImageFeatures
 from captioner.generation import GenerationConfig
 
 log = logging.getLogger("service.engine")
@@ -55,16 +56,16 @@ class Engine:
         self.on_images = on_images  # callback(task, n) for the images-processed counter
         self.encode_batch_size = encode_batch_size  # None: the whole batch in one encoder call
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor) -> ImageFeatures:
         """x (B, 3, S, S) -> features, in encoder calls of at most encode_batch_size images."""
         n = self.encode_batch_size or len(x)
         if n >= len(x):
             return self.captioner.encode(x)
-        return torch.cat([self.captioner.encode(x[i:i + n]) for i in range(0, len(x), n)])
+        return ImageFeatures.cat([self.captioner.encode(x[i:i + n]) for i in range(0, len(x), n)])
 
     def __call__(self, jobs: list[CaptionJob | VQAJob]) -> list:
         x = torch.stack([j.pixels for j in jobs]).contiguous(memory_format=self.captioner.memory_format)  # (B,3,S,S)
-        v = self.encode(x)  # every image encoded once, shared by captions and VQA
+        features = self.encode(x)  # every image encoded once, shared by captions and VQA
         out: list = [None] * len(jobs)
 
         # jobs whose configs give the same captions decode together in one caption_batch call
@@ -77,7 +78,7 @@ class Engine:
                 vqa_idx.append(i)
 
         for gen, idx in groups.items():
-            caps = self.captioner.caption_batch(features=v[idx], generation=gen)
+            caps = self.captioner.caption_batch(features=features[idx], generation=gen)
             for i, c in zip(idx, caps):
                 out[i] = c
         if groups and self.on_images:
@@ -88,25 +89,25 @@ class Engine:
                 for i in vqa_idx:
                     out[i] = VQAUnsupported("this model has no VQA head")
             else:
-                for i, a in zip(vqa_idx, self._answer(v[vqa_idx], [jobs[i] for i in vqa_idx])):
+                for i, a in zip(vqa_idx, self._answer(features[vqa_idx], [jobs[i] for i in vqa_idx])):
                     out[i] = a
                 if self.on_images:
                     self.on_images("vqa", len(vqa_idx))
         return out
 
-    def _answer(self, v: torch.Tensor, jobs: list[VQAJob]) -> list:
+    def _answer(self, features: ImageFeatures, jobs: list[VQAJob]) -> list:
         """The VQA jobs' features -> one Answer (or VQAInputError) per job."""
         from captioner.vqa import VQAInputError  # exists whenever answer_batch does
 
         try:
-            return self.captioner.answer_batch(v, [j.question for j in jobs], [j.choices for j in jobs])
+            return self.captioner.answer_batch(features, [j.question for j in jobs], [j.choices for j in jobs])
         except VQAInputError:
             pass
         # the endpoint validates first, so this is rare: answer one by one so only the bad job fails
         out: list = []
         for k, j in enumerate(jobs):
             try:
-                out += self.captioner.answer_batch(v[k:k + 1], [j.question], [j.choices])
+                out += self.captioner.answer_batch(features[k:k + 1], [j.question], [j.choices])
             except VQAInputError as e:
                 out.append(e)
         return out

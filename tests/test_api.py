@@ -145,10 +145,10 @@ def test_caption_batch_and_features(cap, trained):
     paths = trained[1][:2]
     batch = cap.preprocess(paths)
     assert batch.shape == (2, 3, 32, 32)
-    v = cap.encode(batch)
-    assert v.shape == (2, cap.cfg.encoder.feature_dim)
+    f = cap.encode(batch)
+    assert f.fc.shape == (2, cap.cfg.encoder.feature_dim) and f.att is None
     a = cap.caption_batch(batch, beam_size=2)
-    b = cap.caption_batch(features=v, beam_size=2)
+    b = cap.caption_batch(features=f, beam_size=2)
     assert [x[0].text for x in a] == [x[0].text for x in b] == [c[0].text for c in cap.caption(paths, beam_size=2)]
 
 

@@ -13,6 +13,7 @@ from captioner.api import Captioner
 from captioner.checkpoint import load_pretrained, save_pretrained
 from captioner.config import ModelConfig
 from captioner.decoding import AttentionUnavailableError, beam_search, greedy_search, sample
+from captioner.features import ImageFeatures
 from captioner.generation import GenerationConfig
 from captioner.model import CaptionModel
 from captioner.tokenizer import BOS_ID, Vocabulary
@@ -30,28 +31,30 @@ def att_model(cell: str = "lstm", num_layers: int = 1, seed: int = 0, **kw) -> C
     return model
 
 
-def test_grid_is_the_conv_stack_before_its_last_pool_and_head_finishes_it():
+def test_att_is_the_conv_stack_before_its_last_pool_and_fc_finishes_it():
     model = att_model()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        grid = model.encode(x)
-        assert grid.shape == (3, 16, 8, 8) == (3, *model.cfg.feature_shape)
-        assert torch.allclose(model.image_vector(grid), model.encoder(x), atol=1e-6)
+        f = model.encode(x)
+        assert f.att.shape == (3, 64, 16) and f.fc.shape == (3, 32)
+        assert model.cfg.feature_shapes == {"fc": (32,), "att": (64, 16)} and model.cfg.grid_size == 8
+        grid = model.encoder.grid(x)  # (3, 16, 8, 8)
+        assert torch.equal(f.att, grid.flatten(2).transpose(1, 2))  # cells in row-major order
+        assert torch.allclose(f.fc, model.encoder(x), atol=1e-6)  # v, as an FC model's encoder gives it
     # the default model's compact encoder at 112 px: 7 x 7 cells of 256 channels
     cfg = ModelConfig.from_json((Captioner.from_pretrained().path / "config.json").read_text())
     cfg.decoder.inject = "attention"
-    assert cfg.feature_shape == (256, 7, 7)
+    assert cfg.feature_shapes == {"fc": (512,), "att": (49, 256)}
 
 
 def test_rnn_step_is_the_written_formula():
     model = att_model("rnn", attention_gate=False)
     dec = model.decoder
-    grid = torch.randn(2, 16, 8, 8).relu()
-    a = grid.flatten(2).transpose(1, 2)  # (2, 64, 16)
+    a = torch.randn(2, 64, 16).relu()  # a_i (2, P, C)
     tok = torch.tensor([5, 7])
     h = torch.randn(1, 2, dec.cfg.hidden_dim)
     with torch.no_grad():
-        logits, (h1,), alpha = dec.step(tok, (h,), dec.image_proj(grid), 3, return_attention=True)
+        logits, (h1,), alpha = dec.step(tok, (h,), dec.precompute(ImageFeatures(torch.zeros(2, 32), a)), 3)
         at, L = dec.attend, dec.layers[0]
         e = (torch.tanh(a @ at.W_a.weight.T + at.W_a.bias + (h[0] @ at.U_a.weight.T)[:, None]) @ at.w.weight.T)[..., 0]
         want_alpha = e.softmax(-1)
@@ -66,11 +69,11 @@ def test_rnn_step_is_the_written_formula():
 def test_gate_scales_the_context():
     model = att_model("rnn")
     dec = model.decoder
-    grid, h = torch.randn(2, 16, 8, 8), torch.randn(2, dec.cfg.hidden_dim)
+    a, h = torch.randn(2, 64, 16), torch.randn(2, dec.cfg.hidden_dim)
     with torch.no_grad():
-        z, alpha = dec.attend(dec.image_proj(grid), h)
+        z, alpha = dec.attend(a, dec.attend.W_a(a), h)
         beta = torch.sigmoid(dec.attend.f_beta(h))
-        plain = torch.bmm(alpha[:, None], grid.flatten(2).transpose(1, 2))[:, 0]
+        plain = torch.bmm(alpha[:, None], a)[:, 0]
     assert torch.allclose(z, beta * plain, atol=1e-6)
 
 
@@ -78,18 +81,18 @@ def test_gate_scales_the_context():
 def test_alpha_sums_to_one_and_step_equals_forward(cell, num_layers):
     model = att_model(cell, num_layers)
     B, T = 3, 6
-    grid = model.encode(torch.randn(B, 3, 32, 32))
+    features = model.encode(torch.randn(B, 3, 32, 32))
     tokens = torch.randint(4, model.cfg.vocab_size, (B, T))
     tokens[:, 0] = BOS_ID
     dec = model.decoder
     with torch.no_grad():
-        logits, alpha = dec(grid, tokens, return_attention=True)
+        logits, alpha = dec(features, tokens, return_attention=True)
         assert logits.shape == (B, T, model.cfg.vocab_size) and alpha.shape == (B, T, 64)
         assert torch.allclose(alpha.sum(-1), torch.ones(B, T), atol=1e-5)
         assert (alpha >= 0).all() and alpha.std() > 0  # not uniform: it looks somewhere
-        state, iv, steps, alphas = dec.init_state(B), dec.image_proj(grid), [], []
+        state, pre, steps, alphas = dec.init_state(B), dec.precompute(features), [], []
         for t in range(T):
-            out, state, a = dec.step(tokens[:, t], state, iv, t, return_attention=True)
+            out, state, a = dec.step(tokens[:, t], state, pre, t)
             steps.append(out)
             alphas.append(a)
     assert (torch.stack(steps, 1) - logits).abs().max() < 1e-5
@@ -99,12 +102,12 @@ def test_alpha_sums_to_one_and_step_equals_forward(cell, num_layers):
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_batched_beam_equals_per_image_with_attention(cell):
     model = att_model(cell, seed=1)
-    grid = model.encode(torch.randn(4, 3, 32, 32))
+    features = model.encode(torch.randn(4, 3, 32, 32))
     gen = GenerationConfig(beam_size=3, num_captions=2, attention=True)
-    batched = beam_search(model.decoder, grid, gen, 8)
+    batched = beam_search(model.decoder, features, gen, 8)
     assert batched.attention.shape[:2] == (4, 2) and batched.attention.shape[-1] == 64
     for i in range(4):
-        one = beam_search(model.decoder, grid[i:i + 1], gen, 8)
+        one = beam_search(model.decoder, features[i:i + 1], gen, 8)
         T = one.tokens.size(-1)
         assert torch.equal(one.tokens[0], batched.tokens[i, :, :T])
         assert torch.allclose(one.attention[0], batched.attention[i, :, :T], atol=1e-5)
@@ -118,11 +121,11 @@ def test_batched_beam_equals_per_image_with_attention(cell):
 
 def test_beam_one_equals_greedy_and_sampling_records_attention():
     model = att_model("lstm", seed=2)
-    grid = model.encode(torch.randn(3, 3, 32, 32))
-    g = greedy_search(model.decoder, grid, 8, attention=True)
-    b = beam_search(model.decoder, grid, GenerationConfig(beam_size=1, attention=True), 8)
+    features = model.encode(torch.randn(3, 3, 32, 32))
+    g = greedy_search(model.decoder, features, 8, attention=True)
+    b = beam_search(model.decoder, features, GenerationConfig(beam_size=1, attention=True), 8)
     assert torch.equal(g.tokens, b.tokens) and torch.allclose(g.attention, b.attention, atol=1e-6)
-    s = sample(model.decoder, grid, GenerationConfig(sample=True, num_captions=4, attention=True), 8,
+    s = sample(model.decoder, features, GenerationConfig(sample=True, num_captions=4, attention=True), 8,
                torch.Generator().manual_seed(0))
     assert s.attention.shape[:2] == (3, 4)
     # the maps follow their samples when those are sorted by likelihood: re-decode each sample by teacher forcing
@@ -130,7 +133,7 @@ def test_beam_one_equals_greedy_and_sampling_records_attention():
         for j in range(4):
             n = int(s.lengths[i, j])
             toks = torch.cat([torch.tensor([BOS_ID]), s.tokens[i, j, :n - 1]])[None]
-            _, alpha = model.decoder(grid[i:i + 1], toks, return_attention=True)
+            _, alpha = model.decoder(features[i:i + 1], toks, return_attention=True)
             assert torch.allclose(alpha[0], s.attention[i, j, :n], atol=1e-5)
 
 
@@ -171,8 +174,9 @@ def test_captioner_round_trip_gives_per_word_maps(tmp_path):
             assert set(c.to_dict()) == {"caption", "log_prob", "score", "words", "attention"}
     plain = cap.caption(images, beam_size=3)
     assert [c[0].text for c in out] == [c[0].text for c in plain] and plain[0][0].attention is None
-    # VQA-less attention model: the grid features have the config's shape
-    assert cap.encode(cap.preprocess(images)).shape == (2, 16, 8, 8)
+    # VQA-less attention model: the features have the config's shapes
+    f = cap.encode(cap.preprocess(images))
+    assert f.fc.shape == (2, 32) and f.att.shape == (2, 64, 16)
 
 
 def test_attention_training_step_penalty_and_feature_cache(tmp_path, make_images):
@@ -191,19 +195,22 @@ def test_attention_training_step_penalty_and_feature_cache(tmp_path, make_images
     paths = make_images(3, size=(40, 40))
     recs = [ImageRecord(str(p), f"i{k}", ["a dog runs"]) for k, p in enumerate(paths)]
     cache = cached_features(model, recs, tmp_path / "cache", torch.device("cpu"), None, batch_size=2, workers=0)
-    assert cache["features"].shape == (3, 16, 8, 8) and cache["features"].dtype == torch.float16
-    item = FeatureDataset(cache)[1]
-    assert item["image"].dtype == torch.float32
+    (f,) = cache["views"]
+    assert f.att.shape == (3, 64, 16) and f.att.dtype == torch.float16  # fp16: att is P times the size of fc
+    assert f.fc.shape == (3, 32) and f.fc.dtype == torch.float32
+    item = FeatureDataset(cache)[1]["features"]
+    assert item.att.dtype == item.fc.dtype == torch.float32
     with torch.no_grad():
         want = model.encode(Captioner(model, Vocabulary(TINY_WORDS), precision="fp32").preprocess([paths[1]]))
-    assert torch.allclose(item["image"], want[0], atol=2e-2 * want.abs().max())
+    assert torch.allclose(item.att, want.att, atol=2e-2 * want.att.abs().max())
+    assert torch.allclose(item.fc, want.fc, atol=1e-5)
 
     inp = torch.tensor([[BOS_ID, 5, 6, 7], [BOS_ID, 8, 9, 0]])
     tgt = torch.tensor([[5, 6, 7, 2], [8, 9, 2, 0]])
-    x = torch.stack([FeatureDataset(cache)[k]["image"] for k in range(2)])
+    x = FeatureDataset.collate([FeatureDataset(cache)[k] for k in range(2)])["features"]
     rep = torch.tensor([0, 1])
-    with_pen = CaptionLoss(model, 0.0, False, 1.0)(x, True, rep, inp, tgt)
-    without = CaptionLoss(model, 0.0, False, 0.0)(x, True, rep, inp, tgt)
+    with_pen = CaptionLoss(model, 0.0, False, 1.0)(x, rep, inp, tgt)
+    without = CaptionLoss(model, 0.0, False, 0.0)(x, rep, inp, tgt)
     logits, a = model.decoder(x, inp, return_attention=True)
     ce = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=0)
     assert torch.allclose(without, ce, atol=1e-5)

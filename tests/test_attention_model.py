@@ -24,7 +24,7 @@ def att():
 def test_shipped_attention_model_is_complete_and_small(att):
     assert {"config.json", "vocab.json", "model.safetensors", "metrics.json", "README.md"} <= {p.name for p in MODEL.iterdir()}
     assert sum(p.stat().st_size for p in MODEL.iterdir()) <= 30 * 2**20
-    assert att.has_attention and att.cfg.feature_shape == (256, 7, 7)
+    assert att.has_attention and att.cfg.feature_shapes == {"fc": (512,), "att": (49, 256)}
     assert att.metrics["BLEU-4"] > 0.1
 
 

@@ -18,6 +18,7 @@ from captioner.tokenizer import Vocabulary
 from captioner.encoder import VGGEncoder
 from tests.test_train import tiny_karpathy  # noqa: F401  (fixture)
 from training import distill
+from training.options import DistillImages
 from captioner.cli import parsers
 
 
@@ -143,7 +144,7 @@ def test_init_from_a_caption_model_fits_the_heads_to_its_encoder(tiny_karpathy, 
     assert [r["epoch"] for r in _rows(tmp_path / "d3")] == [0, 1]
 
     teacher = TinyTeacher()
-    _, val_paths = distill.image_paths(args)
+    _, val_paths = distill.image_paths(DistillImages.from_args(args))
     loader = DataLoader(distill.crop_dataset(val_paths, 32, train=False), 4, collate_fn=distill.collate_images)
     norm = (torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
     cpu = torch.device("cpu")
@@ -158,7 +159,7 @@ def test_init_from_a_caption_model_fits_the_heads_to_its_encoder(tiny_karpathy, 
 def test_val_images_are_never_trained_on(tiny_karpathy, tiny_teacher, tmp_path):  # noqa: F811
     ann, root = tiny_karpathy
     args = _args(ann, root, tmp_path / "d", str(root / "images"))  # the folder holds the val images too
-    train, val = distill.image_paths(args)
+    train, val = distill.image_paths(DistillImages.from_args(args))
     assert val and not set(train) & set(val)
     assert len(train) == len(set(train))
 

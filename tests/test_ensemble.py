@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from captioner.checkpoint import CheckpointError, load_pretrained, save_pretrained
 from captioner.decoder import Decoder, DecoderEnsemble
+from captioner.features import ImageFeatures
 from captioner.generation import GenerationConfig
 from captioner.cli.export import add_decoders
 from captioner.cli.export import main as export_main
@@ -44,7 +45,7 @@ def ensemble_of(*seeds: int, cell: str = "lstm", num_layers: int = 1) -> tuple[C
 
 def test_ensemble_is_the_mean_of_member_probabilities():
     model, members = ensemble_of(1, 2, 3, num_layers=2)
-    v = torch.randn(4, model.cfg.encoder.feature_dim)
+    v = ImageFeatures(torch.randn(4, model.cfg.encoder.feature_dim))
     tokens = torch.randint(1, model.cfg.vocab_size, (4, 5))
     with torch.no_grad():
         p = torch.stack([F.softmax(m(v, tokens), -1) for m in members]).mean(0)
@@ -52,10 +53,10 @@ def test_ensemble_is_the_mean_of_member_probabilities():
     torch.testing.assert_close(got.exp(), p, atol=1e-6, rtol=1e-5)
     # one step at a time through the stacked state gives the same mixture as teacher forcing
     dec = model.decoder
-    state, iv = dec.init_state(4), dec.image_proj(v)
+    state, pre = dec.init_state(4), dec.precompute(v)
     with torch.no_grad():
         for t in range(tokens.size(1)):
-            logits, state = dec.step(tokens[:, t], state, iv, t)
+            logits, state, _ = dec.step(tokens[:, t], state, pre, t)
             torch.testing.assert_close(logits, got[:, t], atol=1e-5, rtol=1e-5)
             assert torch.allclose(logits.exp().sum(-1), torch.ones(4))
 
@@ -67,7 +68,7 @@ def test_ensemble_of_copies_searches_like_its_member(beam_size):
     assert torch.equal(member.W_hy.weight, twin.W_hy.weight)
     single = copy.deepcopy(model)
     single.decoder = member
-    v = torch.randn(6, model.cfg.encoder.feature_dim)
+    v = ImageFeatures(torch.randn(6, model.cfg.encoder.feature_dim))
     gen = GenerationConfig(beam_size=beam_size)
     a, b = model.generate(features=v, generation=gen), single.generate(features=v, generation=gen)
     assert torch.equal(a.tokens, b.tokens)
@@ -77,7 +78,7 @@ def test_ensemble_of_copies_searches_like_its_member(beam_size):
 def test_ensemble_beam_search_follows_the_mixture():
     """The beam's log-probability of its caption is the mixture's, and it differs from either member's search."""
     model, members = ensemble_of(11, 12)
-    v = torch.randn(8, model.cfg.encoder.feature_dim)
+    v = ImageFeatures(torch.randn(8, model.cfg.encoder.feature_dim))
     hyp = model.generate(features=v, generation=GenerationConfig(beam_size=3))
     seq = hyp.tokens[:, 0]
     inp = torch.cat([torch.full((8, 1), 1), seq[:, :-1]], 1)  # <bos> then the caption
@@ -94,7 +95,7 @@ def test_ensemble_checkpoint_round_trip(tmp_path):
     assert cfg["decoder"]["members"] == 2
     loaded, _ = load_pretrained(tmp_path / "ens")
     assert isinstance(loaded.decoder, DecoderEnsemble) and len(loaded.decoder.members) == 2
-    v = torch.randn(3, model.cfg.encoder.feature_dim)
+    v = ImageFeatures(torch.randn(3, model.cfg.encoder.feature_dim))
     assert torch.equal(loaded.generate(features=v).tokens, model.generate(features=v).tokens)
     # a single decoder's config.json has no members key, as before ensembles existed
     save_pretrained(CaptionModel(tiny_model_config()), Vocabulary(TINY_WORDS), tmp_path / "one")
@@ -131,7 +132,7 @@ def test_fresh_decoder_members_export_as_an_ensemble(tiny_karpathy, tmp_path, ca
     assert "CIDEr-D" not in metrics  # one member's run metrics are not the ensemble's
     assert [m["checkpoint"] for m in metrics["members"]] == ["base/best", "m1/best"]  # portable: no build paths
     assert all("CIDEr-D" in m for m in metrics["members"])
-    v = torch.randn(5, ens.cfg.encoder.feature_dim)
+    v = ImageFeatures(torch.randn(5, ens.cfg.encoder.feature_dim))
     tokens = torch.randint(1, ens.cfg.vocab_size, (5, 4))
     with torch.no_grad():
         members = torch.stack([F.log_softmax(d(v, tokens), -1) for d in (b.decoder, m1.decoder)])
@@ -146,7 +147,7 @@ def test_plain_export_keeps_a_single_decoder(tiny_checkpoint, tmp_path):
     a, _ = load_pretrained(tiny_checkpoint)
     b, _ = load_pretrained(out)
     assert isinstance(b.decoder, Decoder) and b.cfg.decoder.members == 1
-    v = torch.randn(4, a.cfg.encoder.feature_dim)
+    v = ImageFeatures(torch.randn(4, a.cfg.encoder.feature_dim))
     assert torch.equal(a.generate(features=v).tokens, b.generate(features=v).tokens)
 
 

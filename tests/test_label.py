@@ -155,9 +155,11 @@ def test_distill_from_labels_learns_objects_and_counts_and_never_sees_held_out_p
     assert cfg.preprocess.image_size == 32 and cfg.encoder.layers == [8, "M", 16, "M"]
     # the held-out photos were only evaluated: distill_labels trains on the others
     from training.distill_labels import held_out_paths
+    from training.options import DistillTraining
     from captioner.cli import parsers
     args = parsers.distill().parse_args(["--labels", str(run), "--hold-out", *held, "--out", str(out)])
-    assert {os.path.abspath(p) for p in held} == held_out_paths(args)
+    opts = DistillTraining.from_args(args)
+    assert {os.path.abspath(p) for p in held} == held_out_paths(opts.images, opts.labels.hold_out)
     # resume goes on from the last epoch
     assert cli_main([*argv[:argv.index("--epochs") + 1], "32", *argv[argv.index("--epochs") + 2:], "--resume"]) == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 32

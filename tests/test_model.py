@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from captioner.config import DecoderConfig
 from captioner.decoder import Decoder
+from captioner.features import ImageFeatures
 from captioner.model import CaptionModel
 from tests.conftest import tiny_model_config
 
@@ -55,7 +56,7 @@ def test_rnn_cell_is_the_formula(inject):
         expected.append(h @ W_hy.T + b_y)
     expected = torch.stack(expected, 1)  # (N, T, V)
     with torch.no_grad():
-        got = dec(v, tokens)
+        got = dec(ImageFeatures(v), tokens)
     assert got.shape == (3, 4, V)
     torch.testing.assert_close(got, expected.detach(), atol=1e-6, rtol=1e-5)
 
@@ -74,7 +75,7 @@ def test_rnn_two_layers_is_the_formula():
         h1 = torch.tanh(h0 @ l1.W_xh.weight.T + h1 @ l1.W_hh.weight.T + l1.W_xh.bias)
         expected.append(h1 @ dec.W_hy.weight.T + dec.W_hy.bias)
     with torch.no_grad():
-        got = dec(v, tokens)
+        got = dec(ImageFeatures(v), tokens)
     torch.testing.assert_close(got, torch.stack(expected, 1).detach(), atol=1e-6, rtol=1e-5)
 
 
@@ -119,7 +120,7 @@ def test_gate_layout_matches_torch_cells_without_image(cell):
         dec.layers[0].W_ih.weight.zero_()
     v, tokens = inputs()
     with torch.no_grad():
-        got = dec(v, tokens, return_hidden=True)
+        got = dec(ImageFeatures(v), tokens, return_hidden=True)
         want = run_reference(dec, reference_cell(dec, with_image=False), v, tokens, with_image=False)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
@@ -130,7 +131,7 @@ def test_image_term_is_added_to_input_preactivation(cell, inject):
     dec = make_decoder(cell, inject)
     v, tokens = inputs()
     with torch.no_grad():
-        got = dec(v, tokens, return_hidden=True)
+        got = dec(ImageFeatures(v), tokens, return_hidden=True)
         want = run_reference(dec, reference_cell(dec, with_image=True), v, tokens, with_image=True)
         # and the image really matters (the check above would be vacuous with W_ih = 0)
         blind = run_reference(dec, reference_cell(dec, with_image=False), v, tokens, with_image=False)
@@ -154,17 +155,18 @@ def test_shapes_and_step_equals_forward(cell, inject, num_layers):
     with torch.no_grad():
         logits = model(images, tokens)
         assert logits.shape == (B, T, Vs)
-        v = model.encode(images)
-        assert v.shape == (B, *cfg.feature_shape)
-        assert v.shape[1:] == ((cfg.encoder.feature_dim,) if inject != "attention" else (16, 8, 8))
+        f = model.encode(images)
+        assert {k: t.shape for k, t in f.named().items()} == {k: (B, *s) for k, s in cfg.feature_shapes.items()}
+        assert f.fc.shape == (B, cfg.encoder.feature_dim)
+        assert (f.att is None) == (inject != "attention") and (f.att is None or f.att.shape == (B, 64, 16))
         dec = model.decoder
         state = dec.init_state(B)
         n_states = 2 if cell == "lstm" else 1
         assert len(state) == n_states and all(s.shape == (num_layers, B, cfg.decoder.hidden_dim) for s in state)
-        iv = dec.image_proj(v)
+        pre = dec.precompute(f)
         steps = []
         for t in range(T):
-            out, state = dec.step(tokens[:, t], state, iv, t)
+            out, state, _ = dec.step(tokens[:, t], state, pre, t)
             assert out.shape == (B, Vs)
             steps.append(out)
     assert (torch.stack(steps, 1) - logits).abs().max() < 1e-5
@@ -183,17 +185,17 @@ def test_inject_first_uses_v_at_step_zero_only(cell, num_layers):
     dec = make_decoder(cell, "first", num_layers)
     v, tokens = inputs()
     with torch.no_grad():
-        iv = dec.image_proj(v)
-        other = dec.image_proj(torch.randn_like(v))
-        ref = dec(v, tokens)
+        pre = dec.precompute(ImageFeatures(v))
+        other = dec.precompute(ImageFeatures(torch.randn_like(v)))
+        ref = dec(ImageFeatures(v), tokens)
         # steps t > 0 are fed a different image: nothing changes
         state, outs = dec.init_state(3), []
         for t in range(tokens.size(1)):
-            out, state = dec.step(tokens[:, t], state, iv if t == 0 else other, t)
+            out, state, _ = dec.step(tokens[:, t], state, pre if t == 0 else other, t)
             outs.append(out)
         assert (torch.stack(outs, 1) - ref).abs().max() < 1e-5
         # ... while a different image at t = 0 changes the output
-        out0, _ = dec.step(tokens[:, 0], dec.init_state(3), other, 0)
+        out0, _, _ = dec.step(tokens[:, 0], dec.init_state(3), other, 0)
         assert (out0 - ref[:, 0]).abs().max() > 1e-4
 
 
@@ -202,14 +204,14 @@ def test_inject_every_uses_v_at_every_step(cell):
     dec = make_decoder(cell, "every")
     v, tokens = inputs()
     with torch.no_grad():
-        iv, other = dec.image_proj(v), dec.image_proj(torch.randn_like(v))
-        ref = dec(v, tokens)
+        pre, other = dec.precompute(ImageFeatures(v)), dec.precompute(ImageFeatures(torch.randn_like(v)))
+        ref = dec(ImageFeatures(v), tokens)
         state = dec.init_state(3)
         for t in range(tokens.size(1)):
-            out, _ = dec.step(tokens[:, t], state, other, t)
+            out, _, _ = dec.step(tokens[:, t], state, other, t)
             # the same state fed a different image gives a different output at every step
             assert (out - ref[:, t]).abs().max() > 1e-4, t
-            _, state = dec.step(tokens[:, t], state, iv, t)
+            _, state, _ = dec.step(tokens[:, t], state, pre, t)
 
 
 def test_bad_decoder_config_is_rejected():
@@ -230,7 +232,7 @@ def test_learnable_h0_is_a_parameter_with_gradient(cell):
     assert "h0" in names and names["h0"].requires_grad
     assert names["h0"].shape == (2 if cell == "lstm" else 1, 2, H)
     v, tokens = inputs()
-    dec(v, tokens).sum().backward()
+    dec(ImageFeatures(v), tokens).sum().backward()
     assert dec.h0.grad is not None and dec.h0.grad.abs().sum() > 0
     if cell == "lstm":  # both h0 and c0 are learnt
         assert dec.h0.grad[1].abs().sum() > 0

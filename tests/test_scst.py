@@ -1,7 +1,6 @@
 """Self-critical sequence training: the CIDEr-D reward, the REINFORCE loss, and `captioner train --scst`."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -9,12 +8,15 @@ import torch
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
+from captioner.checkpoint import load_pretrained
+from captioner.features import ImageFeatures
 from captioner.model import CaptionModel
 from training import train as train_mod
 from training.cider import CiderD
 from training.datasets import pad_captions
 from training.optim import optimizer_step
 from training.scst import ScstLoss, bleu4, reference_corpus, rewards, scst_step, words
+from training.options import ScstOptions
 
 from tests.conftest import tiny_model_config
 from tests.test_train import _args, tiny_karpathy  # noqa: F401  (fixture)
@@ -72,7 +74,7 @@ def test_loss_moves_a_caption_with_the_sign_of_its_advantage(sign):
     torch.manual_seed(0)
     cfg = tiny_model_config()
     model = CaptionModel(cfg).eval()
-    v = torch.randn(1, cfg.encoder.feature_dim)
+    v = ImageFeatures(torch.randn(1, cfg.encoder.feature_dim))
     inp, tgt = pad_captions([[5, 6, 7]], 8)
 
     def logp():
@@ -81,7 +83,7 @@ def test_loss_moves_a_caption_with_the_sign_of_its_advantage(sign):
         return lp.sum().item()
 
     before = logp()
-    loss = ScstLoss(model)(v, True, torch.tensor([0]), inp, tgt, torch.tensor([sign]))
+    loss = ScstLoss(model)(v, torch.tensor([0]), inp, tgt, torch.tensor([sign]))
     loss.backward()
     with torch.no_grad():
         for p in model.parameters():
@@ -106,9 +108,8 @@ def test_scst_raises_the_reward(baseline, bleu_weight):
     caps = [[torch.tensor([4 + i, 9 + i])] for i in range(4)]
     refs = reference_corpus(caps)
     cider = CiderD(refs)
-    batch = {"images": torch.randn(4, cfg.encoder.feature_dim), "indices": torch.arange(4), "is_features": True}
-    args = argparse.Namespace(scst_samples=5, scst_baseline=baseline, scst_bleu_weight=bleu_weight, seed=0,
-                              max_length=cfg.max_length, channels_last=False, grad_clip=5.0)
+    batch = {"features": ImageFeatures(torch.randn(4, cfg.encoder.feature_dim)), "indices": torch.arange(4)}
+    scst = ScstOptions(scst=True, scst_samples=5, scst_baseline=baseline, scst_bleu_weight=bleu_weight)
     params = list(model.parameters())
     opt = torch.optim.Adam(params, lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
@@ -116,10 +117,11 @@ def test_scst_raises_the_reward(baseline, bleu_weight):
     def epoch(e: int) -> float:
         """20 engine steps (training/engine.py does the same around each objective step); the mean reward."""
         model.eval()  # as the SCST objective runs it
-        g, rewards_ = torch.Generator().manual_seed(args.seed * 1000 + e), []
+        g, rewards_ = torch.Generator().manual_seed(0 * 1000 + e), []  # --seed 0
         for _ in range(20):
-            loss, logs, _ = scst_step(ScstLoss(model), model, batch, cider, refs, args, g, torch.device("cpu"))
-            optimizer_step(loss, opt, sched, scaler, params, args.grad_clip)
+            loss, logs, _ = scst_step(ScstLoss(model), model, batch, cider, refs, scst, cfg.max_length, False, g,
+                                      torch.device("cpu"))
+            optimizer_step(loss, opt, sched, scaler, params, 5.0)  # --grad-clip 5
             rewards_.append(logs["reward"][0])
         return sum(rewards_) / len(rewards_)
 
@@ -137,7 +139,7 @@ def test_scst_command_fine_tunes_and_keeps_vqa_metrics(tiny_karpathy, tmp_path):
     m = json.loads((xe / "best" / "metrics.json").read_text())
     m.update(tasks=["caption", "vqa"], val_accuracy=0.5)  # as a joint run would write it
     (xe / "best" / "metrics.json").write_text(json.dumps(m))
-    start = {k: v.clone() for k, v in train_mod.load_pretrained(xe / "best")[0].state_dict().items()}
+    start = {k: v.clone() for k, v in load_pretrained(xe / "best")[0].state_dict().items()}
     out = tmp_path / "scst"
     model = train_mod.main(_args(ann, root, out, "--scst", "--init-from", str(xe / "best"), "--freeze-encoder",
                                  "--epochs", "2", "--scst-baseline", "greedy"))

@@ -22,6 +22,7 @@ from tests.test_train import tiny_karpathy  # noqa: F401  (fixture)
 from training import train as train_mod
 from training.distill import save_encoder
 from training.features import cache_key, compute_features
+from training.options import CaptionData
 from captioner.cli import parsers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,14 +57,15 @@ def test_teacher_features_replace_the_students_in_training(tiny_karpathy, tiny_t
                                                             one_thread):
     data, cache = _model_and_cache(tiny_karpathy, tmp_path)
     model, _ = load_pretrained(tmp_path / "model")
-    train_rec, val_rec = train_mod.read_records(parsers.train().parse_args([*data, "--output", "x"]))
+    train_data = CaptionData.from_args(parsers.train().parse_args([*data, "--output", "x"]))
+    train_rec, val_rec = train_mod.read_records(train_data)
     assert len(list(cache.glob("*.safetensors"))) == 2
     train_file, val_file = (load_file(str(cache / f"{cache_key(model, rec)}.safetensors"))
                             for rec in (train_rec, val_rec))
-    assert train_file["features"].shape == (len(train_rec), 32) and val_file["features"].shape == (len(val_rec), 32)
-    student_v, ok = compute_features(model, train_rec, torch.device("cpu"), None, 4, 0)
+    assert train_file["fc"].shape == (len(train_rec), 32) and val_file["fc"].shape == (len(val_rec), 32)
+    student, ok = compute_features(model, train_rec, torch.device("cpu"), None, 4, 0)
     assert torch.equal(train_file["ok"], ok) and not ok.all()  # the corrupt training image stays marked
-    assert not torch.allclose(train_file["features"][ok], student_v[ok], atol=1e-3)  # the teacher's, not v
+    assert not torch.allclose(train_file["fc"][ok], student.fc[ok], atol=1e-3)  # the teacher's, not v
 
     caplog.set_level(logging.INFO)
     train_mod.main(parsers.train().parse_args([
@@ -105,7 +107,7 @@ def test_probe_measures_the_model_a_distilled_encoder_and_the_teacher(tiny_karpa
     assert full["train"] > 0.95 and full["val"] > 0.9, full
     # seen at fewer pixels, the teacher gets other input (what it sees is resized back up to its own size)
     teacher, recs = tiny_teacher_model(), train_mod.read_records(
-        parsers.train().parse_args([*data, "--output", "x"]))[1]
+        CaptionData.from_args(parsers.train().parse_args([*data, "--output", "x"])))[1]
     same, small = (probe.teacher_features(teacher, recs, 32, 4, 0, seen_at=s) for s in (32, 4))
     assert torch.equal(same, probe.teacher_features(teacher, recs, 32, 4, 0))
     assert not torch.allclose(small, same, atol=1e-3)

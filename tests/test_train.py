@@ -145,22 +145,25 @@ def test_feature_views_cache_augmented_crops_beside_the_centre_crop(tiny_karpath
     rng = torch.get_rng_state()
     views = cached_features(model, records, cache_dir, cpu, None, 4, 0, views=3)
     centre = cached_features(model, records, cache_dir, cpu, None, 4, 0)
-    assert views["features"].shape == (3, len(records), model.cfg.encoder.feature_dim)
-    torch.testing.assert_close(views["features"][0], centre["features"], rtol=0, atol=0)
+    fc = torch.stack([f.fc for f in views["views"]])  # (3, N, D): the fields by name, fc alone for an FC model
+    assert fc.shape == (3, len(records), model.cfg.encoder.feature_dim)
+    assert all(f.att is None for f in views["views"])
+    torch.testing.assert_close(fc[0], centre["views"][0].fc, rtol=0, atol=0)
     ok = views["ok"]
     assert not ok.all() and ok.sum() == len(records) - 1  # the broken image is unreadable in every view
-    f = views["features"][:, ok]
+    f = fc[:, ok]
     assert not torch.allclose(f[0], f[1]) and not torch.allclose(f[1], f[2])  # crops and flips differ
     for p in cache_dir.glob("*.safetensors"):  # recomputed from scratch: the same crops (each view has its seed)
         p.unlink()
     again = cached_features(model, records, cache_dir, cpu, None, 4, 0, views=3)
-    torch.testing.assert_close(again["features"], views["features"], rtol=0, atol=0)
+    for a, b in zip(again["views"], views["views"], strict=True):
+        torch.testing.assert_close(a.fc, b.fc, rtol=0, atol=0)
     assert torch.equal(torch.get_rng_state(), rng)  # caching does not move the training run's random stream
 
     ds = FeatureDataset(views)
     i = int(ok.nonzero()[0])
-    drawn = {tuple(ds[i]["image"].tolist()) for _ in range(40)}
-    assert len(drawn) >= 2 and drawn <= {tuple(v[i].tolist()) for v in views["features"]}
+    drawn = {tuple(ds[i]["features"].fc[0].tolist()) for _ in range(40)}
+    assert len(drawn) >= 2 and drawn <= {tuple(v.tolist()) for v in fc[:, i]}
 
 
 def test_feature_views_need_a_frozen_encoder(tiny_karpathy, tmp_path):

@@ -12,6 +12,7 @@ from captioner.api import Answer, Captioner
 from captioner.checkpoint import load_pretrained, save_pretrained
 from captioner.cli import _pick
 from captioner.cli import main as cli
+from captioner.features import ImageFeatures
 from captioner.tokenizer import Vocabulary
 from captioner.vqa import VQAInputError, VQAUnavailableError
 from tests.conftest import TINY_WORDS
@@ -90,8 +91,8 @@ def test_batch_shape_errors(vqa_checkpoint, images):
     cap = Captioner.from_pretrained(vqa_checkpoint, device="cpu")
     with pytest.raises(VQAInputError, match="2 images, 1 questions"):
         cap.answer_many(images[:2], ["a dog?"], [["red", "cat"]])
-    with pytest.raises(VQAInputError, match="features must be"):
-        cap.answer_batch(torch.zeros(3, 32), ["a dog?"], [["red", "cat"]])
+    with pytest.raises(VQAInputError, match=r"features\.fc must be \(B=1, 32\), got \(3, 32\)"):
+        cap.answer_batch(ImageFeatures(torch.zeros(3, 32)), ["a dog?"], [["red", "cat"]])
 
 
 def test_caption_only_checkpoint(tiny_checkpoint, images):

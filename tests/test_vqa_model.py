@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from captioner.config import ModelConfig, VQAConfig
+from captioner.features import ImageFeatures
 from captioner.model import CaptionModel
 from captioner.tokenizer import PAD_ID, Vocabulary
 from captioner.vqa import VQAUnavailableError, encode_batch, pad_choices
@@ -33,7 +34,7 @@ def test_shapes_and_mixed_choice_counts(cell):
     model = tiny_vqa_model(cell)
     q, c, m = _batch(["a dog on the grass", "two people in the water"], [["red", "ball", "cat", "dog"], ["a man", "two"]])
     assert c.shape == (2, 4, 2) and m.tolist() == [[True] * 4, [True, True, False, False]]
-    logits = model.answer_logits(torch.randn(2, 32), q, c, m)
+    logits = model.answer_logits(ImageFeatures(torch.randn(2, 32)), q, c, m)
     assert logits.shape == (2, 4)
     p = logits.softmax(-1)
     assert torch.allclose(p.sum(-1), torch.ones(2))
@@ -43,11 +44,11 @@ def test_shapes_and_mixed_choice_counts(cell):
 def test_masked_choices_never_win_even_with_real_tokens():
     model = tiny_vqa_model()
     q, c, m = _batch(["a dog"] * 3, [["red", "ball", "cat"]] * 3)
-    free = model.answer_logits(torch.randn(3, 32), q, c, m)
+    free = model.answer_logits(ImageFeatures(torch.randn(3, 32)), q, c, m)
     # mask out whichever choice won: it must lose and carry no probability, whatever its tokens say
     m2 = m.clone()
     m2[torch.arange(3), free.argmax(-1)] = False
-    v = torch.randn(3, 32)
+    v = ImageFeatures(torch.randn(3, 32))
     logits = model.answer_logits(v, q, c, m2)
     p = logits.softmax(-1)
     assert (p[~m2] == 0).all()
@@ -59,7 +60,7 @@ def test_masked_choices_never_win_even_with_real_tokens():
 
 def test_permuting_choices_permutes_probabilities():
     model = tiny_vqa_model("gru")
-    v = torch.randn(1, 32)
+    v = ImageFeatures(torch.randn(1, 32))
     choices = ["red ball", "a cat", "the dog", "two people", "water"]
     q, c, m = _batch(["a man on the grass"], [choices])
     p = model.answer_logits(v, q, c, m).softmax(-1)[0]
@@ -73,7 +74,7 @@ def test_permuting_choices_permutes_probabilities():
 def test_padding_in_a_batch_changes_nothing():
     """A short question next to a long one (more padding; the backward RNN starts at its own last word)."""
     model = tiny_vqa_model("lstm")
-    v = torch.randn(2, 32)
+    v = ImageFeatures(torch.randn(2, 32))
     alone = model.answer_logits(v[:1], *_batch(["a dog"], [["red", "cat"]]))
     q, c, m = _batch(["a dog", "two people on the grass in the water"], [["red", "cat"], ["a red ball", "cat", "man"]])
     together = model.answer_logits(v, q, c, m)
@@ -87,10 +88,10 @@ def test_answers_depend_on_image_and_question():
         for layer in (model.vqa.q_fwd, model.vqa.q_bwd):
             layer.W_ih.weight.mul_(20)
     q, c, m = _batch(["a dog", "a dog"], [["red", "cat", "ball"]] * 2)
-    v = torch.randn(2, 32) * 3
+    v = ImageFeatures(torch.randn(2, 32) * 3)
     lg = model.answer_logits(v, q, c, m)
     assert not torch.allclose(lg[0], lg[1])
-    blind = model.answer_logits(torch.zeros(2, 32), q, c, m)  # the image-blind path: v = 0
+    blind = model.answer_logits(ImageFeatures(torch.zeros(2, 32)), q, c, m)  # the image-blind path: v = 0
     assert torch.allclose(blind[0], blind[1])
     q2, c2, m2 = _batch(["two people", "a dog"], [["red", "cat", "ball"]] * 2)
     assert not torch.allclose(model.answer_logits(v, q2, c2, m2)[0], lg[0])
@@ -113,7 +114,7 @@ def test_caption_only_model_has_no_head():
     assert model.vqa is None and not any(k.startswith("vqa.") for k in model.state_dict())
     q, c, m = _batch(["a dog"], [["red", "cat"]])
     with pytest.raises(VQAUnavailableError, match="no VQA head"):
-        model.answer_logits(torch.zeros(1, 32), q, c, m)
+        model.answer_logits(ImageFeatures(torch.zeros(1, 32)), q, c, m)
 
 
 def test_config_round_trip_and_old_configs():

@@ -176,6 +176,25 @@ def test_joint_training(data, tmp_path, monkeypatch):
     assert len(cap.answer(img, "What colour is the square?", list(COLOURS)).probs) == 4
 
 
+def test_joint_attention_takes_its_attention_options(data, tmp_path):
+    """--task joint --inject attention: the --attention-* options are accepted (as by `captioner train`) and used:
+    the decoder is built with them and the caption loss gets the penalty."""
+    from captioner.model import CaptionModel
+    from tests.conftest import tiny_model_config
+
+    out = tmp_path / "att"
+    assert cli(["train", "--task", "joint", "--annotations", str(data / "karpathy.json"), "--images", str(data),
+                "--vqa-dataset", "v7w", "--vqa-annotations", str(data / "v7w.json"), "--vqa-images",
+                str(data / "images"), "--output", str(out), "--epochs", "1", "--no-java", "--eval-beam", "1",
+                "--embed-dim", "16", "--hidden-dim", "24", "--max-length", "8", "--inject", "attention",
+                "--attention-dim", "8", "--no-attention-gate", "--attention-penalty", "0.5", *TINY]) == 0
+    dec = json.loads((out / "best" / "config.json").read_text())["decoder"]
+    assert (dec["inject"], dec["attention_dim"], dec["attention_gate"]) == ("attention", 8, False)
+    assert json.loads((out / "best" / "metrics.json").read_text())["args"]["attention_penalty"] == 0.5
+    model = CaptionModel(tiny_model_config(inject="attention", attention_dim=8))
+    assert train_vqa.TaskLoss(model, 0.0, False, 0.5).caption.penalty == 0.5
+
+
 def test_init_from_continues_a_trained_model(data, trained, tmp_path):
     out = tmp_path / "more"
     assert cli(_vqa_args(data, out, "--epochs", "1", "--init-from", str(trained / "best"), "--lr", "1e-4")) == 0

@@ -1,7 +1,10 @@
 """Datasets, training and evaluation.
 
     engine.py      the one training engine: epoch loop, AMP, clipping, LR schedule, DDP-aware saving, --resume,
-                   metrics.jsonl, curves.png; fit(objective, args, device)
+                   metrics.jsonl, curves.png; fit(objective, optim, device); build_or_load_model()
+    options.py     the training commands' options, declared once as groups: a function adding an argument group to
+                   a parser and a frozen dataclass per group; the command entry functions (main(args)) build them
+                   from the Namespace, and nothing below them takes the Namespace
     train.py       the caption objective (cross-entropy; --scst: scst.py's self-critical step, cider.py's reward)
     train_vqa.py   the VQA and joint caption + VQA objective (vqa_data.py: the question sets)
     distill.py     the distillation objective (an ImageNet teacher -> the VGG-style encoder); distill_labels.py

@@ -29,7 +29,7 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from captioner.checkpoint import load_pretrained, load_training_state
-from captioner.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, override_encoder, preset
+from captioner.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
 from captioner.encoder import VGGEncoder
 from captioner.data import ImageDataset, collate
 from captioner.fileio import atomic_write
@@ -39,6 +39,7 @@ from .datasets import read_dataset
 from .distributed import is_main
 from .engine import STATE, Objective, fit, setup
 from .optim import amp_settings
+from .options import DistillImages, DistillTraining
 
 log = logging.getLogger("captioner.distill")
 
@@ -91,21 +92,22 @@ def collate_images(items) -> torch.Tensor:
     return collate(items)["images"]
 
 
-def image_paths(args) -> tuple[list[str], list[str]]:
+def image_paths(d: DistillImages) -> tuple[list[str], list[str]]:
+    """The images to learn from and the held-out ones (--val-split) to report teacher agreement on."""
     train, val = [], []
-    if args.annotations:
-        if not args.images:
+    if d.annotations:
+        if not d.images:
             raise SystemExit("--annotations needs --images")
-        train = [r.path for r in read_dataset(args.dataset, args.annotations, args.images, args.split)]
-        if args.val_split:
-            val = [r.path for r in read_dataset(args.dataset, args.annotations, args.images, args.val_split)]
-    if args.inputs:
-        train += [it.path for it in expand_inputs(args.inputs, warn=log.warning)]
+        train = [r.path for r in read_dataset(d.dataset, d.annotations, d.images, d.split)]
+        if d.val_split:
+            val = [r.path for r in read_dataset(d.dataset, d.annotations, d.images, d.val_split)]
+    if d.inputs:
+        train += [it.path for it in expand_inputs(list(d.inputs), warn=log.warning)]
     if not train:
         raise SystemExit("captioner distill: no images (give --annotations/--images and/or INPUT paths)")
     held_out = set(val)
     train = [p for p in dict.fromkeys(train) if p not in held_out]  # never learn from the images we report on
-    return train, val[: args.max_val_images] if args.max_val_images else val
+    return train, val[: d.max_val_images] if d.max_val_images else val
 
 
 # ------------------------------------------------------------------------------------------------------------ model
@@ -246,72 +248,75 @@ class DistillObjective(Objective):
     log_keys = ("loss", "kl", "cos")
     plot_keys = ("val_top1_agreement", "val_top5_agreement", "val_cosine")
 
-    def __init__(self, args, device, world: int, rank: int, init_model: bool) -> None:
-        self.args, self.device, self.world = args, device, world
-        self.out = Path(args.out)
-        self.amp_dtype = amp_settings(args.amp, device)[0]
+    def __init__(self, opts: DistillTraining, device, world: int, rank: int, init_model: bool) -> None:
+        self.opts, self.device, self.world = opts, device, world
+        imgs, o, t, run = opts.images, opts.optim, opts.teacher, opts.run
+        self.out = Path(run.out)
+        self.amp_dtype = amp_settings(o.amp, device)[0]
         last = self.out / "last_encoder.safetensors"
         if init_model:
-            model, _ = load_pretrained(args.init_from, "cpu")
+            model, _ = load_pretrained(run.init_from, "cpu")
             cfg, encoder = model.cfg, model.encoder
-        elif args.resume and last.is_file():  # the run's own layout, whatever flags (or model) it started from
+        elif run.resume and last.is_file():  # the run's own layout, whatever flags (or model) it started from
             cfg, encoder = encoder_layout(last)
         else:
-            cfg = override_encoder(preset(args.arch), args.encoder_layers, args.fc_dims, args.image_size)
+            cfg = opts.student.model_config()
             encoder = VGGEncoder(cfg.encoder)
         self.cfg = cfg
-        self.train_paths, val_paths = image_paths(args)
-        if args.teacher not in TEACHERS:
-            raise SystemExit(f"--teacher must be one of {', '.join(sorted(TEACHERS))}, got {args.teacher!r}")
-        self.teacher = TEACHERS[args.teacher]().to(device)
+        self.train_paths, val_paths = image_paths(imgs)
+        if t.teacher not in TEACHERS:
+            raise SystemExit(f"--teacher must be one of {', '.join(sorted(TEACHERS))}, got {t.teacher!r}")
+        self.teacher = TEACHERS[t.teacher]().to(device)
         self.model = Student(encoder, self.teacher.feature_dim, self.teacher.num_classes,
                              cfg.preprocess.image_size, cfg.preprocess.mean, cfg.preprocess.std).to(device)
-        if args.channels_last:  # NHWC weights make the convs run (and return) NHWC whatever the input's layout
+        if o.channels_last:  # NHWC weights make the convs run (and return) NHWC whatever the input's layout
             self.teacher.to(memory_format=torch.channels_last)
             encoder.to(memory_format=torch.channels_last)
         self.norm = (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
                      torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
         self.student_ddp = torch.nn.parallel.DistributedDataParallel(self.model) if world > 1 else self.model
-        train_ds = crop_dataset(self.train_paths, args.teacher_size, train=True, min_scale=args.min_scale)
-        self.sampler = DistributedSampler(train_ds, world, rank, seed=args.seed) if world > 1 else RandomSampler(train_ds)
-        self.loader = DataLoader(train_ds, args.batch_size, sampler=self.sampler, num_workers=args.workers,
-                                 collate_fn=collate_images, drop_last=True, persistent_workers=args.workers > 0,
+        train_ds = crop_dataset(self.train_paths, t.teacher_size, train=True, min_scale=t.min_scale)
+        self.sampler = DistributedSampler(train_ds, world, rank, seed=o.seed) if world > 1 else RandomSampler(train_ds)
+        self.loader = DataLoader(train_ds, o.batch_size, sampler=self.sampler, num_workers=imgs.workers,
+                                 collate_fn=collate_images, drop_last=True, persistent_workers=imgs.workers > 0,
                                  pin_memory=device.type == "cuda")
-        self.val_loader = DataLoader(crop_dataset(val_paths, args.teacher_size, train=False), args.batch_size,
-                                     num_workers=args.workers, collate_fn=collate_images) if val_paths else None
+        self.val_loader = DataLoader(crop_dataset(val_paths, t.teacher_size, train=False), o.batch_size,
+                                     num_workers=imgs.workers, collate_fn=collate_images) if val_paths else None
         self.n_val = len(val_paths)
-        self.meta = {"teacher": args.teacher, "encoder": cfg.to_dict()["encoder"],
+        self.meta = {"teacher": t.teacher, "encoder": cfg.to_dict()["encoder"],
                      "preprocess": cfg.to_dict()["preprocess"]}
 
     def start(self, init_model: bool) -> None:
         """Before the first epoch of a new run: the student from an earlier run, or the teacher's statistics
         (and, from a caption model, the heads fitted to its encoder)."""
-        args, student = self.args, self.model
-        if args.init_from and not init_model:
-            student.load_state_dict(load_training_state(Path(args.init_from) / STATE)["student"])
+        run, t, student = self.opts.run, self.opts.teacher, self.model
+        if run.init_from and not init_model:
+            student.load_state_dict(load_training_state(Path(run.init_from) / STATE)["student"])
             if is_main():
-                log.info("student initialised from %s", Path(args.init_from) / STATE)
-        elif not args.resume:
+                log.info("student initialised from %s", Path(run.init_from) / STATE)
+        elif not run.resume:
             if init_model and is_main():
                 log.info("student encoder from the model %s (%s, %d px); fitting its heads to the teacher",
-                         args.init_from, self.cfg.encoder.arch, self.cfg.preprocess.image_size)
-            stats_loader = DataLoader(crop_dataset(self.train_paths, args.teacher_size, train=False),
-                                      args.batch_size, num_workers=args.workers, collate_fn=collate_images)
-            teacher_statistics(student, self.teacher, stats_loader, self.device, self.norm, args.statistics_images,
+                         run.init_from, self.cfg.encoder.arch, self.cfg.preprocess.image_size)
+            stats_loader = DataLoader(crop_dataset(self.train_paths, t.teacher_size, train=False),
+                                      self.opts.optim.batch_size, num_workers=self.opts.images.workers,
+                                      collate_fn=collate_images)
+            teacher_statistics(student, self.teacher, stats_loader, self.device, self.norm, t.statistics_images,
                                fit_heads=init_model)
         if is_main():
             log.info("distilling %s -> %s encoder (%.1fM parameters) on %d images (%d held out), device %s, amp %s",
-                     args.teacher, self.cfg.encoder.arch, sum(p.numel() for p in student.encoder.parameters()) / 1e6,
+                     t.teacher, self.cfg.encoder.arch, sum(p.numel() for p in student.encoder.parameters()) / 1e6,
                      len(self.train_paths), self.n_val, self.device, self.amp_dtype)
 
     def optimizer(self) -> torch.optim.Optimizer:
         decay = [p for n_, p in self.model.named_parameters() if p.dim() > 1]
         no_decay = [p for n_, p in self.model.named_parameters() if p.dim() <= 1]
-        return torch.optim.AdamW([{"params": decay, "weight_decay": self.args.weight_decay},
-                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.args.lr)
+        o = self.opts.optim
+        return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}], lr=o.lr)
 
     def total_steps(self) -> int:
-        return max(1, len(self.loader)) * self.args.epochs
+        return max(1, len(self.loader)) * self.opts.optim.epochs
 
     def begin_epoch(self, epoch: int) -> None:
         if self.world > 1:
@@ -324,16 +329,16 @@ class DistillObjective(Objective):
                 yield batch
 
     def step(self, batch) -> tuple[torch.Tensor, dict, int]:
-        args = self.args
-        x, xt = prepare(batch, self.device, args.mixup, *self.norm)
+        t = self.opts.teacher
+        x, xt = prepare(batch, self.device, t.mixup, *self.norm)
         target = self.model.standardise(self.teacher(xt))
-        loss, kl, cos = distill_loss(self.student_ddp(x), target, args.temperature, args.feature_weight)
+        loss, kl, cos = distill_loss(self.student_ddp(x), target, t.temperature, t.feature_weight)
         b = batch.size(0)
         return loss, {k: (float(v.detach()) * b, b) for k, v in (("loss", loss), ("kl", kl), ("cos", cos))}, b
 
     def evaluate(self, epoch: int, row: dict) -> tuple[dict, float]:
         up = {} if self.val_loader is None else evaluate(self.model, self.teacher, self.val_loader, self.device,
-                                                          self.amp_dtype, self.norm, self.args.temperature)
+                                                          self.amp_dtype, self.norm, self.opts.teacher.temperature)
         # the smoothest held-out signal; top-1 on 500 images is noisy
         return up, -(up["val_kl"] if "val_kl" in up else row["train_loss"])
 
@@ -349,23 +354,29 @@ class DistillObjective(Objective):
 
 
 def main(args: argparse.Namespace):
-    if args.resume and args.init_from:
+    """`captioner distill`: the command line's Namespace ends here."""
+    return distill(DistillTraining.from_args(args))
+
+
+def distill(opts: DistillTraining):
+    run = opts.run
+    if run.resume and run.init_from:
         raise SystemExit("--resume continues the run in --out; --init-from starts a new one: use one")
-    init_model = bool(args.init_from) and (Path(args.init_from) / "config.json").is_file()
-    if args.init_from and not init_model and not (Path(args.init_from) / STATE).is_file():
-        raise SystemExit(f"--init-from: {Path(args.init_from) / STATE} not found (nor a model's config.json)")
-    if args.labels and args.init_from:
+    init_model = bool(run.init_from) and (Path(run.init_from) / "config.json").is_file()
+    if run.init_from and not init_model and not (Path(run.init_from) / STATE).is_file():
+        raise SystemExit(f"--init-from: {Path(run.init_from) / STATE} not found (nor a model's config.json)")
+    if opts.labels.labels and run.init_from:
         raise SystemExit("--labels starts a student from scratch (or --resume); --init-from is for online teachers")
-    rank, world, device = setup(args, per_rank_seed=True)
+    rank, world, device = setup(run.device, opts.optim.seed, per_rank_seed=True)
     if is_main():
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-    if args.labels:
+        Path(run.out).mkdir(parents=True, exist_ok=True)
+    if opts.labels.labels:
         from .distill_labels import LabelDistillObjective
-        obj = LabelDistillObjective(args, device, world, rank)
+        obj = LabelDistillObjective(opts, device, world, rank)
         obj.start()
     else:
-        obj = DistillObjective(args, device, world, rank, init_model)
+        obj = DistillObjective(opts, device, world, rank, init_model)
         obj.start(init_model)
-    state = load_training_state(Path(args.out) / STATE) if args.resume else None
-    fit(obj, args, device, state)
+    state = load_training_state(Path(run.out) / STATE) if run.resume else None
+    fit(obj, opts.optim, device, state)
     return obj.model

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
-from captioner.config import override_encoder, preset
 from captioner.encoder import VGGEncoder
 from captioner.inputs import expand_inputs, path_key
 from captioner.pixels import load_image
@@ -34,6 +33,7 @@ from .distill import DistillObjective, Student, distill_loss, encoder_layout
 from .distributed import is_main
 from .label import Labels, cut_view
 from .optim import amp_settings
+from .options import DistillImages, DistillTraining
 
 log = logging.getLogger("captioner.distill")
 
@@ -84,14 +84,14 @@ class ObjectStudent(Student):
         return self.to_features(v), self.to_logits(v), self.to_objects(v), self.to_counts(v)
 
 
-def held_out_paths(args) -> set[str]:
+def held_out_paths(images: DistillImages, hold_out=()) -> set[str]:
     """The photos distillation must not learn from: the --val-split of --annotations and the --hold-out inputs."""
     held: list[str] = []
-    if args.annotations and args.val_split:
-        if not args.images:
+    if images.annotations and images.val_split:
+        if not images.images:
             raise SystemExit("--annotations needs --images")
-        held += [r.path for r in read_dataset(args.dataset, args.annotations, args.images, args.val_split)]
-    held += [it.path for it in expand_inputs(args.hold_out or [], warn=log.warning)]
+        held += [r.path for r in read_dataset(images.dataset, images.annotations, images.images, images.val_split)]
+    held += [it.path for it in expand_inputs(list(hold_out or []), warn=log.warning)]
     return {path_key(p) for p in held}
 
 
@@ -102,46 +102,47 @@ class LabelDistillObjective(DistillObjective):
     log_keys = ("loss", "kl", "cos", "obj", "count")
     plot_keys = ("val_top1_agreement", "val_cosine", "val_object_f1", "val_count_accuracy")
 
-    def __init__(self, args, device, world: int, rank: int) -> None:
-        self.args, self.device, self.world = args, device, world
-        self.out = Path(args.out)
-        self.amp_dtype = amp_settings(args.amp, device)[0]
-        self.labels = Labels(args.labels)
+    def __init__(self, opts: DistillTraining, device, world: int, rank: int) -> None:
+        self.opts, self.device, self.world = opts, device, world
+        imgs, lab, o, run = opts.images, opts.labels, opts.optim, opts.run
+        self.out = Path(run.out)
+        self.amp_dtype = amp_settings(o.amp, device)[0]
+        self.labels = Labels(lab.labels)
         last = self.out / "last_encoder.safetensors"
-        if args.resume and last.is_file():  # the run's own layout, whatever flags it is resumed with
+        if run.resume and last.is_file():  # the run's own layout, whatever flags it is resumed with
             cfg, encoder = encoder_layout(last)
         else:
-            cfg = override_encoder(preset(args.arch), args.encoder_layers, args.fc_dims, args.image_size)
+            cfg = opts.student.model_config()
             encoder = VGGEncoder(cfg.encoder)
         self.cfg = cfg
-        held = held_out_paths(args)
+        held = held_out_paths(imgs, lab.hold_out)
         ok = self.labels.ok.tolist()
         self.train_rows = [i for i, p in enumerate(self.labels.paths) if ok[i] and path_key(p) not in held]
         val_rows = [i for i, p in enumerate(self.labels.paths) if ok[i] and path_key(p) in held]
         if not self.train_rows:
-            raise SystemExit(f"captioner distill: no labelled photo left to learn from in {args.labels}")
-        self.val_rows = val_rows[: args.max_val_images] if args.max_val_images else val_rows
-        presence, counts = self.labels.objects(args.object_threshold)
+            raise SystemExit(f"captioner distill: no labelled photo left to learn from in {lab.labels}")
+        self.val_rows = val_rows[: imgs.max_val_images] if imgs.max_val_images else val_rows
+        presence, counts = self.labels.objects(lab.object_threshold)
         self.targets = {"features": self.labels.features, "logits": self.labels.logits, "objects": presence,
                         "counts": counts.log1p()}
         t = self.labels.settings["teacher"]
         self.model = ObjectStudent(encoder, t["feature_dim"], t["num_classes"], len(self.labels.classes),
                                    cfg.preprocess.image_size, cfg.preprocess.mean, cfg.preprocess.std).to(device)
-        if args.channels_last:
+        if o.channels_last:
             encoder.to(memory_format=torch.channels_last)
         self.student_ddp = torch.nn.parallel.DistributedDataParallel(self.model) if world > 1 else self.model
         size = cfg.preprocess.image_size
         train_ds = LabelledViews(self.labels, self.train_rows, size, train=True)
-        self.sampler = DistributedSampler(train_ds, world, rank, seed=args.seed) if world > 1 else RandomSampler(train_ds)
-        self.loader = DataLoader(train_ds, args.batch_size, sampler=self.sampler, num_workers=args.workers,
-                                 collate_fn=collate_views, drop_last=True, persistent_workers=args.workers > 0)
-        self.val_loader = DataLoader(LabelledViews(self.labels, self.val_rows, size, train=False), args.batch_size,
-                                     num_workers=args.workers, collate_fn=collate_views) if self.val_rows else None
-        self.meta = {"teacher": t["name"], "labels": str(args.labels), "encoder": cfg.to_dict()["encoder"],
+        self.sampler = DistributedSampler(train_ds, world, rank, seed=o.seed) if world > 1 else RandomSampler(train_ds)
+        self.loader = DataLoader(train_ds, o.batch_size, sampler=self.sampler, num_workers=imgs.workers,
+                                 collate_fn=collate_views, drop_last=True, persistent_workers=imgs.workers > 0)
+        self.val_loader = DataLoader(LabelledViews(self.labels, self.val_rows, size, train=False), o.batch_size,
+                                     num_workers=imgs.workers, collate_fn=collate_views) if self.val_rows else None
+        self.meta = {"teacher": t["name"], "labels": str(lab.labels), "encoder": cfg.to_dict()["encoder"],
                      "preprocess": cfg.to_dict()["preprocess"]}
 
     def start(self) -> None:
-        if not self.args.resume:  # standardise each teacher feature over the training photos' centre views
+        if not self.opts.run.resume:  # standardise each teacher feature over the training photos' centre views
             f = self.labels.features[self.train_rows, 0].float()
             self.model.t_mean.copy_(f.mean(0))
             self.model.t_std.copy_(f.std(0).clamp_min(1e-3))
@@ -166,12 +167,12 @@ class LabelDistillObjective(DistillObjective):
 
     def _losses(self, out, t) -> tuple[torch.Tensor, ...]:
         sf, sl, so, sc = out
-        _, kl, cos = distill_loss((sf, sl), (t["features"], t["logits"]), self.args.temperature, 1.0)
+        _, kl, cos = distill_loss((sf, sl), (t["features"], t["logits"]), self.opts.teacher.temperature, 1.0)
         # summed over the 80 classes, as the KL over 1000: a mean would drown the few classes present in the many absent
         obj = F.binary_cross_entropy_with_logits(so.float(), t["objects"], reduction="sum") / so.size(0)
         count = F.smooth_l1_loss(sc.float(), t["counts"], reduction="sum") / sc.size(0)
-        a = self.args
-        return kl + a.feature_weight * cos + a.object_weight * obj + a.count_weight * count, kl, cos, obj, count
+        w, lab = self.opts.teacher.feature_weight, self.opts.labels
+        return kl + w * cos + lab.object_weight * obj + lab.count_weight * count, kl, cos, obj, count
 
     def step(self, batch) -> tuple[torch.Tensor, dict, int]:
         x = batch["images"].to(self.device, non_blocking=True).float().div_(255)
@@ -199,7 +200,7 @@ class LabelDistillObjective(DistillObjective):
             for k, v in zip(("loss", "kl", "cos", "obj", "count"), self._losses(out, t)):
                 sums[k] += float(v) * b
             sums["top1"] += float((out[1].argmax(-1) == t["logits"].argmax(-1)).sum())
-            pred, true = out[2].float().sigmoid() >= 0.5, t["objects"] >= self.args.object_threshold
+            pred, true = out[2].float().sigmoid() >= 0.5, t["objects"] >= self.opts.labels.object_threshold
             sums["tp"] += float((pred & true).sum())
             sums["fp"] += float((pred & ~true).sum())
             sums["fn"] += float((~pred & true).sum())

@@ -11,7 +11,10 @@ distillation in distill.py). An objective supplies only what is its own:
     objective.load_state(state)      what resume restores besides optimizer, scheduler, scaler, RNG and rows
     objective.plot_keys              val metrics drawn (x100) beside the losses in curves.png
 
-    fit(objective, args, device)     runs args.epochs epochs (from the saved state with --resume)
+    fit(objective, optim, device)    runs optim.epochs epochs (from the saved state with --resume)
+
+build_or_load_model() is the model every caption/VQA run starts from (new, --init-from, or --resume); what the run
+was asked comes as training/options.py's dataclasses, never as the command line's Namespace.
 """
 from __future__ import annotations
 
@@ -20,19 +23,23 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from tqdm import tqdm
 
-from captioner.checkpoint import save_pretrained
+from captioner.checkpoint import load_pretrained, save_pretrained
+from captioner.config import VQAConfig
 from captioner.data import collate
-from captioner.fileio import portable
+from captioner.model import CaptionModel
 from captioner.runtime import autocast, resolve_precision
+from captioner.tokenizer import Vocabulary
 
 from .distributed import average_buffers, barrier, cleanup, init_distributed, is_main
 from .optim import amp_settings, lr_lambda, optimizer_step
+from .options import ModelOptions, Optimisation
 
 log = logging.getLogger("captioner.engine")
 STATE = "training_state.pt"
@@ -90,18 +97,44 @@ def make_loader(ds, batch_size: int, shuffle: bool, workers: int, seed: int, epo
                       persistent_workers=False)
 
 
-def jsonable_args(args) -> dict:
-    """The run's arguments as recorded in metrics.json and the card: plain values, paths made portable."""
-    return portable({k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None), list))})
-
-
-def setup(args, per_rank_seed: bool = False) -> tuple[int, int, torch.device]:
+def setup(device: str, seed: int, per_rank_seed: bool = False) -> tuple[int, int, torch.device]:
     """Logging, the process group under torchrun, the seeds (per rank: each rank draws its own augmentations)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    rank, world, device = init_distributed(args.device)
-    torch.manual_seed(args.seed + (rank if per_rank_seed else 0))
-    random.seed(args.seed + (rank if per_rank_seed else 0))
-    return rank, world, device
+    rank, world, dev = init_distributed(device)
+    torch.manual_seed(seed + (rank if per_rank_seed else 0))
+    random.seed(seed + (rank if per_rank_seed else 0))
+    return rank, world, dev
+
+
+def build_or_load_model(opts: ModelOptions, out: Path, *, resume: bool, vocab: Callable[[], Vocabulary],
+                        max_length: int, vqa: VQAConfig | None = None, fresh_decoder: bool = False,
+                        fresh_vqa_head: VQAConfig | None = None) -> tuple[CaptionModel, Vocabulary]:
+    """The model (on the CPU) and vocabulary a caption or VQA run starts from:
+
+    resume           OUT/last as it was saved (the options are ignored);
+    opts.init_from   that saved model (its config and vocabulary; the model options are ignored) in training mode,
+                     with a new caption decoder (``fresh_decoder``: opts.fresh_decoder_config() of its own) and/or a
+                     new VQA head (``fresh_vqa_head``: that config), built by CaptionModel.with_decoder/with_vqa_head;
+    else             a new model: opts.model_config() with the vocabulary ``vocab()`` builds, ``max_length``, the
+                     run's name (OUT's) and the VQA head ``vqa``; the --encoder-weights loaded.
+    """
+    if resume:
+        return load_pretrained(out / "last", "cpu")
+    if opts.init_from:
+        model, voc = load_pretrained(opts.init_from, "cpu")
+        if fresh_decoder:
+            model = model.with_decoder(opts.fresh_decoder_config(model.cfg.decoder))
+        if fresh_vqa_head is not None:
+            model = model.with_vqa_head(fresh_vqa_head)
+        model.train()
+        if is_main():
+            log.info("starting from %s (its config and vocabulary; model flags ignored)", opts.init_from)
+        return model, voc
+    voc = vocab()
+    model = CaptionModel(opts.model_config(len(voc), max_length, out.name, vqa))
+    if opts.encoder_weights:
+        model.encoder.load_imagenet(opts.encoder_weights)
+    return model, voc
 
 
 def save_model_dirs(model, vocab, out: Path, metrics: dict, state: dict, is_best: bool, card: str) -> None:
@@ -135,13 +168,15 @@ class Objective:
                                                            if isinstance(v, float))
 
 
-def fit(obj: Objective, args, device: torch.device, state: dict | None = None, best: float = -math.inf) -> None:
-    """args.epochs epochs of ``obj`` on ``device``: --amp, --grad-clip, --warmup-steps; ``state``: a loaded
-    training state to resume from (optimizer, scheduler, scaler, RNG, rows, the objective's own)."""
-    precision, use_scaler = resolve_precision(args.amp, device), amp_settings(args.amp, device)[1]
+def fit(obj: Objective, optim: Optimisation, device: torch.device, state: dict | None = None,
+        best: float = -math.inf) -> None:
+    """optim.epochs epochs of ``obj`` on ``device`` (up to optim.stop_after): optim.amp, .grad_clip, .warmup_steps;
+    ``state``: a loaded training state to resume from (optimizer, scheduler, scaler, RNG, rows, the objective's
+    own)."""
+    precision, use_scaler = resolve_precision(optim.amp, device), amp_settings(optim.amp, device)[1]
     optimizer = obj.optimizer()
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(obj.schedule, args.warmup_steps, obj.total_steps()))
+        optimizer, lr_lambda(obj.schedule, optim.warmup_steps, obj.total_steps()))
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     start, rows = 0, []
     if state is not None:
@@ -149,11 +184,12 @@ def fit(obj: Objective, args, device: torch.device, state: dict | None = None, b
         obj.load_state(state)
         if is_main():
             log.info("resumed %s at epoch %d (best score %.4f)", obj.out, start, best)
-    end = min(args.epochs, getattr(args, "stop_after", 0) or args.epochs)  # --stop-after: a time-boxed stage
+    end = min(optim.epochs, optim.stop_after or optim.epochs)  # --stop-after: a time-boxed stage
     for epoch in range(start, end):
         obj.begin_epoch(epoch)
         t0 = time.perf_counter()
-        row = {"epoch": epoch, **train_one_epoch(obj, optimizer, scheduler, scaler, args, epoch, device, precision)}
+        row = {"epoch": epoch, **train_one_epoch(obj, optimizer, scheduler, scaler, optim.grad_clip, epoch, device,
+                                                  precision)}
         average_buffers(obj.model)
         row["lr"] = optimizer.param_groups[0]["lr"]
         row["train_seconds"] = time.perf_counter() - t0
@@ -172,7 +208,8 @@ def fit(obj: Objective, args, device: torch.device, state: dict | None = None, b
     cleanup()
 
 
-def train_one_epoch(obj: Objective, optimizer, scheduler, scaler, args, epoch: int, device, precision: str) -> dict:
+def train_one_epoch(obj: Objective, optimizer, scheduler, scaler, grad_clip: float, epoch: int, device,
+                    precision: str) -> dict:
     sums: dict[str, list[float]] = {k: [0.0, 0] for k in obj.log_keys}
     n_img, t0 = 0, time.perf_counter()
     params = obj.trainable()
@@ -181,7 +218,7 @@ def train_one_epoch(obj: Objective, optimizer, scheduler, scaler, args, epoch: i
     for batch in bar:
         with autocast(device, precision):
             loss, logs, n = obj.step(batch)
-        optimizer_step(loss, optimizer, scheduler, scaler, params, args.grad_clip)
+        optimizer_step(loss, optimizer, scheduler, scaler, params, grad_clip)
         for k, (s, c) in logs.items():
             acc = sums.setdefault(k, [0.0, 0])
             acc[0] += s

@@ -30,7 +30,7 @@ from captioner.model import CaptionModel
 from captioner.vqa import VQAUnavailableError
 
 from .datasets import CaptionDataset, collate
-from .features import FeatureDataset
+from .features import FeatureDataset, batch_inputs, features_of
 from .vqa_data import EncodedQA, VQAExample, encode_examples, group_by_image, pick_questions, qa_batch, read_vqa
 
 log = logging.getLogger("captioner.evaluate_vqa")
@@ -54,20 +54,19 @@ def predict(model: CaptionModel, loader, encoded: Sequence[EncodedQA], per_image
     for b in tqdm(loader, desc="answering", dynamic_ncols=True, leave=False, disable=not progress):
         for _, msg in b.get("errors", []):
             log.warning("skipped %s", msg)
-        if b["images"].size(0) == 0:
+        if len(b["indices"]) == 0:
             continue
         v = None
         if "image" in modes:
-            x = b["images"].to(device)
             with ctx():
-                v = (x if b.get("is_features") else model.encode(x)).float()
+                v = features_of(model, batch_inputs(b, device)).float()
         picks, rep = pick_questions(b["indices"].tolist(), per_image, 0, None)
         for s in range(0, len(picks), chunk):
             sel = picks[s:s + chunk]
             qb = {k: t.to(device) for k, t in qa_batch(encoded, sel).items()}
             for mode in modes:
                 if mode == "zero":
-                    vv = model.blank_features(len(sel), qb["choice_mask"].float())
+                    vv = model.blank_features(len(sel), device)
                 else:
                     vv = v[rep[s:s + chunk].to(device)]
                 with ctx():
@@ -105,8 +104,8 @@ def summarize(encoded: Sequence[EncodedQA], types: Sequence[str], pred: Sequence
 def image_loader(records, model: CaptionModel, batch_size: int, workers: int, read_images: bool = True) -> DataLoader:
     """Image-level batches; with read_images=False (v = 0 only) a placeholder that never opens a file."""
     if not read_images:
-        ds = FeatureDataset({"features": torch.zeros(len(records), 1), "ok": torch.ones(len(records), dtype=torch.bool)})
-        return DataLoader(ds, batch_size=batch_size, collate_fn=FeatureDataset.collate)
+        return DataLoader(FeatureDataset.placeholder(len(records)), batch_size=batch_size,
+                          collate_fn=FeatureDataset.collate)
     ds = CaptionDataset(records, model.cfg.preprocess, train=False)
     return DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate)
 

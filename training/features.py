@@ -1,9 +1,11 @@
-"""Feature cache: with a frozen encoder, v is computed once per image and reused every epoch.
+"""Feature cache: with a frozen encoder, each image's ImageFeatures are computed once and reused every epoch.
 
-The cache key covers the encoder weights, the preprocessing and the image list, so a different
-encoder or crop never reads stale features. Besides the evaluation view (view 0: the centre crop),
-training can cache augmented views (random crop + flip, as the unfrozen encoder would see): each
-view is one file, drawn with its own seed, so caching more views later reuses the ones already there.
+A cache file holds the features' fields by name (fc, and att for attention models) and which images were readable
+("ok"). The cache key covers the encoder weights, the preprocessing, the fields with their shapes and the image list,
+so a different encoder, crop or kind of decoder never reads stale features (files from before the fields had names
+have other keys: they are recomputed, never misread). Besides the evaluation view (view 0: the centre crop),
+training can cache augmented views (random crop + flip, as the unfrozen encoder would see): each view is one file,
+drawn with its own seed, so caching more views later reuses the ones already there.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from captioner.features import ImageFeatures
 from captioner.fileio import atomic_write
 from captioner.model import CaptionModel
 from captioner.preprocess import train_transform
@@ -26,6 +29,10 @@ from .datasets import CaptionDataset, ImageRecord, collate
 from .distributed import barrier, is_main
 
 log = logging.getLogger(__name__)
+
+# att (P, C) is P = 49..196 times the size of fc: kept in fp16 (its values are ReLU outputs of a bf16/fp16-autocast
+# encoder anyway), fc in float32
+CACHE_DTYPES = {"fc": torch.float32, "att": torch.float16}
 
 
 def cache_key(model: CaptionModel, records: list[ImageRecord], view: int = 0) -> str:
@@ -40,25 +47,24 @@ def cache_key(model: CaptionModel, records: list[ImageRecord], view: int = 0) ->
     h.update(b"jpeg-draft exif-upright deep-pixels-scaled")
     h.update(json.dumps(model.cfg.to_dict()["preprocess"], sort_keys=True).encode())
     h.update(json.dumps(model.cfg.to_dict()["encoder"], sort_keys=True).encode())
-    if model.cfg.attention:  # the grid, not v
-        h.update(b"grid")
+    # what a file holds: these fields, shapes and dtypes
+    h.update(repr([(k, s, str(CACHE_DTYPES[k])) for k, s in model.cfg.feature_shapes.items()]).encode())
     for r in records:
         h.update(r.path.encode())
     return h.hexdigest()[:24]
 
 
 @torch.no_grad()
-def compute_features(model: CaptionModel, records, device, amp_dtype, batch_size: int, workers: int, view: int = 0):
-    """v for every record and which images could be read: view 0 is the evaluation crop, view k > 0 a random
-    training crop + flip drawn from seed k (in the workers through the loader's generator, else the global RNG)."""
+def compute_features(model: CaptionModel, records, device, amp_dtype, batch_size: int, workers: int, view: int = 0
+                     ) -> tuple[ImageFeatures, torch.Tensor]:
+    """The features of every record (zeros for unreadable images) and which images could be read (N,): view 0 is
+    the evaluation crop, view k > 0 a random training crop + flip drawn from seed k (in the workers through the
+    loader's generator, else the global RNG)."""
     ds = CaptionDataset(records, model.cfg.preprocess, train=False,
                         transform=train_transform(model.cfg.preprocess) if view else None)
     dl = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate,
                     generator=torch.Generator().manual_seed(view))
-    # an attention model's grid (C, S, S) is 49x the size of v: kept in fp16 (its values are ReLU outputs of a
-    # bf16/fp16-autocast encoder anyway), v in float32 as before
-    dtype = torch.float16 if model.cfg.attention else torch.float32
-    feats = torch.zeros(len(records), *model.cfg.feature_shape, dtype=dtype)
+    feats = {k: torch.zeros(len(records), *s, dtype=CACHE_DTYPES[k]) for k, s in model.cfg.feature_shapes.items()}
     ok = torch.zeros(len(records), dtype=torch.bool)
     was_training = model.training
     model.eval()
@@ -69,19 +75,18 @@ def compute_features(model: CaptionModel, records, device, amp_dtype, batch_size
             if b["images"].size(0):
                 ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
                 with ctx:
-                    feats[b["indices"]] = model.encode(b["images"].to(device)).float().cpu().to(dtype)
+                    for k, t in model.encode(b["images"].to(device)).named().items():
+                        feats[k][b["indices"]] = t.float().cpu().to(feats[k].dtype)
                 ok[b["indices"]] = True
     model.train(was_training)
-    return feats, ok
+    return ImageFeatures(**feats), ok
 
 
 def cached_features(model, records, cache_dir, device, amp_dtype, batch_size=64, workers=2, views: int = 1) -> dict:
-    """{"features": (N, *feature_shape), "ok": (N,)} for the evaluation view; with views > 1, "features" is
-    (views, N, ...)."""
+    """{"views": [the ImageFeatures of all N records, per view, the evaluation view first], "ok": (N,)}."""
     caches = [_cached_view(model, records, cache_dir, device, amp_dtype, batch_size, workers, k) for k in range(views)]
-    if views == 1:
-        return caches[0]
-    return {"features": torch.stack([c["features"] for c in caches]), "ok": caches[0]["ok"], "views": True}
+    return {"views": [ImageFeatures(**{k: t for k, t in c.items() if k != "ok"}) for c in caches],
+            "ok": caches[0]["ok"]}
 
 
 def _cached_view(model, records, cache_dir, device, amp_dtype, batch_size, workers, view: int) -> dict:
@@ -91,7 +96,7 @@ def _cached_view(model, records, cache_dir, device, amp_dtype, batch_size, worke
             log.info("computing features for %d images%s -> %s", len(records),
                      f" (augmented view {view})" if view else "", path)
             feats, ok = compute_features(model, records, device, amp_dtype, batch_size, workers, view)
-            atomic_write(path, lambda tmp: save_file({"features": feats, "ok": ok}, tmp))
+            atomic_write(path, lambda tmp: save_file({**feats.named(), "ok": ok}, tmp))
         barrier()
     else:
         log.info("using cached features %s", path)
@@ -99,28 +104,48 @@ def _cached_view(model, records, cache_dir, device, amp_dtype, batch_size, worke
 
 
 class FeatureDataset(Dataset):
-    """Items look like CaptionDataset's, with the features (v, or an attention model's fp16 grid, as float32) in
-    place of the image; with several cached views (V, N, ...), each item is one view drawn at random, as an
-    augmenting image dataset would give."""
+    """Items look like CaptionDataset's, with the image's features (as float32) in place of its pixels; with several
+    cached views, each item is one view drawn at random, as an augmenting image dataset would give."""
 
     def __init__(self, cache: dict) -> None:
-        self.feats, self.ok = cache["features"], cache["ok"]
-        self.views = self.feats.size(0) if cache.get("views") else 0
+        self.views, self.ok = cache["views"], cache["ok"]
 
     @classmethod
     def placeholder(cls, n: int) -> "FeatureDataset":
         """n readable items with a dummy feature, for runs that never look at the image."""
-        return cls({"features": torch.zeros(n, 1), "ok": torch.ones(n, dtype=torch.bool)})
+        return cls({"views": [ImageFeatures(torch.zeros(n, 1))], "ok": torch.ones(n, dtype=torch.bool)})
 
     def __len__(self) -> int:
         return len(self.ok)
 
     def __getitem__(self, i: int) -> dict:
-        v = self.feats[int(torch.randint(self.views, ()))][i] if self.views else self.feats[i]
-        return {"index": i, "image": v.float(), "ok": bool(self.ok[i]), "error": "unreadable image"}
+        f = self.views[int(torch.randint(len(self.views), ()))] if len(self.views) > 1 else self.views[0]
+        # features keep their image axis (1, ...): a batch is the items' ImageFeatures.cat
+        return {"index": i, "features": f[i:i + 1].float(), "ok": bool(self.ok[i]), "error": "unreadable image"}
 
     @staticmethod
-    def collate(items):
-        out = collate(items)
-        out["is_features"] = True
-        return out
+    def collate(items) -> dict:
+        """The readable items as collate() gives images: {"indices", "features" (B, ...), "errors"}."""
+        ok = torch.tensor([it["ok"] for it in items])
+        return {"indices": torch.tensor([it["index"] for it in items], dtype=torch.long)[ok],
+                "features": ImageFeatures.cat([it["features"] for it in items])[ok],
+                "errors": [(it["index"], it["error"]) for it in items if not it["ok"]]}
+
+
+def batch_inputs(batch: dict, device: torch.device, channels_last: bool = False) -> torch.Tensor | ImageFeatures:
+    """What a training or evaluation step feeds the model, on ``device``: a feature cache's ImageFeatures, or the
+    images (B, 3, S, S) (NHWC with ``channels_last``) for the encoder."""
+    if "features" in batch:
+        return batch["features"].to(device, non_blocking=True)
+    x = batch["images"].to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def features_of(model: CaptionModel, x: torch.Tensor | ImageFeatures) -> ImageFeatures:
+    """batch_inputs()'s images through the encoder; cached features as they are."""
+    return x if isinstance(x, ImageFeatures) else model.encode(x)
+
+
+def join_inputs(xs: list[torch.Tensor | ImageFeatures]) -> torch.Tensor | ImageFeatures:
+    """Several batch_inputs() (all images, or all cached features) as one batch, in order."""
+    return ImageFeatures.cat(xs) if isinstance(xs[0], ImageFeatures) else torch.cat(xs)

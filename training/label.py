@@ -201,9 +201,10 @@ class _Photos(Dataset):
 
 # ---------------------------------------------------------------------------------------------------------- run
 
-def _settings(args, detector: Detector, teacher: Lite3Teacher) -> dict:
-    return {"format": FORMAT, "views": args.views, "min_scale": args.min_scale, "seed": args.seed,
-            "chunk": args.chunk, "min_score": MIN_SCORE, "classes": list(CLASS_NAMES),
+def _settings(views: int, min_scale: float, seed: int, chunk: int, detector: Detector, teacher: Lite3Teacher
+              ) -> dict:
+    return {"format": FORMAT, "views": views, "min_scale": min_scale, "seed": seed,
+            "chunk": chunk, "min_score": MIN_SCORE, "classes": list(CLASS_NAMES),
             "detector": {"name": detector.name, "input": DETECTOR_SIZE, "sha256": _sha256(detector.files[0])},
             "teacher": {"name": teacher.name, "input": TEACHER_SIZE, "sha256": _sha256(teacher.file),
                         "feature_dim": teacher.feature_dim, "num_classes": teacher.num_classes}}
@@ -231,10 +232,11 @@ def _as_is(item: dict) -> dict:
     return item  # numpy arrays stay numpy (the default collate would make them tensors)
 
 
-def _label_chunk(paths, first, args, detector, teacher, bar) -> dict[str, torch.Tensor] | tuple:
-    loader = DataLoader(_Photos(paths, first, args.views, args.min_scale, args.seed), batch_size=None, collate_fn=_as_is,
-                        num_workers=args.workers, prefetch_factor=8 if args.workers else None)
-    n, v = len(paths), args.views
+def _label_chunk(paths, first, views: int, min_scale: float, seed: int, workers: int, detector, teacher, bar
+                 ) -> dict[str, torch.Tensor] | tuple:
+    loader = DataLoader(_Photos(paths, first, views, min_scale, seed), batch_size=None, collate_fn=_as_is,
+                        num_workers=workers, prefetch_factor=8 if workers else None)
+    n, v = len(paths), views
     feats = np.zeros((n, v, teacher.feature_dim), np.float16)
     logits = np.zeros((n, v, teacher.num_classes), np.float16)
     boxes, flips, ok = np.zeros((n, v, 4), np.float32), np.zeros((n, v), np.uint8), np.zeros(n, np.uint8)
@@ -279,7 +281,7 @@ def main(args: argparse.Namespace) -> int:
     paths = [it.path for it in items]
     out = Path(args.out)
     detector, teacher = Detector(args.threads), Lite3Teacher(args.threads)
-    settings = _settings(args, detector, teacher)
+    settings = _settings(args.views, args.min_scale, args.seed, args.chunk, detector, teacher)
     out.mkdir(parents=True, exist_ok=True)
     _plan(out, paths, settings, args.restart)
     chunks = [(k, paths[s:s + args.chunk]) for k, s in enumerate(range(0, len(paths), args.chunk))]
@@ -288,7 +290,8 @@ def main(args: argparse.Namespace) -> int:
     bar = tqdm(total=len(paths), initial=done, desc="label", unit="img", dynamic_ncols=True,
                disable=args.no_progress)
     for k, ps in todo:
-        tensors, errors = _label_chunk(ps, k * args.chunk, args, detector, teacher, bar)
+        tensors, errors = _label_chunk(ps, k * args.chunk, args.views, args.min_scale, args.seed, args.workers,
+                                       detector, teacher, bar)
         write_part(out, k, ps, tensors, errors)
     bar.close()
     summary = Labels(out).summary()

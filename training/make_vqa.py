@@ -459,19 +459,22 @@ def coco_instances(captions_json: Path) -> dict[int, dict[str, int]] | None:
     return {i: dict(c) for i, c in out.items()}
 
 
-def read_photos(args: argparse.Namespace) -> list[Photo]:
+def read_photos(karpathy=(), splits=("train", "val"), coco=(), labels: str | None = None, label_split: str = "train",
+                label_threshold: float = 0.5, label_photos: list[str] | None = None) -> list[Photo]:
+    """The photos of the --karpathy (ANNOTATIONS, IMAGES) files' ``splits``, of the --coco (CAPTIONS, IMAGES, SPLIT)
+    files, and of a --labels run (as ``label_split``)."""
     photos: list[Photo] = []
-    for ann, images in args.karpathy or []:
-        for split in args.splits:
+    for ann, images in karpathy or []:
+        for split in splits:
             photos += [Photo(r.path, r.image_id, split, r.captions)
                        for r in read_dataset("karpathy", ann, images, split)]
-    for ann, images, split in args.coco or []:
+    for ann, images, split in coco or []:
         inst = coco_instances(Path(ann))
         for r in read_dataset("coco", ann, images, split):
             photos.append(Photo(r.path, r.image_id, split, r.captions,
                                 None if inst is None or r.image_id not in inst else inst[r.image_id]))
-    if args.labels:
-        photos += labelled_photos(args.labels, args.label_split, args.label_threshold, args.label_photos)
+    if labels:
+        photos += labelled_photos(labels, label_split, label_threshold, label_photos)
     if not photos:
         raise DatasetError("no photos: give --karpathy ANNOTATIONS IMAGES, --coco CAPTIONS IMAGES SPLIT and/or "
                            "--labels RUN")
@@ -512,7 +515,8 @@ def relative_to(photos: list[Photo], root: str | None) -> Path:
 
 def main(args: argparse.Namespace) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    photos = read_photos(args)
+    photos = read_photos(args.karpathy, args.splits, args.coco, args.labels, args.label_split, args.label_threshold,
+                         args.label_photos)
     root = relative_to(photos, args.image_root)
     ids = Counter(str(p.image_id) for p in photos)
     if any(n > 1 for n in ids.values()):  # two sources with the same ids: keep the qa_ids unique

@@ -16,12 +16,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from captioner.features import ImageFeatures
 from captioner.generation import GenerationConfig
 from captioner.model import CaptionModel
 from captioner.tokenizer import EOS_ID, PAD_ID
 
 from .cider import CiderD
 from .datasets import pad_captions
+from .features import batch_inputs, features_of
+from .options import ScstOptions
 
 
 class ScstLoss(nn.Module):
@@ -31,10 +34,10 @@ class ScstLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, is_features: bool, rep: torch.Tensor, inp: torch.Tensor, tgt: torch.Tensor,
+    def forward(self, x: torch.Tensor | ImageFeatures, rep: torch.Tensor, inp: torch.Tensor, tgt: torch.Tensor,
                 advantage: torch.Tensor) -> torch.Tensor:
-        v = x if is_features else self.model.encode(x)  # (B, D)
-        logits = self.model.decoder(v[rep], inp)  # (N, T, V)
+        """x: batch_inputs()'s images or cached features; rep (N,) picks each caption's image."""
+        logits = self.model.decoder(features_of(self.model, x)[rep], inp)  # (N, T, V)
         logp = F.log_softmax(logits.float(), -1).gather(2, tgt.clamp_min(0)[..., None]).squeeze(2)  # (N, T)
         mask = (tgt != PAD_ID).float()
         return -(advantage[:, None] * logp * mask).sum() / mask.sum().clamp_min(1.0)
@@ -74,34 +77,32 @@ def bleu4(refs: list[list[tuple[int, ...]]], indices: list[int], seqs: list[list
     return torch.tensor(per_n[3], dtype=torch.float32)
 
 
-def scst_step(step_fn, model: CaptionModel, batch: dict, cider: CiderD, refs, args, g: torch.Generator, device
-              ) -> tuple[torch.Tensor, dict, int]:
-    """One SCST step for the engine (which runs it under autocast): sample k captions per image without grad,
-    reward them, and return the REINFORCE loss with the epoch's running sums of loss, reward and baseline."""
-    k = args.scst_samples
+def scst_step(step_fn, model: CaptionModel, batch: dict, cider: CiderD, refs, scst: ScstOptions, max_length: int,
+              channels_last: bool, g: torch.Generator, device) -> tuple[torch.Tensor, dict, int]:
+    """One SCST step for the engine (which runs it under autocast): sample scst.scst_samples captions (of at most
+    ``max_length`` words) per image without grad, reward them, and return the REINFORCE loss with the epoch's running
+    sums of loss, reward and baseline."""
+    k = scst.scst_samples
     idx = batch["indices"].tolist()
-    is_feat = bool(batch.get("is_features"))
-    x = batch["images"].to(device, non_blocking=True)
-    if not is_feat and args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = batch_inputs(batch, device, channels_last)
     with torch.no_grad():
-        v = (x if is_feat else model.encode(x)).float()
-        samples = GenerationConfig(sample=True, num_captions=k, max_length=args.max_length)
-        sampled = words(model.generate(features=v, generation=samples, generator=g)
+        features = features_of(model, x).float()
+        samples = GenerationConfig(sample=True, num_captions=k, max_length=max_length)
+        sampled = words(model.generate(features=features, generation=samples, generator=g)
                         .tokens.flatten(0, 1))  # B*k, image-major
-        if args.scst_baseline == "greedy":
-            greedy_gen = GenerationConfig(beam_size=1, max_length=args.max_length)
-            greedy = words(model.generate(features=v, generation=greedy_gen).tokens[:, 0])
-    r = rewards(cider, refs, idx, sampled, k, args.scst_bleu_weight).view(-1, k)  # (B, k)
-    if args.scst_baseline == "greedy":
-        base = rewards(cider, refs, idx, greedy, 1, args.scst_bleu_weight)[:, None]  # (B, 1)
+        if scst.scst_baseline == "greedy":
+            greedy_gen = GenerationConfig(beam_size=1, max_length=max_length)
+            greedy = words(model.generate(features=features, generation=greedy_gen).tokens[:, 0])
+    r = rewards(cider, refs, idx, sampled, k, scst.scst_bleu_weight).view(-1, k)  # (B, k)
+    if scst.scst_baseline == "greedy":
+        base = rewards(cider, refs, idx, greedy, 1, scst.scst_bleu_weight)[:, None]  # (B, 1)
     else:  # mean of the image's other samples
         base = (r.sum(1, keepdim=True) - r) / (k - 1)
     advantage = (r - base).flatten()
-    inp, tgt = pad_captions(sampled, args.max_length)
+    inp, tgt = pad_captions(sampled, max_length)
     rep = torch.arange(len(idx)).repeat_interleave(k)
     # the engine runs the whole step in one autocast block: drop the low-precision weight copies cast during the
     # no-grad sampling, which carry no grad history (older torch reused them in the loss pass: pytorch#112583)
     torch.clear_autocast_cache()
-    loss = step_fn(x, is_feat, rep.to(device), inp.to(device), tgt.to(device), advantage.to(device))
+    loss = step_fn(x, rep.to(device), inp.to(device), tgt.to(device), advantage.to(device))
     return loss, {"loss": (loss.item(), 1), "reward": (r.mean().item(), 1), "baseline": (base.mean().item(), 1)}, len(idx)

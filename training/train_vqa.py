@@ -32,18 +32,18 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torchvision import transforms as T
 
-from captioner.checkpoint import load_pretrained, load_training_state, read_metrics
-from captioner.config import ModelConfig, PreprocessConfig, VQAConfig, override_encoder, preset
+from captioner.checkpoint import load_training_state, read_metrics
+from captioner.config import ModelConfig, PreprocessConfig
 from captioner.model import CaptionModel
-from captioner.vqa import VQAHead
 from captioner.pixels import resize_shorter
 
 from .datasets import CaptionDataset, encode_captions, pad_captions, read_dataset
 from .distributed import is_main
-from .engine import STATE, Objective, fit, jsonable_args, make_loader, save_model_dirs, setup
+from .engine import STATE, Objective, build_or_load_model, fit, make_loader, save_model_dirs, setup
 from .evaluate_vqa import predict, summarize
-from .features import FeatureDataset, cached_features
+from .features import FeatureDataset, batch_inputs, cached_features, features_of, join_inputs
 from .optim import amp_settings
+from .options import CaptionData, VQAData, VQATraining
 from .train import CaptionLoss, pick_captions
 from .train import evaluate as evaluate_captions
 from .vqa_data import build_vocab, encode_examples, group_by_image, pick_questions, qa_batch, read_vqa, vocab_texts
@@ -56,23 +56,6 @@ CAPTION_METRICS = ("val_loss", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR",
 
 # ----------------------------------------------------------------------------- model and data
 
-def build_config(args: argparse.Namespace, vocab_size: int) -> ModelConfig:
-    small = args.task == "vqa"
-    cfg = preset(args.arch, cell=args.cell, inject=args.inject, num_layers=args.num_layers, dropout=args.dropout,
-                 embed_dim=args.embed_dim or (32 if small else 256), hidden_dim=args.hidden_dim or (32 if small else 512))
-    override_encoder(cfg, args.encoder_layers, args.fc_dims, args.image_size, args.resize, args.pool_size,
-                     args.encoder_dropout)
-    cfg.vqa = vqa_config(args)
-    cfg.vocab_size, cfg.max_length, cfg.name = vocab_size, args.max_length, Path(args.output).name
-    cfg.__post_init__()  # validate the edited config
-    return cfg
-
-
-def vqa_config(args: argparse.Namespace) -> VQAConfig:
-    return VQAConfig(cell=args.vqa_cell, embed_dim=args.vqa_embed_dim, hidden_dim=args.vqa_hidden_dim,
-                     mlp_dim=args.vqa_mlp_dim, dropout=args.vqa_dropout, max_choices=args.max_choices)
-
-
 def vqa_train_transform(cfg: PreprocessConfig, flip: bool) -> T.Compose:
     """The caption train transform without the horizontal flip unless asked: "on the left" must stay left."""
     return T.Compose([
@@ -84,37 +67,34 @@ def vqa_train_transform(cfg: PreprocessConfig, flip: bool) -> T.Compose:
     ])
 
 
-def read_vqa_splits(args):
-    """Train and val questions of every --vqa-dataset; with more than one, each question type is prefixed by its
-    dataset (easy-vqa/color and v7w/color are different questions)."""
-    kinds = [args.vqa_dataset] if isinstance(args.vqa_dataset, str) else list(args.vqa_dataset)
+def read_vqa_splits(d: VQAData, seed: int):
+    """Train and val questions of every --vqa-dataset (``seed``: easy-VQA's distractors); with more than one, each
+    question type is prefixed by its dataset (easy-vqa/color and v7w/color are different questions)."""
+    kinds = [d.vqa_dataset] if isinstance(d.vqa_dataset, str) else list(d.vqa_dataset)
     if len(set(kinds)) != len(kinds) or sum(k != "easy-vqa" for k in kinds) > 1:
         raise SystemExit("--vqa-dataset: each at most once, and at most one besides easy-vqa (the --vqa-* file "
                          "options are its)")
     train, val = [], []
     for kind in kinds:
-        t = read_vqa(kind, args.vqa_train_split, args.vqa_annotations, args.vqa_images, args.vqa_questions,
-                     args.num_choices, args.seed)
-        v = read_vqa(kind, args.vqa_val_split, args.vqa_val_annotations or args.vqa_annotations,
-                     args.vqa_val_images or args.vqa_images, args.vqa_val_questions or args.vqa_questions,
-                     args.num_choices, args.seed)
+        t = read_vqa(kind, d.vqa_train_split, d.vqa_annotations, d.vqa_images, d.vqa_questions, d.num_choices, seed)
+        v = read_vqa(kind, d.vqa_val_split, d.vqa_val_annotations or d.vqa_annotations,
+                     d.vqa_val_images or d.vqa_images, d.vqa_val_questions or d.vqa_questions, d.num_choices, seed)
         if len(kinds) > 1:
             for e in (*t, *v):
                 e.qtype = f"{kind}/{e.qtype}"
-        train += t[: args.max_train_questions or None]
-        val += v[: args.max_val_questions or None]
+        train += t[: d.max_train_questions or None]
+        val += v[: d.max_val_questions or None]
     return train, val
 
 
-def read_caption_splits(args):
-    if not (args.annotations and args.images):
+def read_caption_splits(d: CaptionData):
+    if not (d.annotations and d.images):
         raise SystemExit("--task joint needs caption data: --annotations and --images (as in `captioner train`)")
-    train = read_dataset(args.dataset, args.annotations, args.images, args.train_split)
-    if args.dataset == "coco" and not (args.val_annotations and args.val_images):
+    train = read_dataset(d.dataset, d.annotations, d.images, d.train_split)
+    if d.dataset == "coco" and not (d.val_annotations and d.val_images):
         raise SystemExit("--dataset coco needs --val-annotations and --val-images")
-    val = read_dataset(args.dataset, args.val_annotations or args.annotations, args.val_images or args.images,
-                       args.val_split)
-    return train[: args.max_train_images or None], [r for r in val[: args.max_val_images or None] if r.captions]
+    val = read_dataset(d.dataset, d.val_annotations or d.annotations, d.val_images or d.images, d.val_split)
+    return train[: d.max_train_images or None], [r for r in val[: d.max_val_images or None] if r.captions]
 
 
 class TaskLoss(nn.Module):
@@ -124,20 +104,19 @@ class TaskLoss(nn.Module):
     training batches would be normalised per domain (Flickr photos, synthetic shapes) while the running statistics
     used at test time blend both; mixed batches make training and test normalisation the same blend.
 
-    forward(is_features, [(task, x, rep, targets...), ...]) -> (total loss, one loss per part)."""
+    forward([(task, x, rep, targets...), ...]) -> (total loss, one loss per part), x batch_inputs()'s images or
+    cached features."""
 
-    def __init__(self, model: CaptionModel, label_smoothing: float, image_blind: bool) -> None:
+    def __init__(self, model: CaptionModel, label_smoothing: float, image_blind: bool,
+                 attention_penalty: float = 1.0) -> None:
         super().__init__()
         self.model, self.blind = model, image_blind
-        self.caption = CaptionLoss(model, label_smoothing, image_blind)
+        self.caption = CaptionLoss(model, label_smoothing, image_blind, attention_penalty)
 
-    def forward(self, is_features: bool, parts: list[tuple]):
-        sizes = [p[1].size(0) for p in parts]
-        x = torch.cat([p[1] for p in parts])
-        if self.blind:
-            v = self.model.blank_features(x.size(0), x)
-        else:
-            v = x if is_features else self.model.encode(x)  # (sum B, D) or grids
+    def forward(self, parts: list[tuple]):
+        sizes = [len(p[1]) for p in parts]
+        x = join_inputs([p[1] for p in parts])
+        v = self.model.blank_features(len(x), x.device) if self.blind else features_of(self.model, x)
         losses = []
         for (task, _, rep, *t), vt in zip(parts, v.split(sizes)):
             if task == "caption":
@@ -154,16 +133,26 @@ class VQAObjective(Objective):
     one encoder pass, the losses summed; an epoch is one pass over the largest task's images."""
     plot_keys = ("val_accuracy", "val_chance", "CIDEr-D")
 
-    def __init__(self, args, device, world: int, rank: int, state: dict | None) -> None:
-        self.args, self.device, self.world, self.rank = args, device, world, rank
-        self.out = Path(args.output)
-        self.amp_dtype = amp_settings(args.amp, device)[0]
-        self.joint = args.task == "joint"
+    def __init__(self, opts: VQATraining, device, world: int, rank: int, state: dict | None) -> None:
+        self.opts, self.device, self.world, self.rank = opts, device, world, rank
+        data, m = opts.data, opts.model
+        self.out = Path(opts.run.output)
+        self.amp_dtype = amp_settings(opts.optim.amp, device)[0]
+        self.joint = opts.task == "joint"
         self.tasks = ["caption", "vqa"] if self.joint else ["vqa"]
         self.log_keys = tuple(f"{t}_loss" for t in self.tasks)
-        self.vqa_train, self.vqa_val = read_vqa_splits(args)
-        self.cap_train, self.cap_val = read_caption_splits(args) if self.joint else ([], [])
-        self.model, self.vocab = self._model(state is not None)
+        self.vqa_train, self.vqa_val = read_vqa_splits(opts.vqa_data, opts.optim.seed)
+        self.cap_train, self.cap_val = read_caption_splits(data) if self.joint else ([], [])
+        resume = state is not None
+        self.model, self.vocab = build_or_load_model(
+            m, self.out, resume=resume, max_length=data.max_length, vqa=opts.head.config(),
+            fresh_vqa_head=opts.head.config() if opts.head.fresh_vqa_head else None,
+            vocab=lambda: build_vocab(itertools.chain(vocab_texts(self.vqa_train),
+                                                      (c for r in self.cap_train for c in r.captions)),
+                                      data.min_count))
+        if self.model.vqa is None:
+            raise SystemExit(f"--resume: {self.out / 'last'} has no VQA head" if resume else
+                             f"--init-from: {m.init_from} has no VQA head (train one with --task joint or vqa)")
         model = self.model
         cfg = self.cfg = model.cfg
         model.to(device)
@@ -171,8 +160,8 @@ class VQAObjective(Objective):
         self.enc_val = encode_examples(self.vqa_val, self.vocab, cfg.vqa)
         self.rec_train, self.per_img_train = group_by_image(self.vqa_train)
         self.rec_val, self.per_img_val = group_by_image(self.vqa_val)
-        self.cap_train_caps = encode_captions(self.cap_train, self.vocab, args.max_length)
-        self.cap_val_caps = encode_captions(self.cap_val, self.vocab, args.max_length)
+        self.cap_train_caps = encode_captions(self.cap_train, self.vocab, data.max_length)
+        self.cap_val_caps = encode_captions(self.cap_val, self.vocab, data.max_length)
         if is_main():
             log.info("tasks %s: VQA %d train questions on %d images, %d val questions on %d images; captions %d "
                      "train, %d val images; vocab %d words, %.2fM parameters, device %s, amp %s, world %d", self.tasks,
@@ -181,147 +170,127 @@ class VQAObjective(Objective):
                      sum(p.numel() for p in model.parameters()) / 1e6, device, self.amp_dtype, world)
         if not self.joint:  # untrained in a VQA-only model, or a trained one carried from --init-from unchanged
             model.decoder.requires_grad_(False)
-        self.carried = self._carried(state is not None)
+        self.carried = self._carried(resume)
         self.enc_params = list(model.encoder.parameters())
-        self.schedule = args.schedule
-
-    def _model(self, resume: bool) -> tuple[CaptionModel, object]:
-        args, last = self.args, self.out / "last"
-        if resume or args.init_from:
-            src = last if resume else args.init_from
-            model, vocab = load_pretrained(src, "cpu")
-            if args.fresh_vqa_head and not resume:  # a new head (the --vqa-* flags) on the kept encoder and decoder
-                model.cfg.vqa = vqa_config(args)
-                model.vqa = VQAHead(model.cfg.vqa, model.cfg.vocab_size, model.cfg.encoder.feature_dim)
-            if model.vqa is None:
-                raise SystemExit(f"--resume: {last} has no VQA head" if resume else
-                                 f"--init-from: {args.init_from} has no VQA head (train one with --task joint or vqa)")
-            if not resume:
-                model.train()
-                if is_main():
-                    log.info("starting from %s (its config and vocabulary; model flags ignored)", args.init_from)
-            return model, vocab
-        texts = itertools.chain(vocab_texts(self.vqa_train), (c for r in self.cap_train for c in r.captions))
-        vocab = build_vocab(texts, args.min_count)
-        model = CaptionModel(build_config(args, len(vocab)))
-        if args.encoder_weights:
-            model.encoder.load_imagenet(args.encoder_weights)
-        return model, vocab
+        self.schedule = opts.optim.schedule
 
     def _carried(self, resume: bool) -> dict:
         """--task vqa from a caption model: its decoder is kept as it was, so the model still captions; with the
         encoder frozen for the whole run its caption metrics stay true and are kept too."""
-        args = self.args
-        src = self.out / "last" if resume else args.init_from
-        m = (read_metrics(src) or {}) if (src and not self.joint) else {}
-        if "caption" not in m.get("tasks", []):
+        m = self.opts.model
+        src = self.out / "last" if resume else m.init_from
+        metrics = (read_metrics(src) or {}) if (src and not self.joint) else {}
+        if "caption" not in metrics.get("tasks", []):
             return {}
         self.tasks = ["caption", "vqa"]
-        if not (args.freeze_encoder and args.finetune_after < 0):
+        if not m.encoder_frozen_throughout:
             if is_main():
                 log.warning("the encoder is trained: the caption decoder of %s no longer sees the v it was trained "
                             "on; measure its captions again with `captioner evaluate`", src)
             return {"tasks": self.tasks}
-        return {k: m[k] for k in ("tasks", "split", "beam_size", *CAPTION_METRICS) if k in m}  # not "domain": the VQA
-        # head changed what the model knows (export --domain says it anew)
+        return {k: metrics[k] for k in ("tasks", "split", "beam_size", *CAPTION_METRICS) if k in metrics}  # not
+        # "domain": the VQA head changed what the model knows (export --domain says it anew)
 
     def optimizer(self) -> torch.optim.Optimizer:
-        model, args = self.model, self.args
+        model, o = self.model, self.opts.optim
         head_params = list(model.vqa.parameters()) + (list(model.decoder.parameters()) if self.joint else [])
-        return torch.optim.Adam([{"params": head_params, "lr": args.lr},
-                                 {"params": self.enc_params, "lr": args.encoder_lr or args.lr}],
-                                weight_decay=args.weight_decay)
+        return torch.optim.Adam([{"params": head_params, "lr": o.lr},
+                                 {"params": self.enc_params, "lr": o.encoder_lr or o.lr}],
+                                weight_decay=o.weight_decay)
 
     def total_steps(self) -> int:
-        per_task = [math.ceil(len(self.rec_train) / (self.args.batch_size * self.world))]
+        o = self.opts.optim
+        per_task = [math.ceil(len(self.rec_train) / (o.batch_size * self.world))]
         if self.joint:
-            per_task.append(math.ceil(len(self.cap_train) / (self.args.batch_size * self.world)))
-        return max(per_task) * self.args.epochs
+            per_task.append(math.ceil(len(self.cap_train) / (o.batch_size * self.world)))
+        return max(per_task) * o.epochs
 
     def images(self, records, train: bool, vqa: bool):
-        args, model = self.args, self.model
-        if args.image_blind:  # never opened: a placeholder dataset of readable "images"
+        m, model = self.opts.model, self.model
+        if m.image_blind:  # never opened: a placeholder dataset of readable "images"
             return FeatureDataset.placeholder(len(records))
         if self.frozen:  # no augmentation with a frozen encoder: encode every image once, cached on disk
-            return FeatureDataset(cached_features(model, records, args.feature_cache, self.device, self.amp_dtype,
-                                                  args.eval_batch_size, args.workers))
-        tf = vqa_train_transform(self.cfg.preprocess, args.flip) if (train and vqa) else None
+            return FeatureDataset(cached_features(model, records, m.feature_cache, self.device, self.amp_dtype,
+                                                  self.opts.run.eval_batch_size, self.opts.data.workers))
+        tf = vqa_train_transform(self.cfg.preprocess, self.opts.vqa_data.flip) if (train and vqa) else None
         return CaptionDataset(records, self.cfg.preprocess, train=train, transform=tf)
 
     def begin_epoch(self, epoch: int) -> None:
-        args = self.args
-        self.frozen = args.image_blind or (args.freeze_encoder and not (0 <= args.finetune_after <= epoch))
+        m, o, workers = self.opts.model, self.opts.optim, self.opts.data.workers
+        self.frozen = m.image_blind or (m.freeze_encoder and not (0 <= m.finetune_after <= epoch))
         for p_ in self.enc_params:
             p_.requires_grad_(not self.frozen)
-        self.streams = [("vqa", make_loader(self.images(self.rec_train, True, True), args.batch_size, True,
-                                            args.workers, args.seed, epoch, self.world, self.rank),
+        self.streams = [("vqa", make_loader(self.images(self.rec_train, True, True), o.batch_size, True,
+                                            workers, o.seed, epoch, self.world, self.rank),
                          (self.enc_train, self.per_img_train))]
         if self.joint:
-            self.streams.insert(0, ("caption", make_loader(self.images(self.cap_train, True, False), args.batch_size,
-                                                           True, args.workers, args.seed + 1, epoch, self.world,
+            self.streams.insert(0, ("caption", make_loader(self.images(self.cap_train, True, False), o.batch_size,
+                                                           True, workers, o.seed + 1, epoch, self.world,
                                                            self.rank), self.cap_train_caps))
         if self.world > 1:  # cached_features is collective (rank 0 computes, all wait): build the val caches here,
             self.images(self.rec_val, False, True)  # on every rank, not in evaluate() on rank 0 alone
             if self.joint:
                 self.images(self.cap_val, False, False)
-        loss_mod = TaskLoss(self.model, args.label_smoothing, args.image_blind)
+        loss_mod = TaskLoss(self.model, o.label_smoothing, m.image_blind, m.attention_penalty)
         # --task vqa leaves the caption decoder unused
         self.step_fn = (DistributedDataParallel(loss_mod, find_unused_parameters=not self.joint) if self.world > 1
                         else loss_mod)
 
     def batches(self, epoch: int):
-        args, device = self.args, self.device
+        data, device = self.opts.data, self.device
         self.step_fn.train()
         if self.frozen:
             self.model.encoder.eval()  # frozen BatchNorm statistics stay put
-        g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        g = torch.Generator().manual_seed(self.opts.optim.seed * 1000 + epoch)
         iters = {task: iter(loader) for task, loader, _ in self.streams}
         for _ in range(max(len(loader) for _, loader, _ in self.streams)):
-            parts, is_feat = [], False
-            for task, loader, data in self.streams:
+            parts = []
+            for task, loader, items in self.streams:
                 try:
                     batch = next(iters[task])
                 except StopIteration:  # the smaller task goes round again
                     iters[task] = iter(loader)
                     batch = next(iters[task])
-                if batch["images"].size(0) == 0:
+                if len(batch["indices"]) == 0:
                     continue
                 idx = batch["indices"].tolist()
                 if task == "caption":
-                    seqs, rep = pick_captions(idx, data, args.captions_per_image, g)
-                    tensors = pad_captions(seqs, args.max_length)
+                    seqs, rep = pick_captions(idx, items, data.captions_per_image, g)
+                    tensors = pad_captions(seqs, data.max_length)
                 else:
-                    encoded, per_image = data
-                    picks, rep = pick_questions(idx, per_image, args.questions_per_image, g)
+                    encoded, per_image = items
+                    picks, rep = pick_questions(idx, per_image, self.opts.vqa_data.questions_per_image, g)
                     b = qa_batch(encoded, picks)
                     tensors = (b["question"], b["choices"], b["choice_mask"], b["target"])
-                x = batch["images"].to(device, non_blocking=True)
-                is_feat = bool(batch.get("is_features"))
+                x = batch_inputs(batch, device)
                 parts.append((task, x, rep.to(device), *(t.to(device) for t in tensors), len(idx)))
             if parts:
-                yield is_feat, parts
+                yield parts
 
     def step(self, batch) -> tuple[torch.Tensor, dict, int]:
-        is_feat, parts = batch
-        loss, losses = self.step_fn(is_feat, [p[:-1] for p in parts])
+        parts = batch
+        loss, losses = self.step_fn([p[:-1] for p in parts])
         logs = {f"{task}_loss": (part_loss.item(), 1) for (task, *_), part_loss in zip(parts, losses)}
         return loss, logs, sum(p[-1] for p in parts)
 
     def evaluate(self, epoch: int, row: dict) -> tuple[dict, float]:
-        args, model, device = self.args, self.model, self.device
+        data, run, seed, model, device = self.opts.data, self.opts.run, self.opts.optim.seed, self.model, self.device
+        blind = self.opts.model.image_blind
         ctx = (lambda: torch.autocast(device.type, dtype=self.amp_dtype)) if self.amp_dtype else contextlib.nullcontext
-        vl = make_loader(self.images(self.rec_val, False, True), args.eval_batch_size, False, args.workers, args.seed,
+        vl = make_loader(self.images(self.rec_val, False, True), run.eval_batch_size, False, data.workers, seed,
                          epoch, 1, 0)
-        mode = "zero" if args.image_blind else "image"
+        mode = "zero" if blind else "image"
         raw = predict(model, vl, self.enc_val, self.per_img_val, device, ctx, modes=(mode,), progress=True)[mode]
         vm = summarize(self.enc_val, [e.qtype for e in self.vqa_val], raw["pred"])
         up = {"val_vqa_loss": raw["loss"] / max(1, raw["n"]), "val_accuracy": vm["accuracy"],
               "val_chance": vm["chance"], "val_accuracy_per_type": {k: d["accuracy"] for k, d in vm["per_type"].items()}}
         score = vm["accuracy"]
         if self.joint:
-            cl = make_loader(self.images(self.cap_val, False, False), args.eval_batch_size, False, args.workers,
-                             args.seed, epoch, 1, 0)
-            m = evaluate_captions(model, cl, self.cap_val, self.cap_val_caps, self.vocab, args, device, self.amp_dtype)
+            cl = make_loader(self.images(self.cap_val, False, False), run.eval_batch_size, False, data.workers,
+                             seed, epoch, 1, 0)
+            m = evaluate_captions(model, cl, self.cap_val, self.cap_val_caps, self.vocab, device, self.amp_dtype,
+                                  image_blind=blind, max_length=data.max_length, beam_size=run.eval_beam,
+                                  use_java=not run.no_java)
             up.update({k: m[k] for k in CAPTION_METRICS})
             up["examples"] = m["examples"]
             score += up["CIDEr-D"]
@@ -335,20 +304,25 @@ class VQAObjective(Objective):
                 + f", {row['train_images_per_s']:.1f} img/s")
 
     def save(self, epoch: int, row: dict, rows: list[dict], is_best: bool, state: dict) -> None:
-        args = self.args
-        metrics = {**self.carried, "epoch": epoch, "tasks": self.tasks, "image_blind": args.image_blind,
-                   "vqa_dataset": "+".join([args.vqa_dataset] if isinstance(args.vqa_dataset, str) else args.vqa_dataset),
-                   "vqa_split": args.vqa_val_split,
-                   **({"split": args.val_split, "beam_size": args.eval_beam} if self.joint else {}),
-                   **{k: v for k, v in row.items() if k != "examples"}, "args": jsonable_args(args)}
+        o, kinds = self.opts, self.opts.vqa_data.vqa_dataset
+        metrics = {**self.carried, "epoch": epoch, "tasks": self.tasks, "image_blind": o.model.image_blind,
+                   "vqa_dataset": "+".join([kinds] if isinstance(kinds, str) else kinds),
+                   "vqa_split": o.vqa_data.vqa_val_split,
+                   **({"split": o.data.val_split, "beam_size": o.run.eval_beam} if self.joint else {}),
+                   **{k: v for k, v in row.items() if k != "examples"}, "args": o.record}
         save_model_dirs(self.model, self.vocab, self.out, metrics, state, is_best, _card(metrics, self.cfg))
 
 
 def main(args: argparse.Namespace) -> CaptionModel:
-    rank, world, device = setup(args)
-    state = load_training_state(Path(args.output) / "last" / STATE) if args.resume else None
-    obj = VQAObjective(args, device, world, rank, state)
-    fit(obj, args, device, state, best=-1.0)
+    """`captioner train --task vqa|joint`: the command line's Namespace ends here."""
+    return train(VQATraining.from_args(args))
+
+
+def train(opts: VQATraining) -> CaptionModel:
+    rank, world, device = setup(opts.run.device, opts.optim.seed)
+    state = load_training_state(Path(opts.run.output) / "last" / STATE) if opts.run.resume else None
+    obj = VQAObjective(opts, device, world, rank, state)
+    fit(obj, opts.optim, device, state, best=-1.0)
     return obj.model
 
 

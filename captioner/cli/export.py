@@ -28,14 +28,15 @@ def _members(model: CaptionModel) -> list[nn.Module]:
     return list(model.decoder.members) if isinstance(model.decoder, DecoderEnsemble) else [model.decoder]
 
 
-def add_decoders(model: CaptionModel, vocab: Vocabulary, paths: list[str]) -> None:
-    """Turn model's caption decoder into an ensemble with the decoders of the checkpoints at ``paths``.
+def add_decoders(model: CaptionModel, vocab: Vocabulary, paths: list[str]) -> CaptionModel:
+    """``model`` with its caption decoder and those of the checkpoints at ``paths`` as one ensemble
+    (CaptionModel.with_decoder: config and modules agree); ``model`` itself when there are none.
 
     The members must have read the same v, so the encoders must hold the same weights (compared at fp16, the
     storage type of an exported model) and the preprocessing, vocabulary and decoder shape must match.
     """
     if not paths:
-        return
+        return model
     cfg = model.cfg
     if cfg.attention:
         raise CheckpointError("--add-decoders: attention decoders are not ensembled (each member would draw its own "
@@ -57,10 +58,10 @@ def add_decoders(model: CaptionModel, vocab: Vocabulary, paths: list[str]) -> No
         if why:
             raise CheckpointError(f"--add-decoders {path}: {why}")
         members += _members(other)
-    cfg.decoder.members = len(members)
-    ensemble = DecoderEnsemble(cfg.decoder, cfg.vocab_size, cfg.decoder_image_dim)
+    decoder = replace(cfg.decoder, members=len(members))
+    ensemble = DecoderEnsemble(decoder, cfg.vocab_size, cfg.decoder_image_dim)
     ensemble.members = nn.ModuleList(members)
-    model.decoder = ensemble
+    return model.with_decoder(decoder, ensemble)
 
 
 def ensemble_metrics(first: dict, paths: list[str]) -> dict:
@@ -78,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
     src = Path(args.checkpoint)
     model, vocab = load_pretrained(src, "cpu")
     try:
-        add_decoders(model, vocab, args.add_decoders)
+        model = add_decoders(model, vocab, args.add_decoders)
     except CheckpointError as e:
         print(f"captioner export: error: {e}", file=sys.stderr)
         return 2

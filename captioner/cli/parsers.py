@@ -2,6 +2,8 @@
 imports torch. Each command's description is its implementation module's docstring, read from the source file.
 
     parsers.train().parse_args([...])     # -> the Namespace training.train.main() takes
+
+The training commands' options are declared once, as option groups in training/options.py, and composed here.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import NoReturn
 
 # light: no torch
 from ..generation import OPTIONS, GenerationConfig
+from training import options
 from .writers import FORMATS
 
 
@@ -74,253 +77,51 @@ def add_generation_options(group, only: tuple[str, ...] = OPTIONS, help: dict[st
 
 
 def train(add_help: bool = True) -> argparse.ArgumentParser:
+    """`captioner train` (task caption): the option groups of training/options.py."""
     p = Parser("captioner train", add_help=add_help, description=_doc("training.train"),
                                 formatter_class=HelpFormatter)
     p.add_argument("--task", choices=["caption", "vqa", "joint"], default="caption",
                    help="caption: a caption model (these options); vqa or joint: a VQA head, alone or with captions "
                         "(see `captioner train --task vqa --help`)")
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=["karpathy", "coco"], default="karpathy")
-    g.add_argument("--annotations", required=True, help="Karpathy split JSON, or COCO captions_train*.json")
-    g.add_argument("--images", required=True, help="image root (Karpathy) or train image folder (COCO)")
-    g.add_argument("--val-annotations", help="COCO: captions_val*.json (Karpathy: same file as --annotations)")
-    g.add_argument("--val-images", help="COCO: val image folder")
-    g.add_argument("--train-split", default="train")
-    g.add_argument("--val-split", default="val")
-    g.add_argument("--max-train-images", type=int, default=0, help="use only the first N training images (0 = all)")
-    g.add_argument("--max-val-images", type=int, default=0, help="validate on the first N images (0 = all)")
-    g.add_argument("--min-count", type=int, default=5, help="words seen fewer times become <unk>")
-    g.add_argument("--max-length", type=int, default=16, help="longest caption in words")
-    g.add_argument("--captions-per-image", type=int, default=5, help="captions drawn per image per step")
-    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", default="compact", help="compact, vgg11/13/16/19 (optionally _bn)")
-    g.add_argument("--cell", choices=["rnn", "gru", "lstm"], default="rnn")
-    g.add_argument("--inject", choices=["every", "first", "attention"],
-                   help="how the image enters the decoder: every (W_ih v at every step, the default), first (only at "
-                        "t=0) or attention (W_ih z_t, soft attention over the encoder's conv grid; per-word heatmaps); "
-                        "with --init-from --fresh-decoder it replaces the kept model's")
-    g.add_argument("--attention-dim", type=int, default=256, help="--inject attention: width of the attention MLP")
-    g.add_argument("--attention-gate", action=argparse.BooleanOptionalAction, default=True,
-                   help="--inject attention: scale z_t by a learned gate beta_t = sigmoid(f(h_{t-1}))")
-    g.add_argument("--attention-penalty", type=float, default=1.0, metavar="LAMBDA",
-                   help="--inject attention: weight of the doubly stochastic penalty sum_i (1 - sum_t alpha_ti)^2 "
-                        "(0 = off)")
-    g.add_argument("--embed-dim", type=int, default=256)
-    g.add_argument("--hidden-dim", type=int, default=512)
-    g.add_argument("--num-layers", type=int, default=1)
-    g.add_argument("--dropout", type=float, default=0.5)
-    g.add_argument("--encoder-layers", help="custom VGG layer list, e.g. '32,M,64,M,128,M' (overrides --arch's)")
-    g.add_argument("--fc-dims", help="encoder FC widths, e.g. '512' or '4096,4096'; the last is v's size")
-    g.add_argument("--image-size", type=int, help="override the preset's crop size")
-    g.add_argument("--encoder-weights", help="'imagenet' (torchvision weights API), a local .pth state dict, or the encoder.safetensors of captioner distill")
-    g.add_argument("--freeze-encoder", action="store_true", help="train the decoder only (enables the feature cache)")
-    g.add_argument("--finetune-after", type=int, default=-1,
-                   help="with --freeze-encoder: unfreeze the encoder from this epoch on (-1 = never)")
-    g.add_argument("--feature-cache", default=".cache/features", help="where frozen-encoder features are cached")
-    g.add_argument("--feature-views", type=int, default=1, metavar="K",
-                   help="frozen encoder: cache K views of each training image (its centre crop and K-1 random crops "
-                        "and flips, as an unfrozen encoder trains on) and draw one per image per step")
-    g.add_argument("--image-blind", action="store_true", help="baseline: v = 0, the decoder never sees the image")
-    g.add_argument("--init-from", help="start from this saved model directory (its config and vocabulary)")
-    g.add_argument("--fresh-decoder", action="store_true",
-                   help="with --init-from: keep its encoder, vocabulary and VQA head but start a new caption decoder "
-                        "of the same shape from random weights (--seed): a decoder refitted to a final encoder "
-                        "(the default model's), or an ensemble member for `captioner export --add-decoders`")
-    g = p.add_argument_group("self-critical sequence training (needs --init-from or --resume)")
-    g.add_argument("--scst", action="store_true", help="optimise CIDEr-D of sampled captions instead of cross-entropy")
-    g.add_argument("--scst-samples", type=int, default=5, help="captions sampled per image per step")
-    g.add_argument("--scst-baseline", choices=["mean", "greedy"], default="mean",
-                   help="reward baseline: mean of the image's other samples, or its greedy caption")
-    g.add_argument("--scst-bleu-weight", type=float, default=0.0,
-                   help="reward = CIDEr-D + this x sentence BLEU-4 (0 = CIDEr-D alone)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=10)
-    g.add_argument("--stop-after", type=int, default=0, metavar="N",
-                   help="end after N epochs of the --epochs schedule (0 = run it all); --resume goes on from there")
-    g.add_argument("--batch-size", type=int, default=32, help="images per step per process")
-    g.add_argument("--lr", type=float, help="learning rate (default: 2e-3, or 5e-5 with --scst)")
-    g.add_argument("--encoder-lr", type=float, help="encoder learning rate (default: --lr)")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
-    g.add_argument("--warmup-steps", type=int, default=200,
-                   help="linear learning-rate warm-up, in steps; never more than a tenth of the run")
-    g.add_argument("--grad-clip", type=float, default=5.0, help="max gradient norm (0 = off)")
-    g.add_argument("--label-smoothing", type=float, default=0.0)
-    g.add_argument("--amp", choices=[*PRECISIONS, "off"], default="auto",
-                   help="autocast precision (off = fp32)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="NHWC memory format for the encoder (faster on CPU and GPU)")
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("run")
-    g.add_argument("--output", required=True, help="run directory: last/, best/, metrics.jsonl, curves.png")
-    g.add_argument("--resume", action="store_true", help="continue from OUTPUT/last exactly where it stopped")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--eval-beam", type=int, default=3)
-    g.add_argument("--eval-batch-size", type=int, default=64)
-    g.add_argument("--no-java", action="store_true", help="score with Python tokenization, skip METEOR")
+    options.add_caption_data(p, required=True, min_count=5)
+    options.add_model_options(p, task="caption")
+    options.add_scst_options(p)
+    options.add_optimisation_options(p)
+    options.add_run_options(p)
     return p
 
 
 def train_vqa(add_help: bool = True) -> argparse.ArgumentParser:
+    """`captioner train --task vqa|joint`: the groups of `captioner train` (their defaults differ where the table in
+    training/options.py says) plus the VQA data and head, without SCST."""
     p = Parser("captioner train --task vqa|joint", add_help=add_help,
                                 description=_doc("training.train_vqa"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=["vqa", "joint"], required=True)
-    g = p.add_argument_group("VQA data")
-    g.add_argument("--vqa-dataset", nargs="+", choices=["easy-vqa", "v7w", "vqa-mc"], default=["easy-vqa"],
-                   help="one or more, mixed in every step (e.g. v7w easy-vqa: questions from `captioner make-vqa` "
-                        "plus the shapes); the file options below belong to the one that is not easy-vqa")
-    g.add_argument("--vqa-annotations", help="v7w: dataset_v7w_telling.json; vqa-mc: train annotations")
-    g.add_argument("--vqa-questions", help="vqa-mc: train MultipleChoice questions JSON")
-    g.add_argument("--vqa-images", help="v7w / vqa-mc: image folder")
-    g.add_argument("--vqa-val-annotations", help="default: --vqa-annotations")
-    g.add_argument("--vqa-val-questions", help="default: --vqa-questions")
-    g.add_argument("--vqa-val-images", help="default: --vqa-images")
-    g.add_argument("--vqa-train-split", default="train")
-    g.add_argument("--vqa-val-split", default="val")
-    g.add_argument("--num-choices", type=int, default=4, help="easy-VQA: most choices per question")
-    g.add_argument("--max-train-questions", type=int, default=0, help="first N training questions of each dataset (0 = all)")
-    g.add_argument("--max-val-questions", type=int, default=0)
-    g.add_argument("--questions-per-image", type=int, default=8, help="questions drawn per image per step")
-    g.add_argument("--flip", action="store_true", help="random horizontal flips (off: answers may say left/right)")
-    g = p.add_argument_group("caption data (--task joint; as in `captioner train`)")
-    g.add_argument("--dataset", choices=["karpathy", "coco"], default="karpathy")
-    g.add_argument("--annotations", help="Karpathy split JSON, or COCO captions_train*.json")
-    g.add_argument("--images", help="image root (Karpathy) or train image folder (COCO)")
-    g.add_argument("--val-annotations")
-    g.add_argument("--val-images")
-    g.add_argument("--train-split", default="train")
-    g.add_argument("--val-split", default="val")
-    g.add_argument("--max-train-images", type=int, default=0)
-    g.add_argument("--max-val-images", type=int, default=0)
-    g.add_argument("--max-length", type=int, default=16, help="longest caption in words")
-    g.add_argument("--captions-per-image", type=int, default=5)
-    g.add_argument("--min-count", type=int, default=3, help="words (captions, questions, answers) seen fewer "
-                                                            "times become <unk>")
-    g.add_argument("--workers", type=int, default=2)
-    _train_vqa_model_and_run(p)
+    options.add_vqa_data(p)
+    options.add_caption_data(p, required=False, min_count=3,
+                             title="caption data (--task joint; as in `captioner train`)")
+    options.add_model_options(p, task="vqa")
+    options.add_vqa_head_options(p)
+    options.add_optimisation_options(p, only=options.VQA_OPTIMISATION, defaults={"lr": 2e-3},
+                                     help={"lr": "learning rate",
+                                           "batch_size": "images per step per process (each task)"})
+    options.add_run_options(p)
     return p
-
-
-def _train_vqa_model_and_run(p: argparse.ArgumentParser) -> None:
-    """The model, optimisation and run options of `captioner train --task vqa|joint`."""
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", default="compact", help="compact, vgg11/13/16/19 (optionally _bn)")
-    g.add_argument("--encoder-layers", help="override the conv stack, e.g. 16,M,32,M,64,M,64,M")
-    g.add_argument("--fc-dims", help="override the encoder FC widths, e.g. 128 (v = the last)")
-    g.add_argument("--pool-size", type=int, help="override the pooled grid before the FC head (1 = global "
-                                                 "average; >1 keeps where things are)")
-    g.add_argument("--encoder-dropout", type=float, help="override the preset's dropout after each encoder FC")
-    g.add_argument("--image-size", type=int, help="override the preset's crop size")
-    g.add_argument("--resize", type=int, help="shorter side before cropping (default: 8/7 of --image-size)")
-    g.add_argument("--encoder-weights", help="'imagenet', a local .pth state dict, or the encoder.safetensors of captioner distill")
-    g.add_argument("--freeze-encoder", action="store_true", help="keep the encoder fixed (enables the feature cache)")
-    g.add_argument("--finetune-after", type=int, default=-1)
-    g.add_argument("--feature-cache", default=".cache/features")
-    g.add_argument("--image-blind", action="store_true", help="baseline: v = 0, the model never sees the image")
-    g.add_argument("--init-from", help="continue training this saved model with a VQA head (its config and vocabulary)")
-    g.add_argument("--fresh-vqa-head", action="store_true",
-                   help="with --init-from: a new VQA head built from the --vqa-* flags below; the model's encoder, "
-                        "caption decoder and vocabulary are kept (it may be a caption-only model)")
-    g.add_argument("--vqa-cell", choices=["rnn", "gru", "lstm"], default="lstm")
-    g.add_argument("--vqa-embed-dim", type=int, default=128)
-    g.add_argument("--vqa-hidden-dim", type=int, default=256)
-    g.add_argument("--vqa-mlp-dim", type=int, default=512)
-    g.add_argument("--vqa-dropout", type=float, default=0.2)
-    g.add_argument("--max-choices", type=int, default=32)
-    g.add_argument("--cell", choices=["rnn", "gru", "lstm"], default="rnn", help="caption decoder cell")
-    g.add_argument("--inject", choices=["every", "first", "attention"], default="every")
-    g.add_argument("--embed-dim", type=int, help="caption decoder (default: 256 joint, 32 vqa: untrained there)")
-    g.add_argument("--hidden-dim", type=int, help="caption decoder (default: 512 joint, 32 vqa)")
-    g.add_argument("--num-layers", type=int, default=1)
-    g.add_argument("--dropout", type=float, default=0.5)
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=10)
-    g.add_argument("--stop-after", type=int, default=0, metavar="N",
-                   help="end after N epochs of the --epochs schedule (0 = run it all); --resume goes on from there")
-    g.add_argument("--batch-size", type=int, default=32, help="images per step per process (each task)")
-    g.add_argument("--lr", type=float, default=2e-3)
-    g.add_argument("--encoder-lr", type=float)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
-    g.add_argument("--warmup-steps", type=int, default=200,
-                   help="linear learning-rate warm-up, in steps; never more than a tenth of the run")
-    g.add_argument("--grad-clip", type=float, default=5.0)
-    g.add_argument("--label-smoothing", type=float, default=0.0, help="caption loss only")
-    g.add_argument("--amp", choices=[*PRECISIONS, "off"], default="auto",
-                   help="autocast precision (off = fp32)")
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("run")
-    g.add_argument("--output", required=True)
-    g.add_argument("--resume", action="store_true")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--eval-beam", type=int, default=3)
-    g.add_argument("--eval-batch-size", type=int, default=64)
-    g.add_argument("--no-java", action="store_true")
 
 
 def distill(add_help: bool = True) -> argparse.ArgumentParser:
     p = Parser("captioner distill", add_help=add_help, description=_doc("training.distill"),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("images (no labels are used)")
-    g.add_argument("inputs", nargs="*", help="extra image files, folders, globs or @list.txt")
-    g.add_argument("--dataset", choices=["karpathy", "coco"], default="karpathy")
-    g.add_argument("--annotations", help="take the images of this dataset split (with --images)")
-    g.add_argument("--images", help="image root of --annotations")
-    g.add_argument("--split", default="train", help="split of --annotations to learn from")
-    g.add_argument("--val-split", default="val", help="split of --annotations to report teacher agreement on")
-    g.add_argument("--max-val-images", type=int, default=500)
-    g.add_argument("--workers", type=int, default=2)
-    g = p.add_argument_group("student (the caption model's encoder)")
-    g.add_argument("--arch", default="compact", help="compact, vgg11/13/16/19 (optionally _bn)")
-    g.add_argument("--encoder-layers", help="custom VGG layer list, as for captioner train")
-    g.add_argument("--fc-dims", help="encoder FC widths, as for captioner train")
-    g.add_argument("--image-size", type=int, help="student crop size (use the caption model's)")
-    g = p.add_argument_group("teacher")
-    g.add_argument("--teacher", default="efficientnet-lite0",
-                   help="the ImageNet network: efficientnet-lite0 (the names of training.distill.TEACHERS)")
-    g.add_argument("--teacher-size", type=int, default=224, help="crop size the teacher sees")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--feature-weight", type=float, default=1.0, help="weight of the cosine feature loss next to KL")
-    g.add_argument("--mixup", type=float, default=0.0,
-                   help="Beta(a, a) mixup of image pairs (0 = off; pays off only in long schedules)")
-    g.add_argument("--statistics-images", type=int, default=2048,
-                   help="training images that set the mean/std used to standardise the teacher's features")
-    g.add_argument("--min-scale", type=float, default=0.25, help="smallest random-resized-crop area")
-    g = p.add_argument_group("cached labels (captioner label): the teacher and a COCO detector ran once; no teacher here")
-    g.add_argument("--labels", metavar="RUN", help="learn from this label run's photos and their cached views, "
-                   "teacher outputs and detected objects (every labelled photo but --hold-out and --val-split)")
-    g.add_argument("--hold-out", nargs="+", metavar="INPUT",
-                   help="photos (files, folders, globs, @list.txt) never learnt from; with --labels they are the "
-                        "held-out set the agreement is measured on")
-    g.add_argument("--object-weight", type=float, default=1.0, help="weight of the object presence loss (BCE)")
-    g.add_argument("--count-weight", type=float, default=1.0, help="weight of the object count loss")
-    g.add_argument("--object-threshold", type=float, default=0.5, help="detector score that counts an object")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=30)
-    g.add_argument("--stop-after", type=int, default=0, metavar="N",
-                   help="end after N epochs of the --epochs schedule (0 = run it all); --resume goes on from there")
-    g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--lr", type=float, default=2e-3)
-    g.add_argument("--weight-decay", type=float, default=0.05)
-    g.add_argument("--warmup-steps", type=int, default=200,
-                   help="linear learning-rate warm-up, in steps; never more than a tenth of the run")
-    g.add_argument("--grad-clip", type=float, default=5.0)
-    g.add_argument("--amp", choices=[*PRECISIONS, "off"], default="auto",
-                   help="autocast precision (off = fp32)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="NHWC weights for teacher and student (bench/distill.py: 1.3x per step on a 2-core CPU)")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("output")
-    g.add_argument("--out", required=True, help="run directory: encoder.safetensors, metrics.jsonl, training state")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out")
-    g.add_argument("--init-from", metavar="RUN|MODEL",
-                   help="start the student (and the teacher-feature statistics) from an earlier run's last state, "
-                        "with a fresh optimizer and schedule: a warm restart for a run whose val KL was still falling; "
-                        "or from a saved caption model's encoder (its layout and preprocessing; the student flags are "
-                        "ignored), whose two prediction heads are first fitted to the teacher by least squares")
+    options.add_distill_images(p)
+    options.add_student_options(p)
+    options.add_teacher_options(p)
+    options.add_cached_labels(p)
+    options.add_optimisation_options(p, only=options.DISTILL_OPTIMISATION, defaults=options.DISTILL_DEFAULTS,
+                                     help={"lr": "learning rate", "batch_size": "images per step per process",
+                                           "channels_last": "NHWC weights for teacher and student (bench/distill.py: "
+                                                            "1.3x per step on a 2-core CPU)"})
+    options.add_distill_output(p)
     return p
 
 

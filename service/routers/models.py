@@ -37,7 +37,7 @@ def describe(svc) -> dict:
             "image_size": cfg.preprocess.image_size,
             "resize": cfg.preprocess.resize,  # the crop is the centre image_size/resize of the shorter side
             # attention models: the side of the grid each word's map covers (the centre crop)
-            "attention_grid": cfg.feature_shape[-1] if getattr(cfg, "attention", False) else None,
+            "attention_grid": cfg.grid_size if getattr(cfg, "attention", False) else None,
             "parameters": sum(p.numel() for p in cap.model.parameters()),
         },
         "vocab_size": cfg.vocab_size,

@@ -1,0 +1,104 @@
+"""CaptionModel.with_decoder / with_vqa_head: a new caption decoder or VQA head on a model, whose config and modules
+agree (what --fresh-decoder, --fresh-vqa-head and `captioner export --add-decoders` do)."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from captioner.checkpoint import load_pretrained, save_pretrained
+from captioner.config import VQAConfig
+from captioner.decoder import DecoderEnsemble, build_decoder
+from captioner.model import CaptionModel
+from captioner.tokenizer import Vocabulary
+from captioner.vqa import VQAHead
+from tests.conftest import TINY_WORDS, tiny_model_config
+
+
+def _model(**decoder) -> CaptionModel:
+    torch.manual_seed(0)
+    return CaptionModel(tiny_model_config(**decoder)).eval()
+
+
+def _round_trip(model: CaptionModel, tmp_path) -> CaptionModel:
+    """Saved and loaded: load_pretrained rebuilds the modules from config.json and loads the weights strictly, so
+    this fails unless the config describes the modules exactly."""
+    loaded, _ = load_pretrained(save_pretrained(model, Vocabulary(TINY_WORDS), tmp_path / "m"))
+    assert loaded.cfg == model.cfg
+    mine, theirs = model.state_dict(), loaded.state_dict()
+    assert mine.keys() == theirs.keys()
+    for k in mine:
+        torch.testing.assert_close(theirs[k], mine[k], rtol=0, atol=0, msg=k)
+    return loaded
+
+
+def test_with_decoder_builds_a_fresh_decoder_of_the_new_config(tmp_path):
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = replace(model.cfg.decoder, inject="attention", attention_dim=8, attention_gate=False)
+    torch.manual_seed(3)
+    new = model.with_decoder(cfg)
+    torch.manual_seed(3)
+    alone = build_decoder(cfg, model.cfg.vocab_size, replace(model.cfg, decoder=cfg).decoder_image_dim)
+    # the same random numbers as building the decoder alone (as --fresh-decoder did by hand): same checkpoints
+    for k, v in alone.state_dict().items():
+        torch.testing.assert_close(new.decoder.state_dict()[k], v, rtol=0, atol=0)
+
+    assert new.cfg.decoder is cfg and new.decoder.cfg is cfg and new.cfg.attention
+    assert new.encoder is model.encoder and new.vqa is model.vqa is None  # shared, not copied
+    assert new.training is model.training is False and not new.decoder.training
+    # the original is untouched: its config still describes its own decoder
+    assert model.cfg.decoder.inject == "every" and model.decoder.cfg.inject == "every"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert new.cfg.encoder == model.cfg.encoder and new.cfg.encoder is not model.cfg.encoder  # a copy
+
+    loaded = _round_trip(new, tmp_path)
+    images = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.generate(images).tokens, new.generate(images).tokens)
+
+
+def test_with_decoder_validates_the_config():
+    model = _model()
+    with pytest.raises(ValueError, match="cell"):
+        model.with_decoder(replace(model.cfg.decoder, cell="transformer"))
+    with pytest.raises(ValueError, match="ensembles"):
+        model.with_decoder(replace(model.cfg.decoder, inject="attention", members=2))
+    with pytest.raises(ValueError, match="built for"):  # a decoder of another shape than the config says
+        model.with_decoder(replace(model.cfg.decoder, hidden_dim=48), model.decoder)
+    assert model.cfg.decoder.hidden_dim == 24  # nothing changed on the way
+
+
+def test_with_decoder_takes_a_built_ensemble(tmp_path):
+    model = _model()
+    other = _model()
+    cfg = replace(model.cfg.decoder, members=2)
+    ensemble = DecoderEnsemble(cfg, model.cfg.vocab_size, model.cfg.decoder_image_dim)
+    ensemble.members = torch.nn.ModuleList([model.decoder, other.decoder])
+    new = model.with_decoder(cfg, ensemble)
+    assert new.decoder is ensemble and new.cfg.decoder.members == 2 and model.cfg.decoder.members == 1
+    _round_trip(new, tmp_path)
+    with pytest.raises(ValueError, match="built for"):
+        model.with_decoder(replace(cfg, members=3), ensemble)
+
+
+def test_with_vqa_head(tmp_path):
+    model = _model()
+    model.train()
+    head_cfg = VQAConfig(embed_dim=8, hidden_dim=8, mlp_dim=16, dropout=0.0)
+    torch.manual_seed(5)
+    new = model.with_vqa_head(head_cfg)
+    torch.manual_seed(5)
+    alone = VQAHead(head_cfg, model.cfg.vocab_size, model.cfg.encoder.feature_dim)
+    for k, v in alone.state_dict().items():
+        torch.testing.assert_close(new.vqa.state_dict()[k], v, rtol=0, atol=0)
+    assert new.cfg.vqa is head_cfg and model.cfg.vqa is None and model.vqa is None
+    assert new.encoder is model.encoder and new.decoder is model.decoder
+    assert new.training and new.vqa.training
+    loaded = _round_trip(new.eval(), tmp_path)
+    assert loaded.vqa is not None and loaded.cfg.vqa == head_cfg
+
+    again = new.with_vqa_head(replace(head_cfg, hidden_dim=12))  # a new head replaces the old one
+    assert again.cfg.vqa.hidden_dim == 12 and again.vqa is not new.vqa and new.cfg.vqa.hidden_dim == 8
+    with pytest.raises(ValueError, match="max_choices"):
+        model.with_vqa_head(replace(head_cfg, max_choices=1))
