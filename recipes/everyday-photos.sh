@@ -14,12 +14,21 @@
 #   3. `captioner distill --labels`: a wider, 128-px VGG-style student learns the teacher's features and classes and
 #      the detector's objects and counts on the very views the teacher saw; Flickr8k val and coco-mini val are held
 #      out (agreement is measured on them). Resumable: run the same command again, it goes on from the last epoch.
+#      Run here in resumed stages of 2-5 epochs (~11 min an epoch alone on 2 cores) and stopped after 11 of the 12
+#      epochs (STOP_AFTER=11): the last epoch's learning rate would have been ~1e-5.
 #   4. `captioner pseudo-refs`: each unlabeled COCO-2014 photo with a detected object gets the 5 captions of the COCO
 #      sentence pool that best name its objects (text only; the pool's captions of coco-mini val photos, our COCO
 #      validation set, and of the test ids are never used): a Karpathy file for `captioner train --annotations`.
 #   5. `captioner make-vqa --labels`: presence and count questions about the COCO-2014 photos from their detections
 #      alone (7,871 balanced questions on 4,463 photos; count answers one..four), so a VQA head can learn to count
 #      from the image.
+#   6. One caption file (recipes/merge_captions.py): Flickr8k train/val, coco-mini train (real captions; its val is
+#      validation), and the pseudo-references; absolute paths, fresh ids, a COCO test id in a training split refused.
+#   7. A caption decoder on the frozen student (LSTM 256/512, vocabulary from all training captions, min count 5),
+#      best epoch by CIDEr-D on Flickr8k val + coco-mini val together.
+#   8. Real-photo questions (make-vqa from the captions, plus --labels presence/count questions about the COCO-2014
+#      photos) and a fresh VQA head on the same frozen student, with easy-VQA mixed in.
+#   9. The decoder of 7 and the VQA head of 8 joined into one model (recipes/swap_decoder.py), exported in fp16.
 #   DATA=../shared/data bash recipes/everyday-photos.sh
 set -euo pipefail
 DATA=${DATA:-../shared/data}
@@ -61,3 +70,27 @@ captioner pseudo-refs --labels "$RUN/labels" --pool "$DATA/coco-captions-pool/ca
 
 # 5. presence and count questions from the detections alone
 captioner make-vqa --labels "$RUN/labels" --label-photos "$SRC/coco2014" --out "$RUN/detected-vqa.json"
+# 6. one caption file for one vocabulary
+python recipes/merge_captions.py --karpathy "$DATA/flickr8k/dataset_flickr8k.json" "$DATA/flickr8k" \
+    --coco "$DATA/coco-mini/annotations/captions_train2017.json" "$DATA/coco-mini/train2017" train \
+    --coco "$DATA/coco-mini/annotations/captions_val2017.json" "$DATA/coco-mini/val2017" val \
+    --karpathy "$RUN/pseudo-refs.json" . --exclude-ids "$DATA/coco-captions-pool/coco_test_ids.txt" --out "$RUN/captions.json"
+STUDENT=(--arch compact --encoder-layers 32,M,64,M,128,128,M,256,256,M,384,384,M --fc-dims 512 --image-size 128)
+# 7. the caption decoder on the frozen student
+captioner train --annotations "$RUN/captions.json" --images / "${STUDENT[@]}" \
+    --encoder-weights "$RUN/distill/encoder.safetensors" --freeze-encoder --feature-cache "$RUN/cache" \
+    --cell lstm --embed-dim 256 --hidden-dim 512 --min-count 5 --epochs 8 --batch-size 32 --seed 0 \
+    --output "$RUN/decoder" $( [ -d "$RUN/decoder/last" ] && echo --resume )
+# 8. questions (from captions, and from the detections of the caption-less COCO photos) and a VQA head
+captioner make-vqa --karpathy "$DATA/flickr8k/dataset_flickr8k.json" "$DATA/flickr8k" \
+    --coco "$DATA/coco-mini/annotations/captions_train2017.json" "$DATA/coco-mini/train2017" train \
+    --coco "$DATA/coco-mini/annotations/captions_val2017.json" "$DATA/coco-mini/val2017" val \
+    --labels "$RUN/labels" --label-photos "$SRC/coco2014" --image-root / --out "$RUN/vqa/questions.json"
+captioner train --task vqa --init-from "$RUN/decoder/best" --fresh-vqa-head --vqa-embed-dim 128 --vqa-hidden-dim 256 \
+    --vqa-mlp-dim 512 --vqa-dropout 0.2 --freeze-encoder --feature-cache "$RUN/cache" --vqa-dataset v7w easy-vqa \
+    --vqa-annotations "$RUN/vqa/questions.json" --vqa-images / --questions-per-image 10 --epochs 3 --lr 2e-3 \
+    --warmup-steps 100 --seed 0 --output "$RUN/vqa-head" $( [ -d "$RUN/vqa-head/last" ] && echo --resume )
+# 9. one model: the decoder of 7, the encoder and VQA head of 8
+python recipes/swap_decoder.py --base "$RUN/vqa-head/best" --decoder-from "$RUN/decoder/best" --out "$RUN/joined"
+captioner export --checkpoint "$RUN/joined" --out "$RUN/model" --dtype fp16 --version 7 \
+    --name coco-flickr8k-labels-distilled-vgg128-lstm
