@@ -84,6 +84,9 @@ class Attend:
         self.W_ih, self.attention = W_ih, attention
 
     def precompute(self, features: ImageFeatures) -> Precomputed:
+        if features.att is None:
+            raise ValueError("an attention decoder needs the image grid: ImageFeatures.att is None (features from "
+                             "model.encode() of an attention model carry it)")
         wa = self.attention.W_a(features.att)  # (N, P, A)
         # a_i in W_a·a_i's dtype (autocast's): the copies a search repeats per beam are then no larger than needed
         return features.att.to(wa.dtype), wa

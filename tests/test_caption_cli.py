@@ -428,6 +428,21 @@ def test_rerun_with_other_options_is_refused_unless_asked(tmp_path, make_images,
     assert caption("images", "--out", out, "--beam-size", "5", "--num-captions", "3", ckpt=tiny_checkpoint) == 0
 
 
+def test_options_files_from_before_generation_config_are_read(tmp_path):
+    from captioner.cli.caption import check_options
+    from captioner.generation import GenerationConfig
+
+    records = tmp_path / "caps.jsonl"
+    records.write_text('{"path": "a.jpg"}\n')
+    old = {**GenerationConfig().to_dict(), "do_sample": True, "return_attention": False}
+    del old["sample"], old["attention"]
+    Path(str(records) + ".options.json").write_text(json.dumps(old))
+    sampled = GenerationConfig(sample=True).to_dict()
+    assert check_options(str(records), sampled, anyway=False) is None  # the same options, in their old names
+    refused = check_options(str(records), GenerationConfig().to_dict(), anyway=False)
+    assert refused and "sample True -> False" in refused
+
+
 def test_unreadable_inputs_are_named_on_stderr(tmp_path, tiny_checkpoint, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert caption("no_such.jpg", "--out", tmp_path / "x.jsonl", ckpt=tiny_checkpoint) == 1

@@ -201,6 +201,8 @@ def test_each_mode_reads_only_its_field():
             assert not torch.allclose(dec(f, toks), dec(other, toks))
         dec = make_decoder("gru", "attention")
         assert torch.equal(dec(f, toks), dec(other, toks))
+        with pytest.raises(ValueError, match="needs the image grid"):
+            dec(ImageFeatures(f.fc), toks)
 
 
 # ------------------------------------------------------------------------------------------ checkpoint names

@@ -132,6 +132,10 @@ def check_options(rpath: str, options: dict, anyway: bool) -> str | None:
             before = json.loads(side.read_text())
         except (OSError, ValueError):
             before = {}
+        # records made before GenerationConfig named two options otherwise
+        for old, new in (("do_sample", "sample"), ("return_attention", "attention")):
+            if old in before:
+                before.setdefault(new, before.pop(old))
         # a generation option that did not exist when those records were made had its default then
         before = {**GenerationConfig().to_dict(), **before}
         changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in options.items() if before.get(k) != v]
