@@ -165,7 +165,7 @@ def test_distill_from_labels_learns_objects_and_counts_and_never_sees_held_out_p
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 32
 
 
-def test_distill_from_labels_skips_unreadable_and_refuses_init_from(tmp_path, one_thread):
+def test_distill_from_labels_skips_unreadable_and_refuses_a_distill_run_as_init_from(tmp_path, one_thread):
     paths, dets = _photos(tmp_path / "photos", 6)
     Path(paths[1]).write_bytes(b"gone bad since labelling")
     run = fake_run(tmp_path / "labels", paths, dets, chunk=4, errors={paths[2]: "not an image"})
@@ -174,8 +174,46 @@ def test_distill_from_labels_skips_unreadable_and_refuses_init_from(tmp_path, on
             "--batch-size", "2", "--epochs", "1", "--workers", "0", "--amp", "off", "--out", str(out)]
     assert cli_main(base) == 0
     assert json.loads((out / "metrics.jsonl").read_text())["train_loss"] > 0
-    with pytest.raises(SystemExit, match="--init-from"):
+    with pytest.raises(SystemExit, match="--init-from takes a saved model"):
         cli_main([*base, "--init-from", str(out)])
+
+
+def test_distill_from_labels_can_start_from_a_saved_models_encoder_with_fitted_heads(tmp_path, one_thread,
+                                                                                       tiny_checkpoint):
+    from captioner.checkpoint import load_pretrained
+    from captioner.cli import parsers
+    from training.distill_labels import LabelDistillObjective, LabelledViews
+    from training.options import DistillTraining
+
+    paths, dets = _photos(tmp_path / "photos", 16)
+    run = fake_run(tmp_path / "labels", paths, dets, chunk=8)
+    out = tmp_path / "d"
+    args = parsers.distill().parse_args(["--labels", str(run), "--init-from", str(tiny_checkpoint), "--batch-size",
+                                         "4", "--workers", "0", "--amp", "off", "--out", str(out),
+                                         "--encoder-layers", "8,M", "--image-size", "64"])  # ignored: the model's
+    obj = LabelDistillObjective(DistillTraining.from_args(args), torch.device("cpu"), 1, 0)
+    model, _ = load_pretrained(tiny_checkpoint, "cpu")
+    assert obj.cfg.encoder == model.cfg.encoder and obj.cfg.preprocess == model.cfg.preprocess
+    enc = model.encoder.state_dict()
+    assert all(torch.equal(v, enc[k]) for k, v in obj.model.encoder.state_dict().items())
+
+    def loss() -> float:  # every training photo's centre view, the model in eval mode
+        obj.model.eval()
+        rows = torch.tensor(obj.train_rows)
+        views = torch.zeros_like(rows)
+        centre = LabelledViews(obj.labels, obj.train_rows, obj.cfg.preprocess.image_size, train=False)
+        x = torch.stack([centre[i]["image"] for i in range(len(centre))]).float().div_(255)
+        with torch.no_grad():
+            return float(obj._losses(obj.model(x), obj._targets({"rows": rows, "views": views}))[0])
+
+    before = loss()
+    obj.start()  # the teacher statistics and the four heads fitted to the encoder's v
+    assert loss() < 0.5 * before
+    argv = ["distill", "--labels", str(run), "--init-from", str(tiny_checkpoint), "--batch-size", "4", "--epochs",
+            "1", "--workers", "0", "--amp", "off", "--out", str(out)]
+    assert cli_main(argv) == 0
+    from training.distill import encoder_layout
+    assert encoder_layout(out / "encoder.safetensors")[0].encoder == model.cfg.encoder
 
 
 # --------------------------------------------------------------------------------------------- the real networks

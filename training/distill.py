@@ -182,15 +182,21 @@ def teacher_statistics(student: Student, teacher, loader, device, norm, limit: i
     student.t_mean.copy_(f.mean(0))
     student.t_std.copy_(f.std(0).clamp_min(1e-3))
     if fit_heads:
-        v = torch.cat(vs)
-        v1 = torch.cat([v, torch.ones_like(v[:, :1])], 1)  # (N, D + 1): the last row of the solution is the bias
-        gram = v1.T @ v1
-        gram += 1e-3 * gram.diagonal().mean() * torch.eye(len(gram), device=gram.device)
-        for head, target in ((student.to_features, (f - student.t_mean) / student.t_std),
-                             (student.to_logits, torch.cat(logits))):
-            w = torch.linalg.solve(gram, v1.T @ target)  # (D + 1, out)
-            head.weight.copy_(w[:-1].T)
-            head.bias.copy_(w[-1])
+        fit_heads_to(torch.cat(vs), ((student.to_features, (f - student.t_mean) / student.t_std),
+                                     (student.to_logits, torch.cat(logits))))
+
+
+@torch.no_grad()
+def fit_heads_to(v: torch.Tensor, heads) -> None:
+    """Each linear head in ``heads`` ((head, target (N, out)) pairs) set to the ridge regression of its target on v
+    (N, D): heads that start where an encoder that already knows something puts them, not at random."""
+    v1 = torch.cat([v, torch.ones_like(v[:, :1])], 1)  # (N, D + 1): the last row of the solution is the bias
+    gram = v1.T @ v1
+    gram += 1e-3 * gram.diagonal().mean() * torch.eye(len(gram), device=gram.device)
+    for head, target in heads:
+        w = torch.linalg.solve(gram, v1.T @ target.to(v1))  # (D + 1, out)
+        head.weight.copy_(w[:-1].T)
+        head.bias.copy_(w[-1])
 
 
 # -------------------------------------------------------------------------------------------------- train and eval
@@ -365,8 +371,8 @@ def distill(opts: DistillTraining):
     init_model = bool(run.init_from) and (Path(run.init_from) / "config.json").is_file()
     if run.init_from and not init_model and not (Path(run.init_from) / STATE).is_file():
         raise SystemExit(f"--init-from: {Path(run.init_from) / STATE} not found (nor a model's config.json)")
-    if opts.labels.labels and run.init_from:
-        raise SystemExit("--labels starts a student from scratch (or --resume); --init-from is for online teachers")
+    if opts.labels.labels and run.init_from and not init_model:
+        raise SystemExit("with --labels, --init-from takes a saved model (its encoder), not a distillation run")
     rank, world, device = setup(run.device, opts.optim.seed, per_rank_seed=True)
     if is_main():
         Path(run.out).mkdir(parents=True, exist_ok=True)

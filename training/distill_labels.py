@@ -24,12 +24,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
+from captioner.checkpoint import load_pretrained
 from captioner.encoder import VGGEncoder
 from captioner.inputs import expand_inputs, path_key
 from captioner.pixels import load_image
 
 from .datasets import read_dataset
-from .distill import DistillObjective, Student, distill_loss, encoder_layout
+from .distill import DistillObjective, Student, distill_loss, encoder_layout, fit_heads_to
 from .distributed import is_main
 from .label import Labels, cut_view
 from .optim import amp_settings
@@ -111,6 +112,9 @@ class LabelDistillObjective(DistillObjective):
         last = self.out / "last_encoder.safetensors"
         if run.resume and last.is_file():  # the run's own layout, whatever flags it is resumed with
             cfg, encoder = encoder_layout(last)
+        elif run.init_from:  # a saved model's encoder, layout and preprocessing (the student flags are ignored)
+            model, _ = load_pretrained(run.init_from, "cpu")
+            cfg, encoder = model.cfg, model.encoder
         else:
             cfg = opts.student.model_config()
             encoder = VGGEncoder(cfg.encoder)
@@ -142,16 +146,45 @@ class LabelDistillObjective(DistillObjective):
                      "preprocess": cfg.to_dict()["preprocess"]}
 
     def start(self) -> None:
-        if not self.opts.run.resume:  # standardise each teacher feature over the training photos' centre views
+        run = self.opts.run
+        if not run.resume:  # standardise each teacher feature over the training photos' centre views
             f = self.labels.features[self.train_rows, 0].float()
             self.model.t_mean.copy_(f.mean(0))
             self.model.t_std.copy_(f.std(0).clamp_min(1e-3))
+        if run.init_from and not run.resume:
+            self._fit_heads()
         if is_main():
             log.info("distilling cached %s + detector labels -> %s encoder (%.1fM parameters, %d px) on %d photos "
                      "(%d held out), device %s, amp %s", self.labels.settings["teacher"]["name"],
                      self.cfg.encoder.arch, sum(p.numel() for p in self.model.encoder.parameters()) / 1e6,
                      self.cfg.preprocess.image_size, len(self.train_rows), len(self.val_rows), self.device,
                      self.amp_dtype)
+
+    @torch.no_grad()
+    def _fit_heads(self, limit: int = 4000) -> None:
+        """An encoder from a saved model already knows something: its four heads start at the ridge regression of
+        the centre views' targets on its v (presence as a clipped logit), so that the first steps' gradients do not
+        come from random heads and undo what it knows."""
+        rows = self.train_rows[:: max(1, len(self.train_rows) // limit)][:limit]
+        loader = DataLoader(LabelledViews(self.labels, rows, self.cfg.preprocess.image_size, train=False),
+                            self.opts.optim.batch_size, num_workers=self.opts.images.workers, collate_fn=collate_views)
+        self.model.eval()
+        vs, kept = [], []
+        for batch in tqdm(loader, desc="fitting heads", disable=not is_main(), dynamic_ncols=True, leave=False):
+            if len(batch["rows"]):
+                vs.append(self.model.embed(batch["images"].to(self.device).float().div_(255)).float())
+                kept.append(torch.stack([batch["rows"], batch["views"]]))
+        self.model.train()
+        r, v = torch.cat(kept, 1)
+        t = self._targets({"rows": r, "views": v})
+        t["logits"] = t["logits"] - t["logits"].mean(-1, keepdim=True)  # softmax ignores a shift
+        t["objects"] = t["objects"].clamp(0.05, 0.95).logit()
+        m = self.model
+        fit_heads_to(torch.cat(vs), ((m.to_features, t["features"]), (m.to_logits, t["logits"]),
+                                     (m.to_objects, t["objects"]), (m.to_counts, t["counts"])))
+        if is_main():
+            log.info("student encoder from the model %s; its heads fitted to %d photos' centre views",
+                     self.opts.run.init_from, len(r))
 
     def batches(self, epoch: int):
         self.model.train()

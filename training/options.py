@@ -602,8 +602,9 @@ def add_distill_output(p: argparse.ArgumentParser) -> None:
                           help="start the student (and the teacher-feature statistics) from an earlier run's last "
                                "state, with a fresh optimizer and schedule: a warm restart for a run whose val KL was "
                                "still falling; or from a saved caption model's encoder (its layout and preprocessing; "
-                               "the student flags are ignored), whose two prediction heads are first fitted to the "
-                               "teacher by least squares"),
+                               "the student flags are ignored), whose prediction heads are first fitted to the "
+                               "teacher (with --labels: to the cached targets, objects and counts too) by least "
+                               "squares; with --labels only a saved model is accepted"),
         "device": dict(default="auto"),
     })
 
