@@ -159,7 +159,14 @@ def test_distill_from_labels_learns_objects_and_counts_and_never_sees_held_out_p
     from captioner.cli import parsers
     args = parsers.distill().parse_args(["--labels", str(run), "--hold-out", *held, "--out", str(out)])
     opts = DistillTraining.from_args(args)
-    assert {os.path.abspath(p) for p in held} == held_out_paths(opts.images, opts.labels.hold_out)
+    assert {os.path.realpath(p) for p in held} == held_out_paths(opts.images, opts.labels.hold_out)
+    # held out through a link to their folder too: the label run's paths and the --hold-out ones meet as real paths
+    (tmp_path / "linked").symlink_to(tmp_path / "photos")
+    args = parsers.distill().parse_args(["--labels", str(run), "--hold-out",
+                                         *[str(tmp_path / "linked" / Path(p).name) for p in held], "--out", str(out)])
+    from training.distill_labels import LabelDistillObjective
+    obj = LabelDistillObjective(DistillTraining.from_args(args), torch.device("cpu"), 1, 0)
+    assert sorted(obj.val_rows) == [paths.index(p) for p in held] and not set(obj.val_rows) & set(obj.train_rows)
     # resume goes on from the last epoch
     assert cli_main([*argv[:argv.index("--epochs") + 1], "32", *argv[argv.index("--epochs") + 2:], "--resume"]) == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 32

@@ -15,6 +15,7 @@ end; ``encoder.safetensors`` is what ``captioner train --encoder-weights`` loads
 from __future__ import annotations
 
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from captioner.checkpoint import load_pretrained
 from captioner.encoder import VGGEncoder
-from captioner.inputs import expand_inputs, path_key
+from captioner.inputs import expand_inputs
 from captioner.pixels import load_image
 
 from .datasets import read_dataset
@@ -93,7 +94,7 @@ def held_out_paths(images: DistillImages, hold_out=()) -> set[str]:
             raise SystemExit("--annotations needs --images")
         held += [r.path for r in read_dataset(images.dataset, images.annotations, images.images, images.val_split)]
     held += [it.path for it in expand_inputs(list(hold_out or []), warn=log.warning)]
-    return {path_key(p) for p in held}
+    return {os.path.realpath(p) for p in held}
 
 
 class LabelDistillObjective(DistillObjective):
@@ -121,8 +122,10 @@ class LabelDistillObjective(DistillObjective):
         self.cfg = cfg
         held = held_out_paths(imgs, lab.hold_out)
         ok = self.labels.ok.tolist()
-        self.train_rows = [i for i, p in enumerate(self.labels.paths) if ok[i] and path_key(p) not in held]
-        val_rows = [i for i, p in enumerate(self.labels.paths) if ok[i] and path_key(p) in held]
+        # real paths: a photo reached through a link (or a relative path from another folder) is still held out
+        keys = [os.path.realpath(p) for p in self.labels.paths]
+        self.train_rows = [i for i, k in enumerate(keys) if ok[i] and k not in held]
+        val_rows = [i for i, k in enumerate(keys) if ok[i] and k in held]
         if not self.train_rows:
             raise SystemExit(f"captioner distill: no labelled photo left to learn from in {lab.labels}")
         self.val_rows = val_rows[: imgs.max_val_images] if imgs.max_val_images else val_rows
