@@ -79,10 +79,9 @@ def load_model(ckpt: Path, device: str):
     """The server's batch function on the model, prepared with the server's defaults (NHWC encoder weights,
     encoder micro-batches on CPU): in-process runs do exactly what a server batch does."""
     from captioner.api import Captioner
-    from service.engine import Engine, default_encode_batch_size
+    from service.engine import Engine
 
-    cap = Captioner.from_pretrained(ckpt, device)
-    return Engine(cap, encode_batch_size=default_encode_batch_size(cap.device))
+    return Engine(Captioner.from_pretrained(ckpt, device))
 
 
 def forward(engine, photos: list[bytes], beam: int) -> None:

@@ -66,7 +66,7 @@ def default_checkpoint() -> Path:
 
 class Captioner:
     def __init__(self, model: CaptionModel, vocab: Vocabulary, precision: str = "auto", path: Path | None = None,
-                 channels_last: bool = True) -> None:
+                 channels_last: bool = True, encode_chunk: int | None = None) -> None:
         self.model = model.eval()
         self.memory_format = memory_format(channels_last)  # the encoder's weights and inputs, in one place
         self.model.encoder.to(memory_format=self.memory_format)
@@ -75,16 +75,21 @@ class Captioner:
         self.precision = resolve_precision(precision, self.device)  # 'auto' -> what this device runs natively
         self.path = path
         self.transform = eval_transform(self.cfg.preprocess)
+        # images per encoder call (None: the whole batch). On CPU, 8 at a time keep the first block's activations in
+        # cache: 1.3-1.6x per image (bench/encoder.py); a GPU wants the whole batch
+        self.encode_chunk = encode_chunk or (8 if self.device.type == "cpu" else None)
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
-                        precision: str = "auto", channels_last: bool = True) -> "Captioner":
+                        precision: str = "auto", channels_last: bool = True,
+                        encode_chunk: int | None = None) -> "Captioner":
         """Load a checkpoint directory (default: the model shipped in the package) on ``device`` (default: CUDA if
-        any), in ``precision`` ('auto': bf16 where the hardware has it natively), NHWC convolutions unless told."""
+        any), in ``precision`` ('auto': bf16 where the hardware has it natively), NHWC convolutions unless told,
+        encoding ``encode_chunk`` images per encoder call (default: 8 on CPU, all on GPU)."""
         path = Path(path) if path is not None else default_checkpoint()
         dev = default_device() if device in (None, "auto") else torch.device(device)
         model, vocab = load_pretrained(path, dev)
-        return cls(model, vocab, precision, path, channels_last)
+        return cls(model, vocab, precision, path, channels_last, encode_chunk)
 
     def __repr__(self) -> str:
         c = self.cfg
@@ -108,8 +113,7 @@ class Captioner:
         """A preprocessed batch (B, 3, S, S) -> its ImageFeatures (float32, on the model's device)."""
         with autocast(self.device, self.precision):
             x = batch.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-            # on CPU, chunks of 8 keep the first block's activations in cache: 1.3-1.6x (bench/encoder.py)
-            chunks = x.split(8) if x.device.type == "cpu" else (x,)
+            chunks = x.split(self.encode_chunk) if self.encode_chunk else (x,)
             return ImageFeatures.cat([self.model.encode(c).float() for c in chunks])
 
     @property
@@ -164,12 +168,16 @@ class Captioner:
 
     @property
     def tasks(self) -> list[str]:
-        """What the checkpoint was trained for: metrics.json's 'tasks' (e.g. ['vqa'] means the caption decoder is
-        untrained), else ['caption'] (+ 'vqa' when the config has a VQA head)."""
-        m = self.metrics or {}
-        if isinstance(m.get("tasks"), list):
-            return [str(t) for t in m["tasks"]]
-        return ["caption"] + (["vqa"] if self.has_vqa else [])
+        """What the checkpoint was trained for (config.json's tasks): ['vqa'] means the caption decoder is untrained."""
+        return self.cfg.trained_tasks
+
+    @property
+    def can_caption(self) -> bool:
+        return "caption" in self.cfg.trained_tasks
+
+    @property
+    def can_answer(self) -> bool:
+        return "vqa" in self.cfg.trained_tasks  # the config guarantees the head
 
     def _require_vqa(self) -> None:
         if not self.has_vqa:

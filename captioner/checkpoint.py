@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,8 @@ def save_pretrained(
     extra_files: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically. ``dtype`` (e.g. torch.float16) shrinks float weights on disk;
-    ``extra_files`` maps file names to JSON-able objects (or to a callable(dir) that writes the file)."""
+    ``extra_files`` maps file names to JSON-able objects (or to a callable(dir) that writes the file). The tasks of
+    ``metrics`` (what training trained) are written into config.json too: a model says what it can do."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if len(vocab) != model.cfg.vocab_size:
@@ -51,7 +53,8 @@ def save_pretrained(
     old = None
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700: a server running as another user could not read it
-        (tmp / CONFIG).write_text(model.cfg.to_json())
+        tasks = (metrics or {}).get("tasks")
+        (tmp / CONFIG).write_text((replace(model.cfg, tasks=list(tasks)) if tasks else model.cfg).to_json())
         vocab.save(tmp / VOCAB)
         state = {}
         for k, t in model.state_dict().items():
@@ -89,8 +92,11 @@ def read_config(path: str | Path) -> ModelConfig:
         if not (path / name).is_file():
             raise CheckpointError(f"{path}: missing {name}")
     try:
-        return ModelConfig.from_json((path / CONFIG).read_text())
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        d = json.loads((path / CONFIG).read_text())
+        if isinstance(d, dict) and "tasks" not in d:  # saved before config.json said it: metrics.json did
+            d["tasks"] = (read_metrics(path) or {}).get("tasks")
+        return ModelConfig.from_dict(d)
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path / CONFIG}: {e}") from None
 
 

@@ -108,8 +108,17 @@ class ModelConfig:
     name: str = "captioner"
     version: str = "0"
     vqa: VQAConfig | None = None  # the multiple-choice VQA head, when the checkpoint has one
+    # what the weights were trained for: ['vqa'] is a VQA model whose caption decoder was never trained. None (a
+    # config from before this field, or a model not yet saved by training) -> its heads (trained_tasks)
+    tasks: list[str] | None = None
 
     def __post_init__(self) -> None:
+        if self.tasks is not None:
+            if not self.tasks or set(self.tasks) - {"caption", "vqa"}:
+                raise ValueError(f"tasks must be one or both of 'caption', 'vqa', got {self.tasks!r}")
+            self.tasks = [t for t in ("caption", "vqa") if t in self.tasks]  # one order, no repeats
+            if "vqa" in self.tasks and self.vqa is None:
+                raise ValueError("tasks names 'vqa' but the config has no VQA head")
         if self.decoder.cell not in ("rnn", "gru", "lstm"):
             raise ValueError(f"decoder.cell must be rnn, gru or lstm, got {self.decoder.cell!r}")
         if self.decoder.inject not in ("every", "first", "attention"):
@@ -126,6 +135,14 @@ class ModelConfig:
                 raise ValueError(f"vqa.cell must be rnn, gru or lstm, got {self.vqa.cell!r}")
             if self.vqa.max_choices < 2:
                 raise ValueError("vqa.max_choices must be >= 2")
+
+    def __eq__(self, other: object) -> bool:  # as saved: a config whose tasks are unsaid equals one that says them
+        return self.to_dict() == other.to_dict() if isinstance(other, ModelConfig) else NotImplemented
+
+    @property
+    def trained_tasks(self) -> list[str]:
+        """tasks, or when not said: caption, and vqa when there is a VQA head (config.json always says it)."""
+        return list(self.tasks) if self.tasks is not None else ["caption"] + (["vqa"] if self.vqa is not None else [])
 
     @property
     def attention(self) -> bool:
@@ -150,7 +167,7 @@ class ModelConfig:
         return self.encoder.channels if self.attention else self.encoder.feature_dim
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"format": "captioner/1", **asdict(self)}
+        d = {"format": "captioner/1", **asdict(self), "tasks": self.trained_tasks}
         if not self.attention:  # keys only attention reads: FC config.json stays readable by older releases
             del d["decoder"]["attention_dim"], d["decoder"]["attention_gate"]
         if d["vqa"] is None:

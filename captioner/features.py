@@ -56,4 +56,6 @@ class ImageFeatures:
     @staticmethod
     def cat(parts: Sequence[ImageFeatures]) -> ImageFeatures:
         """One batch of the images of all parts, in order (all parts have the same fields)."""
+        if len(parts) == 1:
+            return parts[0]
         return ImageFeatures(**{k: torch.cat([p.named()[k] for p in parts]) for k in parts[0].named()})

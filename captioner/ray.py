@@ -18,9 +18,12 @@ best first, and ``error`` null; or, for an unreadable image, ``captions`` null a
 """
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +48,53 @@ def init(address: str | None = None, **kwargs) -> None:
     kwargs.setdefault("include_dashboard", False)  # a cluster started for one job: the dashboard only costs CPU
     kwargs.setdefault("configure_logging", False)
     ray.init(address=address or None, **kwargs)
+    _StderrFilter.install((b"has constructor arguments in the object store and max_restarts > 0",))
+
+
+class _StderrFilter:
+    """This process's file descriptor 2 through a pipe that drops the lines containing one of ``drop``.
+
+    Ray Data gives every actor of a pool an object-store argument of its own (its map function), so Ray's C++ core
+    logs an error-level line for each model actor (ray-project/ray#53727, #57733: restarts could fail if that
+    object were lost; it is held for the whole job). Nothing of ours can avoid or fix it, and an error line on
+    every run teaches users to ignore error lines. Installed after ray.init(), so Ray's daemons keep the real
+    stderr; everything else written to fd 2 (Python, tqdm, other C++ lines) passes unchanged."""
+
+    _installed: "_StderrFilter | None" = None
+
+    @classmethod
+    def install(cls, drop: tuple[bytes, ...]) -> None:
+        if cls._installed is None:
+            cls._installed = cls(drop)
+
+    def __init__(self, drop: tuple[bytes, ...]) -> None:
+        self.drop = drop
+        self.real = os.dup(2)
+        r, w = os.pipe()
+        os.dup2(w, 2)
+        os.close(w)
+        self.thread = threading.Thread(target=self._pump, args=(r,), name="stderr-filter", daemon=True)
+        self.thread.start()
+        atexit.register(self.close)
+
+    def _pump(self, r: int) -> None:
+        pending = b""
+        while chunk := os.read(r, 1 << 16):
+            *lines, pending = (pending + chunk).split(b"\n")
+            out = b"".join(line + b"\n" for line in lines if not any(d in line for d in self.drop))
+            if pending and not pending.startswith(b"["):  # a progress bar's partial line goes on at once; a
+                out, pending = out + pending, b""            # C++ log line ('[time E pid]') waits for its end
+            if out:
+                os.write(self.real, out)
+        if pending:
+            os.write(self.real, pending)
+        os.close(r)
+
+    def close(self) -> None:
+        """Back to the real stderr (at exit): the pipe's last write end closes, the thread drains it and ends."""
+        sys.stderr.flush()
+        os.dup2(self.real, 2)
+        self.thread.join(timeout=2)
 
 
 def _cores() -> int:

@@ -17,7 +17,7 @@ from captioner.generation import GenerationConfig, GenerationConfigError
 from captioner.tokenizer import Vocabulary
 from captioner.vqa import VQAInputError, check_choices, check_question
 
-from .engine import VQAUnsupported, has_vqa
+from .engine import VQAUnsupported
 from .errors import InputError
 from .routers.common import RequestInput, read_input, service
 from .schemas import MAX_CHOICE_CHARS, MAX_CHOICES, MAX_QUESTION_CHARS, CaptionParams, check_json_types
@@ -27,13 +27,13 @@ from .state import ServiceState
 # async, so FastAPI runs them on the event loop (a sync dependency runs in a worker thread; the batcher's counters
 # and events are the loop's own)
 async def _captioning(svc: Annotated[ServiceState, Depends(service)]) -> ServiceState:
-    if "caption" not in getattr(svc.captioner, "tasks", ["caption"]):
+    if not svc.captioner.can_caption:
         raise HTTPException(501, "this model has no trained caption decoder (VQA-only checkpoint)")
     return svc
 
 
 async def _answering(svc: Annotated[ServiceState, Depends(service)]) -> ServiceState:
-    if not has_vqa(svc.captioner):
+    if not svc.captioner.can_answer:
         raise VQAUnsupported("this model has no VQA head")
     return svc
 
@@ -103,7 +103,7 @@ async def _vqa_input(request: Request, svc: Annotated[ServiceState, Depends(serv
         raise InputError(422, ("body", unknown[0]), "unknown field (expected image, question, choices)",
                          "extra_forbidden")
     question, choices = validate_vqa(inp.fields.get("question"), inp.lists.get("choices"),
-                                     getattr(svc.captioner.cfg, "vqa", None), svc.captioner.vocab)
+                                     svc.captioner.cfg.vqa, svc.captioner.vocab)
     return VQARequest(inp, question, choices)
 
 

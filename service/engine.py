@@ -16,19 +16,13 @@ import torch
 from captioner.api import Captioner
 from captioner.features import ImageFeatures
 from captioner.generation import GenerationConfig
+from captioner.vqa import VQAInputError
 
 log = logging.getLogger("service.engine")
 
 
 class VQAUnsupported(Exception):
     """The loaded model has no VQA head (HTTP 501)."""
-
-
-def has_vqa(captioner: Captioner) -> bool:
-    """The model can answer questions: the API has answer_batch (absent from older captioner versions), the
-    checkpoint a VQA head, and its metrics.json does not say the head was left untrained (Captioner.tasks)."""
-    return (callable(getattr(captioner, "answer_batch", None)) and bool(getattr(captioner, "has_vqa", False))
-            and "vqa" in getattr(captioner, "tasks", ["vqa"]))
 
 
 @dataclass
@@ -44,28 +38,14 @@ class VQAJob:
     choices: list[str]
 
 
-def default_encode_batch_size(device: torch.device) -> int | None:
-    # CPU: a VGG-style encoder on a few images at a time keeps its activations in cache and ran 1.5x faster per
-    # image at 4 than at 32 (bench/serve.py notes); GPUs want the whole batch
-    return 4 if device.type == "cpu" else None
-
-
 class Engine:
-    def __init__(self, captioner: Captioner, on_images=None, encode_batch_size: int | None = None) -> None:
+    def __init__(self, captioner: Captioner, on_images=None) -> None:
         self.captioner = captioner
         self.on_images = on_images  # callback(task, n) for the images-processed counter
-        self.encode_batch_size = encode_batch_size  # None: the whole batch in one encoder call
-
-    def encode(self, x: torch.Tensor) -> ImageFeatures:
-        """x (B, 3, S, S) -> features, in encoder calls of at most encode_batch_size images."""
-        n = self.encode_batch_size or len(x)
-        if n >= len(x):
-            return self.captioner.encode(x)
-        return ImageFeatures.cat([self.captioner.encode(x[i:i + n]) for i in range(0, len(x), n)])
 
     def __call__(self, jobs: list[CaptionJob | VQAJob]) -> list:
         x = torch.stack([j.pixels for j in jobs]).contiguous(memory_format=self.captioner.memory_format)  # (B,3,S,S)
-        features = self.encode(x)  # every image encoded once, shared by captions and VQA
+        features = self.captioner.encode(x)  # every image encoded once, shared by captions and VQA
         out: list = [None] * len(jobs)
 
         # jobs whose configs give the same captions decode together in one caption_batch call
@@ -85,7 +65,7 @@ class Engine:
             self.on_images("caption", sum(len(idx) for idx in groups.values()))
 
         if vqa_idx:
-            if not has_vqa(self.captioner):
+            if not self.captioner.can_answer:
                 for i in vqa_idx:
                     out[i] = VQAUnsupported("this model has no VQA head")
             else:
@@ -97,8 +77,6 @@ class Engine:
 
     def _answer(self, features: ImageFeatures, jobs: list[VQAJob]) -> list:
         """The VQA jobs' features -> one Answer (or VQAInputError) per job."""
-        from captioner.vqa import VQAInputError  # exists whenever answer_batch does
-
         try:
             return self.captioner.answer_batch(features, [j.question for j in jobs], [j.choices for j in jobs])
         except VQAInputError:

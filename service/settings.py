@@ -28,8 +28,9 @@ class Settings(BaseSettings):
     channels_last: bool = Field(True, description="NHWC convolutions (faster on CPU oneDNN and GPU tensor cores)")
     torch_threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads (default: torch's)")
     encode_batch_size: int | None = Field(
-        None, ge=1, le=1024, description="images per encoder call within a batch; the decoder always gets the whole "
-                                         "batch (default: 4 on CPU, where small conv batches stay in cache; all on GPU)")
+        None, ge=1, le=1024, description="images per encoder call within a batch (Captioner's encode_chunk); the "
+                                         "decoder always gets the whole batch (default: 8 on CPU, where small conv "
+                                         "batches stay in cache; all on GPU)")
 
     # HTTP
     host: str = "127.0.0.1"

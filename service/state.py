@@ -19,7 +19,7 @@ from captioner.checkpoint import CheckpointError
 
 from .batcher import DynamicBatcher
 from .images import ByteBudget
-from .engine import CaptionJob, Engine, VQAJob, default_encode_batch_size, has_vqa
+from .engine import CaptionJob, Engine, VQAJob
 from .metrics import Metrics
 from .settings import Settings
 
@@ -48,10 +48,6 @@ class ServiceState:
         return self.status == "ready"
 
     @property
-    def encode_batch_size(self) -> int | None:
-        return self.settings.encode_batch_size or default_encode_batch_size(self.captioner.device)
-
-    @property
     def checkpoint(self) -> Path:
         return Path(self.settings.checkpoint) if self.settings.checkpoint else default_checkpoint()
 
@@ -71,11 +67,10 @@ class ServiceState:
                 self.status = "loading"
                 log.info("loading %s on %s (%s)", self.checkpoint, s.device or "auto", s.precision)
                 self.captioner = await asyncio.to_thread(Captioner.from_pretrained, self.checkpoint, s.device,
-                                                         s.precision, s.channels_last)
+                                                         s.precision, s.channels_last, s.encode_batch_size)
             if s.torch_threads:
                 torch.set_num_threads(s.torch_threads)
-            self.engine = Engine(self.captioner, on_images=lambda task, n: self.metrics.images.labels(task).inc(n),
-                                 encode_batch_size=self.encode_batch_size)
+            self.engine = Engine(self.captioner, on_images=lambda task, n: self.metrics.images.labels(task).inc(n))
             self.batcher = DynamicBatcher(self.engine, s.max_batch_size, s.max_delay_ms, s.max_queue,
                                           s.request_timeout_s, on_batch=self.metrics.on_batch, name="model",
                                           idle_start=True)
@@ -102,17 +97,17 @@ class ServiceState:
         cfg = self.captioner.cfg
         log.info("ready: %s v%s on %s, precision %s (asked: %s), in %.1f s (max_batch_size=%d, max_delay_ms=%g, "
                  "vqa=%s)", cfg.name, cfg.version, self.captioner.device, self.captioner.precision, s.precision,
-                 self.load_seconds, s.max_batch_size, s.max_delay_ms, has_vqa(self.captioner))
+                 self.load_seconds, s.max_batch_size, s.max_delay_ms, self.captioner.can_answer)
 
     def _warm_up(self) -> None:
         """Run a batch of one and a full batch of each task once, outside the metrics (own Engine, no callback)."""
         cap = self.captioner
         size = cap.cfg.preprocess.image_size
-        engine = Engine(cap, encode_batch_size=self.encode_batch_size)
+        engine = Engine(cap)
         x = torch.zeros(3, size, size)
         for n in sorted({1, self.settings.max_batch_size}):
             jobs: list = [CaptionJob(x) for _ in range(n)]
-            if has_vqa(cap):
+            if cap.can_answer:
                 jobs[-1] = VQAJob(x, "what is it", ["a dog", "a cat"])
             engine(jobs)
 

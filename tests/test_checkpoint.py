@@ -72,6 +72,32 @@ def test_config_json_is_readable_and_complete(tmp_path):
     assert read_config(path) == model.cfg
 
 
+def test_config_json_says_what_the_weights_were_trained_for(tmp_path):
+    from tests.test_vqa_model import tiny_vqa_model
+
+    assert tiny_model().cfg.trained_tasks == ["caption"] and tiny_vqa_model().cfg.trained_tasks == ["caption", "vqa"]
+    # training's metrics name the tasks: config.json says them too, and that is what loads
+    path = save_pretrained(tiny_vqa_model(), Vocabulary(TINY_WORDS), tmp_path / "vqa", metrics={"tasks": ["vqa"]})
+    assert json.loads((path / "config.json").read_text())["tasks"] == ["vqa"]
+    assert read_config(path).trained_tasks == ["vqa"]
+    # a checkpoint from before config.json said it: metrics.json's tasks, else the heads it has
+    d = json.loads((path / "config.json").read_text())
+    del d["tasks"]
+    (path / "config.json").write_text(json.dumps(d))
+    assert read_config(path).trained_tasks == ["vqa"]
+    (path / "metrics.json").unlink()
+    assert read_config(path).trained_tasks == ["caption", "vqa"]
+    for bad, msg in ((["caption", "speech"], "one or both"), ([], "one or both")):
+        with pytest.raises(ValueError, match=msg):
+            ModelConfig.from_dict({**tiny_model().cfg.to_dict(), "tasks": bad})
+    with pytest.raises(ValueError, match="no VQA head"):
+        ModelConfig.from_dict({**tiny_model().cfg.to_dict(), "tasks": ["vqa"]})
+    d["tasks"] = ["speech"]
+    (path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(CheckpointError, match="tasks must be"):
+        read_config(path)
+
+
 def test_fp16_storage_loads_as_float32(tmp_path):
     model = tiny_model()
     vocab = Vocabulary(TINY_WORDS)

@@ -222,7 +222,7 @@ def slowed(checkpoint, seconds: float) -> tuple[Captioner, list]:
 
 def test_concurrent_requests_share_batches(tiny_checkpoint):
     cap, calls = slowed(tiny_checkpoint, 0.2)
-    with client_for(tiny_checkpoint, cap, max_batch_size=16, max_delay_ms=50, warmup=False, encode_batch_size=16) as c:
+    with client_for(tiny_checkpoint, cap, max_batch_size=16, max_delay_ms=50, warmup=False) as c:
         rs = in_threads(lambda i: post_image(c, jpeg_bytes(seed=i)), 12)
         assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
         text = c.get("/metrics").text
@@ -339,11 +339,11 @@ def test_engine_micro_batched_nhwc_encoder_matches_the_plain_path(tiny_checkpoin
     nchw = Captioner.from_pretrained(tiny_checkpoint, "cpu", "fp32", channels_last=False)
     assert nchw.model.encoder.features[0].weight.is_contiguous()  # --no-channels-last really is NCHW
     plain = Engine(nchw)(jobs)
-    cap = Captioner.from_pretrained(tiny_checkpoint, "cpu", "fp32")
+    cap = Captioner.from_pretrained(tiny_checkpoint, "cpu", "fp32", encode_chunk=2)
     assert cap.model.encoder.features[0].weight.is_contiguous(memory_format=torch.channels_last)
-    sizes, encode = [], cap.encode
-    cap.encode = lambda x: (sizes.append(len(x)), encode(x))[1]
-    fast = Engine(cap, encode_batch_size=2)(jobs)
+    sizes, encode = [], cap.model.encode
+    cap.model.encode = lambda x: (sizes.append(len(x)), encode(x))[1]
+    fast = Engine(cap)(jobs)
     assert sizes == [2, 2, 1]  # every image encoded exactly once, in micro-batches
     assert [[c.text for c in caps] for caps in fast] == [[c.text for c in caps] for caps in plain]
     assert [c[0].log_prob for c in fast] == pytest.approx([c[0].log_prob for c in plain], abs=1e-4)

@@ -34,8 +34,8 @@ def main(args: argparse.Namespace) -> int:
     if unknown:
         print(f"captioner ask: warning: the model does not know {', '.join(map(repr, unknown))}: it reads each as "
               "the same unknown word", file=sys.stderr)
-    if "vqa" not in cap.tasks:
-        print("captioner ask: warning: this checkpoint's metrics do not list 'vqa' as trained", file=sys.stderr)
+    if not cap.can_answer:
+        print("captioner ask: warning: this checkpoint says its VQA head was not trained (config.json tasks)", file=sys.stderr)
     print(f"Q: {' '.join(args.question.split())}")
     w = max(len(c) for c in args.choice)
     for i, (c, p) in enumerate(zip(args.choice, ans.probs)):

@@ -53,7 +53,7 @@ async def create_captions(request: Request, svc: CaptionService, arrival: Arriva
     with the same optional keys. Beam search by default; ``sample=true`` draws ``num_captions`` samples;
     ``attention=true`` (attention models) adds each caption's words and per-word attention maps."""
     gen = inp.generation
-    if gen.attention and not getattr(svc.captioner, "has_attention", False):
+    if gen.attention and not svc.captioner.has_attention:
         raise InputError(422, ("body", "attention"),
                          f"model {svc.captioner.cfg.name!r} has no attention decoder, so it has no attention maps; "
                          "serve a model trained with `captioner train --inject attention`, or leave attention out")

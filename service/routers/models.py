@@ -10,7 +10,6 @@ from fastapi.responses import JSONResponse, Response
 
 from captioner.checkpoint import CARD
 
-from ..engine import has_vqa
 from ..schemas import MAX_BEAM, MAX_CHOICES, MAX_LENGTH, ErrorBody, error_responses
 from .common import service
 
@@ -21,23 +20,20 @@ def describe(svc) -> dict:
     cap = svc.captioner
     cfg = cap.cfg
     enc, dec = cfg.encoder, cfg.decoder
-    vqa_cfg = getattr(cfg, "vqa", None)
-    tasks = list(getattr(cap, "tasks", ["caption"]))
-    if has_vqa(cap) and "vqa" not in tasks:
-        tasks.append("vqa")
+    vqa_cfg = cfg.vqa if cap.can_answer else None
     return {
         "name": cfg.name,
         "version": str(cfg.version),
-        "tasks": tasks,
+        "tasks": cap.tasks,
         "architecture": {
             "encoder": {"arch": enc.arch, "batch_norm": enc.batch_norm, "feature_dim": enc.feature_dim},
             "decoder": {"cell": dec.cell, "inject": dec.inject, "embed_dim": dec.embed_dim,
                         "hidden_dim": dec.hidden_dim, "num_layers": dec.num_layers, "members": dec.members},
-            "vqa": asdict(vqa_cfg) if vqa_cfg is not None and has_vqa(cap) else None,
+            "vqa": asdict(vqa_cfg) if vqa_cfg is not None else None,
             "image_size": cfg.preprocess.image_size,
             "resize": cfg.preprocess.resize,  # the crop is the centre image_size/resize of the shorter side
             # attention models: the side of the grid each word's map covers (the centre crop)
-            "attention_grid": cfg.grid_size if getattr(cfg, "attention", False) else None,
+            "attention_grid": cfg.grid_size if cfg.attention else None,
             "parameters": sum(p.numel() for p in cap.model.parameters()),
         },
         "vocab_size": cfg.vocab_size,
@@ -47,11 +43,11 @@ def describe(svc) -> dict:
         "precision": cap.precision,  # what runs: 'auto' resolved for this device
         "precision_setting": svc.settings.precision,
         "limits": {"beam_size": MAX_BEAM, "max_length": MAX_LENGTH,
-                   "choices": min(MAX_CHOICES, getattr(vqa_cfg, "max_choices", MAX_CHOICES)),
+                   "choices": min(MAX_CHOICES, vqa_cfg.max_choices) if vqa_cfg else MAX_CHOICES,
                    "max_upload_bytes": svc.settings.max_upload_bytes,
                    "max_image_pixels": svc.settings.max_image_pixels},
         "batching": {"max_batch_size": svc.settings.max_batch_size, "max_delay_ms": svc.settings.max_delay_ms,
-                     "encode_batch_size": svc.encode_batch_size, "channels_last": svc.settings.channels_last},
+                     "encode_batch_size": cap.encode_chunk, "channels_last": svc.settings.channels_last},
     }
 
 
