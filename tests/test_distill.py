@@ -63,7 +63,7 @@ def test_student_learns_to_match_the_teacher(tiny_karpathy, tiny_teacher, tmp_pa
     ann, root = tiny_karpathy
     out = tmp_path / "d"
     torch.manual_seed(0)
-    distill.main(_args(ann, root, out, "--epochs", "25", "--mixup", "0", "--min-scale", "0.8"))
+    distill.main(_args(ann, root, out, "--epochs", "25", "--min-scale", "0.8"))
     rows = _rows(out)
     assert [r["epoch"] for r in rows] == list(range(25))
     # held-out images (the val split), never trained on: the student's predictions move towards the teacher's

@@ -148,12 +148,9 @@ def distill_loss(student_out, teacher_out, temperature: float, feature_weight: f
     return kl + feature_weight * cos, kl, cos
 
 
-def prepare(batch: torch.Tensor, device, mixup: float, mean, std):
-    """uint8 crops -> (0..1 images, teacher input); mixup blends each image with the batch's reversed order."""
+def prepare(batch: torch.Tensor, device, mean, std):
+    """uint8 crops -> (0..1 images, teacher input)."""
     x = batch.to(device, non_blocking=True).float().div_(255)
-    if mixup > 0 and x.size(0) > 1:
-        lam = float(torch.distributions.Beta(mixup, mixup).sample())
-        x = lam * x + (1 - lam) * x.flip(0)
     return x, (x - mean) / std
 
 
@@ -168,7 +165,7 @@ def teacher_statistics(student: Student, teacher, loader, device, norm, limit: i
     for batch in tqdm(loader, desc="teacher statistics", disable=not is_main(), dynamic_ncols=True, leave=False):
         if batch.size(0) == 0:
             continue
-        x, xt = prepare(batch, device, 0.0, *norm)
+        x, xt = prepare(batch, device, *norm)
         f, lg = teacher(xt)
         feats.append(f.float())
         if fit_heads:
@@ -211,7 +208,7 @@ def evaluate(student, teacher, loader, device, amp_dtype, norm, temperature: flo
     for batch in tqdm(loader, desc="agreement", disable=not is_main(), dynamic_ncols=True, leave=False):
         if batch.size(0) == 0:
             continue
-        x, xt = prepare(batch, device, 0.0, *norm)
+        x, xt = prepare(batch, device, *norm)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             tf, tl = student.standardise(teacher(xt))
             sf, sl = student(x)
@@ -336,7 +333,7 @@ class DistillObjective(Objective):
 
     def step(self, batch) -> tuple[torch.Tensor, dict, int]:
         t = self.opts.teacher
-        x, xt = prepare(batch, self.device, t.mixup, *self.norm)
+        x, xt = prepare(batch, self.device, *self.norm)
         target = self.model.standardise(self.teacher(xt))
         loss, kl, cos = distill_loss(self.student_ddp(x), target, t.temperature, t.feature_weight)
         b = batch.size(0)

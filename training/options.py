@@ -533,7 +533,6 @@ class TeacherOptions:
     teacher_size: int = 224
     temperature: float = 1.0
     feature_weight: float = 1.0
-    mixup: float = 0.0
     statistics_images: int = 2048
     min_scale: float = 0.25
 
@@ -547,8 +546,6 @@ def add_teacher_options(p: argparse.ArgumentParser) -> None:
         "teacher_size": dict(type=int, default=224, help="crop size the teacher sees"),
         "temperature": dict(type=float, default=1.0),
         "feature_weight": dict(type=float, default=1.0, help="weight of the cosine feature loss next to KL"),
-        "mixup": dict(type=float, default=0.0,
-                      help="Beta(a, a) mixup of image pairs (0 = off; pays off only in long schedules)"),
         "statistics_images": dict(type=int, default=2048,
                                   help="training images that set the mean/std used to standardise the teacher's "
                                        "features"),
