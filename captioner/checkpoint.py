@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
-from .fileio import portable
+from .fileio import atomic_dir, portable
 from .model import CaptionModel
 from .tokenizer import Vocabulary
 
@@ -46,13 +44,9 @@ def save_pretrained(
     ``extra_files`` maps file names to JSON-able objects (or to a callable(dir) that writes the file). The tasks of
     ``metrics`` (what training trained) are written into config.json too: a model says what it can do."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if len(vocab) != model.cfg.vocab_size:
         raise CheckpointError(f"vocab has {len(vocab)} entries but config.vocab_size is {model.cfg.vocab_size}")
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    old = None
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700: a server running as another user could not read it
+    def fill(tmp: Path) -> None:
         tasks = (metrics or {}).get("tasks")
         (tmp / CONFIG).write_text((replace(model.cfg, tasks=list(tasks)) if tasks else model.cfg).to_json())
         vocab.save(tmp / VOCAB)
@@ -70,18 +64,8 @@ def save_pretrained(
             (tmp / CARD).write_text(card)
         for name, obj in (extra_files or {}).items():
             obj(tmp) if callable(obj) else (tmp / name).write_text(json.dumps(obj, indent=2))
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not path.exists():
-            os.replace(old, path)  # the swap failed half-way: put the previous checkpoint back
-        raise
-    return path
+
+    return atomic_dir(path, fill)
 
 
 def read_config(path: str | Path) -> ModelConfig:
@@ -94,7 +78,8 @@ def read_config(path: str | Path) -> ModelConfig:
     try:
         d = json.loads((path / CONFIG).read_text())
         if isinstance(d, dict) and "tasks" not in d:  # saved before config.json said it: metrics.json did
-            d["tasks"] = (read_metrics(path) or {}).get("tasks")
+            said = (read_metrics(path) or {}).get("tasks")
+            d["tasks"] = [t for t in said if t != "vqa" or d.get("vqa")] or None if isinstance(said, list) else None
         return ModelConfig.from_dict(d)
     except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path / CONFIG}: {e}") from None

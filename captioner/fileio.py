@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from collections.abc import Callable
@@ -39,6 +40,31 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def atomic_dir(path: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Make the directory ``path`` atomically: ``fill`` writes its files into a new directory beside it, which then
+    replaces it (a failure leaves the previous one, or none, in place). Readable by others (a server may run as
+    another user)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    old = None
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        fill(tmp)
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not path.exists():
+            os.replace(old, path)  # the swap failed half-way: put the previous directory back
+        raise
+    return path
 
 
 def write_text_atomic(path: str | os.PathLike, fill: Callable[[IO[str]], None]) -> None:

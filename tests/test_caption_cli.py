@@ -339,6 +339,26 @@ def test_exit_codes(tmp_path, make_images, tiny_checkpoint, monkeypatch, capsys)
     assert "cannot load the model" in capsys.readouterr().err
 
 
+def test_the_plan_is_checked_before_anything_is_written(tmp_path, make_images, tiny_checkpoint, monkeypatch, capsys):
+    from captioner.cli import parsers
+    from captioner.cli.caption import Plan, _plan
+    from captioner.cli.engine import UsageError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    make_images(1, "imgs")
+    plan = _plan(parsers.caption().parse_args(["imgs", "--out", "o.html", "--shard", "1/2", "--device", "cpu"]))
+    assert isinstance(plan, Plan) and (plan.fmt, plan.shard, plan.world) == ("html", (1, 2), 1)
+    assert plan.tag == "shard 1/2" and plan.device == torch.device("cpu")
+    with pytest.raises(UsageError, match="--batch-size must be >= 1"):
+        _plan(parsers.caption().parse_args(["imgs", "--out", "o.jsonl", "--batch-size", "0"]))
+    # a missing input folder: one line, exit 2, and no record file, options file or output left behind
+    assert caption("imgs", "nowhere", "--out", tmp_path / "out" / "o.html", ckpt=tiny_checkpoint) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "captioner caption: error: input nowhere: no such file or folder"
+    assert not (tmp_path / "out").exists()
+
+
 def test_karpathy_dataset_results_feed_evaluate(tmp_path, make_images, tiny_checkpoint):
     make_images(3, "flickr/Images", prefix="f")
     ann = tmp_path / "dataset_tiny.json"
@@ -386,7 +406,7 @@ class _Niceness(torch.utils.data.Dataset):
                                                   ("cpu", "0", 0)])
 def test_cpu_runs_lower_the_loader_priority(device, env, lowered, monkeypatch):
     # on a CPU run the model is the bottleneck: the loader decodes in its gaps instead of preempting it (README)
-    from captioner.cli.caption import _worker_init, loader_nice
+    from captioner.cli.local_engine import _worker_init, loader_nice
 
     monkeypatch.delenv("CAPTIONER_LOADER_NICE", raising=False)
     if env is not None:

@@ -8,7 +8,8 @@ import torch
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
-from captioner.checkpoint import load_pretrained
+from captioner.checkpoint import load_pretrained, save_pretrained
+from captioner.config import VQAConfig
 from captioner.features import ImageFeatures
 from captioner.model import CaptionModel
 from training import train as train_mod
@@ -137,8 +138,10 @@ def test_scst_command_fine_tunes_and_keeps_vqa_metrics(tiny_karpathy, tmp_path):
     xe = tmp_path / "xe"
     train_mod.main(_args(ann, root, xe, "--epochs", "1", "--freeze-encoder"))
     m = json.loads((xe / "best" / "metrics.json").read_text())
-    m.update(tasks=["caption", "vqa"], val_accuracy=0.5)  # as a joint run would write it
-    (xe / "best" / "metrics.json").write_text(json.dumps(m))
+    m.update(tasks=["caption", "vqa"], val_accuracy=0.5)  # as a joint run would write it, with its VQA head
+    xe_model, xe_vocab = load_pretrained(xe / "best")
+    save_pretrained(xe_model.with_vqa_head(VQAConfig(embed_dim=8, hidden_dim=8, mlp_dim=8)), xe_vocab, xe / "best",
+                    metrics=m)
     start = {k: v.clone() for k, v in load_pretrained(xe / "best")[0].state_dict().items()}
     out = tmp_path / "scst"
     model = train_mod.main(_args(ann, root, out, "--scst", "--init-from", str(xe / "best"), "--freeze-encoder",

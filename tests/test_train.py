@@ -249,3 +249,11 @@ def _flag(k, v):
     if v is None:
         return []
     return [name, str(v)]
+
+
+def test_caption_training_from_a_vqa_only_model_says_it_now_captions(tmp_path):
+    from training.train import carried_metrics
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"tasks": ["vqa"], "val_accuracy": 0.7}))
+    assert carried_metrics(tmp_path, encoder_frozen=True) == {"tasks": ["caption", "vqa"], "val_accuracy": 0.7}
+    assert carried_metrics(tmp_path, encoder_frozen=False) == {"tasks": ["caption", "vqa"]}

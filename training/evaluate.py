@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from captioner.api import Captioner
+from captioner.batch import caption_batches
 from captioner.fileio import write_json_atomic
 from captioner.generation import GenerationConfig
 
@@ -21,20 +21,16 @@ from .metrics import format_metrics, read_results, score_captions, write_results
 log = logging.getLogger("captioner.evaluate")
 
 
-
-
 def caption_records(cap: Captioner, records, batch_size: int, workers: int, gen: GenerationConfig,
                     progress: bool = True) -> dict:
     """image_id -> best caption for every readable record."""
     ds = CaptionDataset(records, cap.cfg.preprocess, train=False)
     dl = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     preds = {}
-    for b in tqdm(dl, desc="captioning", dynamic_ncols=True, disable=not progress):
-        for i, msg in b["errors"]:
+    for b in caption_batches(cap, dl, gen, progress=progress):
+        for _, msg in b.errors:
             log.warning("skipped %s", msg)
-        if b["images"].size(0):
-            for i, caps in zip(b["indices"].tolist(), cap.caption_batch(b["images"], generation=gen)):
-                preds[records[i].image_id] = caps[0].text
+        preds.update((records[i].image_id, text) for i, text in b.best())
     return preds
 
 

@@ -21,12 +21,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
+from captioner.api import Captioner
+from captioner.batch import caption_batches
 from captioner.checkpoint import VQA_METRICS, load_training_state, read_metrics
 from captioner.features import ImageFeatures
 from captioner.generation import GenerationConfig
 from captioner.model import CaptionModel
+from captioner.runtime import DTYPES
 from captioner.tokenizer import PAD_ID, Vocabulary
 
 from .cider import CiderD
@@ -98,32 +100,36 @@ def pick_captions(indices: list[int], caps: list[list[torch.Tensor]], k: int, g:
 
 @torch.no_grad()
 def evaluate(model: CaptionModel, loader, records, caps, vocab: Vocabulary, device, amp_dtype, *, image_blind: bool,
-             max_length: int, beam_size: int, use_java: bool) -> dict:
+             max_length: int, beam_size: int, use_java: bool, channels_last: bool = False) -> dict:
     """Validation loss (teacher forcing on every caption) and beam-search (``beam_size``) caption metrics;
-    ``use_java`` False: Python tokenization, no METEOR."""
+    ``use_java`` False: Python tokenization, no METEOR. ``channels_last``: the encoder's layout as training set it
+    (the Captioner that captions keeps it so)."""
     from .metrics import score_captions
 
-    model.eval()
-    total, ntok, preds = 0.0, 0, {}
-    for batch in tqdm(loader, desc="val", disable=not is_main(), dynamic_ncols=True, leave=False):
-        if len(batch["indices"]) == 0:
-            continue
-        idx = batch["indices"].tolist()
-        ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-        with ctx:
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+
+    def encode(batch: dict) -> ImageFeatures:
+        with autocast():
             if image_blind:
-                v = model.blank_features(len(idx), device)
-            else:
-                v = features_of(model, batch_inputs(batch, device)).float()
-            seqs, rep = pick_captions(idx, caps, 1_000, torch.Generator().manual_seed(0))
+                return model.blank_features(len(batch["indices"]), device)
+            return features_of(model, batch_inputs(batch, device)).float()
+
+    precision = next((name for name, dtype in DTYPES.items() if dtype == amp_dtype), "fp32")
+    cap = Captioner(model, vocab, precision, channels_last=channels_last)  # puts the model in eval mode
+    gen = GenerationConfig(beam_size=beam_size, max_length=max_length)
+    total, ntok, preds = 0.0, 0, {}
+    for b in caption_batches(cap, loader, gen, encode=encode, progress=is_main(), desc="val", leave=False):
+        if not b.indices:
+            continue
+        with autocast():
+            seqs, rep = pick_captions(b.indices, caps, 1_000, torch.Generator().manual_seed(0))
             inp, tgt = pad_captions(seqs, max_length)
-            logits = model.decoder(v[rep.to(device)], inp.to(device))
+            logits = model.decoder(b.features[rep.to(device)], inp.to(device))
             total += F.cross_entropy(logits.flatten(0, 1).float(), tgt.to(device).flatten(), ignore_index=PAD_ID,
                                      reduction="sum").item()
             ntok += int((tgt != PAD_ID).sum())
-            hyp = model.generate(features=v, generation=GenerationConfig(beam_size=beam_size, max_length=max_length))
-        for i, t in zip(idx, hyp.tokens[:, 0].tolist()):
-            preds[records[i].image_id] = vocab.decode(t)
+        preds.update((records[i].image_id, text) for i, text in b.best())
     refs = {r.image_id: r.captions for r in records if r.image_id in preds}
     metrics = score_captions(preds, refs, use_java=None if use_java else False)
     metrics["val_loss"] = total / max(1, ntok)
@@ -245,7 +251,7 @@ class CaptionObjective(Objective):
         vl = make_loader(self.val_ds, run.eval_batch_size, False, data.workers, self.opts.optim.seed, epoch, 1, 0)
         m = evaluate(self.model, vl, self.val_rec, self.val_caps, self.vocab, self.device, self.amp_dtype,
                      image_blind=self.opts.model.image_blind, max_length=data.max_length, beam_size=run.eval_beam,
-                     use_java=not run.no_java)
+                     use_java=not run.no_java, channels_last=self.opts.optim.channels_last)
         updates = {k: m[k] for k in ("val_loss", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L",
                                      "CIDEr-D", "SPICE")}
         updates["examples"] = m["examples"]
@@ -301,7 +307,10 @@ def carried_metrics(path, encoder_frozen: bool) -> dict:
     if "vqa" in m.get("tasks", []) and not encoder_frozen and is_main():
         log.warning("the encoder is trained: the VQA head's accuracy changes; measure it again with "
                     "`captioner evaluate --task vqa`")
-    return {k: m[k] for k in keep if k in m}
+    out = {k: m[k] for k in keep if k in m}
+    if "tasks" in out:  # this run trains the caption decoder, whatever its start had
+        out["tasks"] = ["caption"] + [t for t in out["tasks"] if t != "caption"]
+    return out
 
 
 def _card(metrics: dict, cfg) -> str:

@@ -2,7 +2,8 @@
 
     captioner/cli/__init__.py   main(): one entry point; picks the command (and for train/evaluate the --task)
     captioner/cli/parsers.py    every command's options, argparse only (`--help` never imports torch)
-    captioner/cli/caption.py    the batch captioner (inputs.py: what to caption, writers.py: JSONL/COCO/HTML out)
+    captioner/cli/caption.py    the batch captioner (inputs.py: what to caption, writers.py: JSONL/COCO/HTML out),
+                                its engines behind engine.py's interface: local_engine.py, ray_engine.py
     captioner/cli/ask.py, export.py, merge.py, serve.py
 
 This package imports downward (the library in captioner/, training/, service/); nothing below imports it, as

@@ -16,15 +16,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..generation import GenerationConfig
-from ..inputs import Item
-from .caption import StopFlag, Summary, _record
+from ..batch import progress_bar
+from .engine import StopFlag, Summary, UsageError, attention_crop, err, record
 from .writers import RecordWriter
 
-
-class EngineError(Exception):
-    """The Ray engine cannot run as asked (bad option, no ray, unreachable cluster): a usage error, exit 2."""
+if TYPE_CHECKING:
+    from ..generation import GenerationConfig
+    from ..inputs import Item
 
 
 def parse_concurrency(text: str | None) -> int | tuple[int, int]:
@@ -34,15 +34,15 @@ def parse_concurrency(text: str | None) -> int | tuple[int, int]:
         lo, _, hi = text.partition("-")
         n = (int(lo), int(hi)) if hi else int(lo)
     except ValueError:
-        raise EngineError(f"--concurrency must be N or MIN-MAX (e.g. 4 or 1-8), got {text!r}") from None
+        raise UsageError(f"--concurrency must be N or MIN-MAX (e.g. 4 or 1-8), got {text!r}") from None
     if (n if isinstance(n, int) else n[0]) < 1 or (isinstance(n, tuple) and n[0] > n[1]):
-        raise EngineError(f"--concurrency {text}: need N >= 1, or 1 <= MIN <= MAX")
+        raise UsageError(f"--concurrency {text}: need N >= 1, or 1 <= MIN <= MAX")
     return n
 
 
 class RayEngine:
     """Connects to (or starts) the cluster and checks the model on the driver, so a bad checkpoint is exit 3 here
-    rather than a failure in every actor."""
+    rather than a failure in every actor. A bad option, no Ray or an unreachable cluster: UsageError."""
 
     def __init__(self, args, ckpt: Path) -> None:
         try:
@@ -50,14 +50,14 @@ class RayEngine:
 
             import captioner.ray as cray
         except ImportError as e:
-            raise EngineError(f"--engine ray needs Ray Data: pip install 'captioner[ray]' ({e})") from None
+            raise UsageError(f"--engine ray needs Ray Data: pip install 'captioner[ray]' ({e})") from None
         if args.device not in (None, "cpu", "cuda"):
-            raise EngineError(f"--engine ray: --device {args.device}: Ray gives each actor its GPUs; use --device "
+            raise UsageError(f"--engine ray: --device {args.device}: Ray gives each actor its GPUs; use --device "
                               "cpu or cuda, and --num-gpus")
         if args.num_gpus is not None and args.num_gpus < 0:
-            raise EngineError("--num-gpus must be >= 0")
+            raise UsageError("--num-gpus must be >= 0")
         if args.workers is not None and args.workers < 1:
-            raise EngineError("--engine ray: --workers must be >= 1 (the decode tasks running at once)")
+            raise UsageError("--engine ray: --workers must be >= 1 (the decode tasks running at once)")
         self.concurrency = parse_concurrency(args.concurrency)
         from ..checkpoint import load_pretrained
 
@@ -70,7 +70,7 @@ class RayEngine:
             cray.init(args.address)
         except (ConnectionError, RuntimeError, ValueError) as e:
             where = args.address or os.environ.get("RAY_ADDRESS") or "a local cluster"
-            raise EngineError(f"cannot start or reach the Ray cluster ({where}): {e}") from None
+            raise UsageError(f"cannot start or reach the Ray cluster ({where}): {e}") from None
         res = ray.cluster_resources()
         gpus = res.get("GPU", 0)
         if args.num_gpus is not None:
@@ -78,13 +78,13 @@ class RayEngine:
         else:
             self.num_gpus = 1 if gpus and args.device != "cpu" else 0
         if args.device == "cuda" and not self.num_gpus:
-            raise EngineError("--device cuda: the Ray cluster has no GPUs (or --num-gpus 0 was given)")
+            raise UsageError("--device cuda: the Ray cluster has no GPUs (or --num-gpus 0 was given)")
         self.precision = self._precision()
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # our bar says how far it is; Ray's INFO lines would say it again
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
-        _err(f"ray: cluster at {ray.get_runtime_context().gcs_address}: {res.get('CPU', 0):g} CPUs, "
+        err(f"ray: cluster at {ray.get_runtime_context().gcs_address}: {res.get('CPU', 0):g} CPUs, "
              f"{gpus:g} GPUs; {self.concurrency} model actor(s) with {self.num_gpus:g} GPU(s) each")
 
     def _precision(self) -> str:
@@ -100,14 +100,11 @@ class RayEngine:
             return resolve_precision(self.args.precision, "cuda")
         return self.args.precision
 
-    def caption(self, todo: Sequence[tuple[int, Item]], out_path: str, gen: GenerationConfig, progress: bool = True,
-                desc: str = "captioning", stop: StopFlag | None = None) -> Summary:
+    def run(self, todo: Sequence[tuple[int, Item]], output: str, generation: GenerationConfig,
+            stop: StopFlag | None = None) -> Summary:
         import pyarrow as pa
-        from tqdm import tqdm
 
         s = Summary(images=len(todo))
-        if not todo:
-            return s
         args, bs = self.args, self.args.batch_size
         # absolute paths: the decode tasks run in other processes, maybe on other machines (a shared filesystem);
         # "index" is the position in todo, which maps each result back to its item and input position
@@ -117,28 +114,25 @@ class RayEngine:
         ds = self.ray.data.from_arrow([table.slice(i, bs) for i in range(0, len(todo), bs)])
         out = self.cray.caption_dataset(ds, self.ckpt, batch_size=bs, concurrency=self.concurrency,
                                         num_gpus=self.num_gpus, workers=args.workers, precision=self.precision,
-                                        seed=args.seed, generation=gen)
-        crop = round(self.cfg.preprocess.image_size / self.cfg.preprocess.resize, 6) \
-            if gen.attention else None
+                                        seed=args.seed, generation=generation)
+        crop = attention_crop(self.cfg, generation)
         t0 = time.perf_counter()
-        bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, file=sys.stderr,
-                   dynamic_ncols=True, smoothing=0.1)
+        bar = progress_bar(len(todo), not args.no_progress, file=sys.stderr, smoothing=0.1)
         batches = out.iter_batches(batch_size=None, batch_format="pyarrow")
         try:
-            with RecordWriter(out_path) as writer:
+            with RecordWriter(output) as writer:
                 for tbl in batches:
                     recs, errors = [], []
                     for row in tbl.to_pylist():
                         pos, item = todo[row["index"]]
                         if row["error"] is not None:  # name the file as the user spelled it, as the local engine
                             errors.append(row["error"].replace(item.key, item.path))
-                            recs.append(_record(pos, item, error=errors[-1]))
+                            recs.append(record(pos, item, error=errors[-1]))
                         else:
-                            recs.append(_record(pos, item, captions=row["captions"]))
-                            if crop is not None:
-                                recs[-1]["attention_crop"] = crop
+                            recs.append(record(pos, item, captions=row["captions"], crop=crop))
                     writer.write(recs)
-                    if s.batch_written(len(recs) - len(errors), errors, bar, t0, stop):
+                    bar.update(len(recs))
+                    if s.batch_written(len(recs) - len(errors), errors, t0, stop):
                         break
         except KeyboardInterrupt:
             s.interrupted = signal.SIGINT
@@ -154,6 +148,3 @@ class RayEngine:
         if self.owned:
             self.ray.shutdown()
 
-
-def _err(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,81 @@
+"""The batch CLI's two engines behind one interface (captioner/cli/engine.py), and the one captioning loop they,
+`captioner evaluate` and training's validation share (captioner/batch.py)."""
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from captioner.api import Captioner
+from captioner.batch import caption_batches
+from captioner.data import ImageDataset, collate
+from captioner.generation import GenerationConfig
+from captioner.preprocess import eval_transform
+
+CLI = Path(__file__).resolve().parents[1] / "captioner" / "cli"
+
+
+def _imports(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            out |= {f"{'.' * node.level}{node.module or ''}"} | {f"{'.' * node.level}{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+    return out
+
+
+def test_the_engines_and_the_command_import_no_cycle():
+    # the command picks an engine; an engine knows the interface module, not the command nor the other engine
+    for engine, other in (("local_engine.py", ".ray_engine"), ("ray_engine.py", ".local_engine"), ("engine.py", None)):
+        names = _imports(CLI / engine)
+        assert not {".caption", "captioner.cli.caption", other} & names, engine
+
+
+def test_both_engines_satisfy_the_interface(tiny_checkpoint):
+    pytest.importorskip("ray", reason="Ray Data is not installed: pip install -e '.[ray]'")
+    from captioner.cli.engine import Engine
+    from captioner.cli.local_engine import LocalEngine
+    from captioner.cli.ray_engine import RayEngine
+
+    local = LocalEngine(Captioner.from_pretrained(tiny_checkpoint, device="cpu"), batch_size=2, workers=0)
+    assert isinstance(local, Engine) and local.cfg is local.cap.cfg and local.precision == local.cap.precision
+    for name in ("run", "close"):
+        want = inspect.signature(getattr(Engine, name))
+        assert inspect.signature(getattr(LocalEngine, name)) == want, name
+        assert inspect.signature(getattr(RayEngine, name)) == want, name
+
+
+def test_caption_batches_gives_what_the_api_gives(tiny_checkpoint, make_images, tmp_path, one_thread):
+    paths = [str(p) for p in make_images(5)]
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    paths.insert(2, str(tmp_path / "bad.jpg"))
+    cap = Captioner.from_pretrained(tiny_checkpoint, device="cpu")
+    gen = GenerationConfig(beam_size=2, num_captions=2)
+    ds = ImageDataset(paths, eval_transform(cap.cfg.preprocess), cap.cfg.preprocess.resize, warn=False)
+    got = list(caption_batches(cap, DataLoader(ds, batch_size=3, collate_fn=collate), gen, progress=False))
+    assert [b.indices for b in got] == [[0, 1], [3, 4, 5]]
+    assert [i for b in got for i, _ in b.errors] == [2] and "bad.jpg" in got[0].errors[0][1]
+    api = cap.caption([p for i, p in enumerate(paths) if i != 2], generation=gen)
+    assert [[c.text for c in cs] for b in got for cs in b.captions] == [[c.text for c in cs] for cs in api]
+    assert [t for b in got for _, t in b.best()] == [cs[0].text for cs in api]
+
+    # features from elsewhere (training's cached features, blank features): captioned as given, and handed back
+    seen = []
+
+    def encode(batch):
+        seen.append(batch["indices"].tolist())
+        return cap.encode(batch["images"])
+
+    again = list(caption_batches(cap, DataLoader(ds, batch_size=3, collate_fn=collate), gen, encode=encode,
+                                 progress=False))
+    assert seen == [[0, 1], [3, 4, 5]] and all(b.features is not None for b in again)
+    assert [b.captions for b in again] == [b.captions for b in got]
+    # a batch with no readable image is passed on, uncaptioned (its errors still count)
+    empty = {"indices": torch.zeros(0, dtype=torch.long), "images": torch.zeros(0, 3, 32, 32), "errors": [(0, "x")]}
+    (b,) = caption_batches(cap, [empty], gen, encode=encode, progress=False)
+    assert (b.indices, b.captions, b.errors, b.features) == ([], [], [(0, "x")], None) and len(seen) == 2
