@@ -95,9 +95,31 @@ def main(args: argparse.Namespace) -> int:
     for m in args.metrics:
         metrics.setdefault("evaluations", []).append(json.loads(Path(m).read_text()))
     card = Path(args.card).read_text() if args.card else ((src / CARD).read_text() if (src / CARD).is_file() else None)
+    if args.format == "onnx":
+        return _onnx(model, vocab, src, Path(args.out), metrics, card)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[args.dtype]
     out = save_pretrained(model, vocab, args.out, metrics=metrics or None, card=card, dtype=dtype)
     size = sum(f.stat().st_size for f in out.iterdir())
     members = f", {model.cfg.decoder.members} caption decoders" if model.cfg.decoder.members > 1 else ""
     print(f"exported {src} -> {out} ({size / 2**20:.1f} MiB, {args.dtype} weights{members})")
+    return 0
+
+
+def _onnx(model: CaptionModel, vocab: Vocabulary, src: Path, out: Path, metrics: dict, card: str | None) -> int:
+    try:
+        from ..onnx_export import export_onnx
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError as e:
+        print(f"captioner export: error: --format onnx needs {e.name}: pip install -e '.[onnx]'", file=sys.stderr)
+        return 2
+    files = {CARD: card} if card else {}
+    if metrics:
+        files["metrics.json"] = json.dumps(metrics, indent=2)
+    try:
+        export_onnx(model, vocab, out, files)
+    except CheckpointError as e:
+        print(f"captioner export: error: {e}", file=sys.stderr)
+        return 2
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"exported {src} -> {out} (ONNX: encoder.onnx, decoder_start.onnx, decoder_step.onnx; {size / 2**20:.1f} MiB)")
     return 0

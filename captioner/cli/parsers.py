@@ -317,7 +317,11 @@ def export(add_help: bool = True) -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="trained checkpoint directory (e.g. runs/x/best)")
     p.add_argument("--out", required=True, help="directory to write (replaced atomically)")
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="storage type of float weights")
+    p.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors",
+                   help="onnx: the encoder and the caption decoder's single step as ONNX graphs (fp32) with config.json, "
+                        "vocab.json and decoding.json, for ONNX Runtime, Triton or TensorRT (pip install -e '.[onnx]')")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16",
+                   help="storage type of float weights (safetensors)")
     p.add_argument("--name", help="model name recorded in config.json")
     p.add_argument("--version", help="model version recorded in config.json")
     p.add_argument("--metrics", action="append", default=[], metavar="JSON",
