@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from captioner.runtime import autocast
 from captioner.config import EncoderConfig, preset
@@ -93,14 +92,8 @@ def matmul_case(n: int, precision: str, device: torch.device) -> Case:
 
 
 def fold_bn(model: VGGEncoder) -> VGGEncoder:
-    """A copy with every eval-mode BatchNorm folded into the conv before it (same outputs up to rounding)."""
-    model = copy.deepcopy(model)
-    mods = list(model.features)
-    for i in range(len(mods) - 1):
-        if isinstance(mods[i], nn.Conv2d) and isinstance(mods[i + 1], nn.BatchNorm2d):
-            mods[i], mods[i + 1] = fuse_conv_bn_eval(mods[i], mods[i + 1]), nn.Identity()
-    model.features = nn.Sequential(*mods)
-    return model
+    """A copy with every eval-mode BatchNorm folded into the conv before it (as Captioner.from_pretrained runs it)."""
+    return copy.deepcopy(model).eval().fold_batch_norm()
 
 
 _layout_copies: dict[tuple[int, bool], nn.Module] = {}

@@ -82,13 +82,16 @@ class Captioner:
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
                         precision: str = "auto", channels_last: bool = True,
-                        encode_chunk: int | None = None) -> "Captioner":
+                        encode_chunk: int | None = None, fold_batch_norm: bool = True) -> "Captioner":
         """Load a checkpoint directory (default: the model shipped in the package) on ``device`` (default: CUDA if
         any), in ``precision`` ('auto': bf16 where the hardware has it natively), NHWC convolutions unless told,
-        encoding ``encode_chunk`` images per encoder call (default: 8 on CPU, all on GPU)."""
+        encoding ``encode_chunk`` images per encoder call (default: 8 on CPU, all on GPU), batch norm folded into
+        the convolutions (the loaded model is only run; bench/encoder.py --fold-bn measures it)."""
         path = Path(path) if path is not None else default_checkpoint()
         dev = default_device() if device in (None, "auto") else torch.device(device)
         model, vocab = load_pretrained(path, dev)
+        if fold_batch_norm:
+            model.encoder.fold_batch_norm()
         return cls(model, vocab, precision, path, channels_last, encode_chunk)
 
     def __repr__(self) -> str:

@@ -92,6 +92,20 @@ class VGGEncoder(nn.Module):
         x = self.features[self._grid_end:](grid)
         return self.classifier(torch.flatten(self.avgpool(x), 1))  # (B, D)
 
+    @torch.no_grad()
+    def fold_batch_norm(self) -> "VGGEncoder":
+        """For inference: each BatchNorm folded into the conv before it, in place (the same outputs up to fp32
+        rounding; one pass less over each activation). The module then has no BatchNorm to train: only for a model
+        that is only run."""
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        mods = list(self.features)
+        for i in range(len(mods) - 1):
+            if isinstance(mods[i], nn.Conv2d) and isinstance(mods[i + 1], nn.BatchNorm2d):
+                mods[i], mods[i + 1] = fuse_conv_bn_eval(mods[i].eval(), mods[i + 1].eval()), nn.Identity()
+        self.features = nn.Sequential(*mods)  # same indices: grid()'s slice still ends where it did
+        return self
+
     def load_imagenet(self, weights: str) -> None:
         """Load weights: 'imagenet' (torchvision's weights API, needs internet once), a .pth or a .safetensors path."""
         if weights == "imagenet":

@@ -281,3 +281,22 @@ def test_auto_picks_fp16_on_gpus_that_only_emulate_bf16(monkeypatch):
     assert runtime.resolve_precision("auto", "cuda") == "fp16"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))  # A100
     assert runtime.resolve_precision("auto", "cuda") == "bf16"
+
+
+def test_loaded_models_run_with_batch_norm_folded_and_caption_alike():
+    """from_pretrained folds each BatchNorm into its conv (one pass less per activation, bench/encoder.py
+    --fold-bn): the shipped model's v moves by fp32 rounding only and its captions of the sample photos stay."""
+    import torch.nn as nn
+
+    from captioner.generation import GenerationConfig
+
+    photos = sorted((Path(__file__).resolve().parents[1] / "service" / "static" / "samples").glob("*.jpg"))
+    plain = Captioner.from_pretrained(device="cpu", precision="fp32", fold_batch_norm=False)
+    folded = Captioner.from_pretrained(device="cpu", precision="fp32")
+    assert any(isinstance(m, nn.BatchNorm2d) for m in plain.model.encoder.features)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.model.encoder.features)
+    x = plain.preprocess(photos)
+    torch.testing.assert_close(folded.encode(x).fc, plain.encode(x).fc, rtol=1e-4, atol=1e-5)
+    g = GenerationConfig(beam_size=3)
+    assert [c[0].text for c in folded.caption_batch(x, generation=g)] == \
+        [c[0].text for c in plain.caption_batch(x, generation=g)]
