@@ -1,0 +1,120 @@
+"""This machine's throughput bound for one checkpoint, and how close the batch CLI and the service get to it, in one
+run (issue 35).
+
+    python bench/bound.py                                  # the shipped model, coco-mini photos, beam 3
+    python bench/bound.py --checkpoint runs/x/best --images DIR --beam-size 5
+
+1. FLOPs per image: the encoder's from its config (bench/encoder.py's count: convs + FC), the decoder's at this
+   model's mean caption length on the photos and the beam size (W_ih·v once; per step and beam W_xh·x, W_hh·h, W_hy·h).
+2. This machine: square-matmul GFLOP/s in fp32 and bf16 with all of torch's threads, and JPEG decode + resize + crop
+   images/s on one core (the CLI's loader workers and the service's decode threads do this work).
+3. The bound: both run on the same cores, so an image costs FLOPs / (matmul rate of the precision the model runs in)
+   + cores / (cores x decode rate) machine-seconds; bound = 1 / that.
+4. Achieved, each as a fraction of the bound: `captioner caption` end to end on the photos (2 loader workers), and
+   the service at saturation (`captioner serve`, --saturation concurrent clients; bench/serve.py's driver).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from captioner.api import Captioner
+from captioner.cli import main as cli
+from captioner.generation import GenerationConfig
+from captioner.inputs import expand_inputs
+from captioner.pixels import crop, load_image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchenv import describe, timed  # noqa: E402
+from encoder import encoder_flops, matmul_case  # noqa: E402
+from serve import Server, run_load  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="model directory (default: the shipped model)")
+    p.add_argument("--images", nargs="+", default=[str(DATA / "val2017"), str(DATA / "train2017")])
+    p.add_argument("--beam-size", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--matmul-size", type=int, default=1024)
+    p.add_argument("--requests", type=int, default=256, help="service requests at saturation")
+    p.add_argument("--saturation", type=int, default=64, help="concurrent clients")
+    return p
+
+
+def decoder_flops(cap: Captioner, steps: float, beam: int) -> float:
+    d, c, V = cap.cfg.decoder, cap.cfg, cap.cfg.vocab_size
+    gh = {"rnn": 1, "gru": 3, "lstm": 4}[d.cell] * d.hidden_dim
+    once = 2.0 * c.decoder_image_dim * gh  # W_ih·v
+    per_step = 2.0 * d.embed_dim * gh + (d.num_layers - 1) * 2.0 * d.hidden_dim * gh \
+        + d.num_layers * 2.0 * d.hidden_dim * gh + 2.0 * d.hidden_dim * V
+    return d.members * (once + beam * steps * per_step)
+
+
+def main(args: argparse.Namespace) -> None:
+    cores = torch.get_num_threads()
+    cap = Captioner.from_pretrained(args.checkpoint, device="cpu")
+    print(describe(torch.device("cpu")))
+    paths = [it.path for it in expand_inputs(args.images)]
+    pre = cap.cfg.preprocess
+    gen = GenerationConfig(beam_size=args.beam_size)
+    print(f"model {cap.cfg.name} v{cap.cfg.version} ({cap.precision}), {len(paths)} photos, beam {args.beam_size}, "
+          f"batch {args.batch_size}, {cores} threads")
+
+    # 1. FLOPs per image
+    sample = cap.preprocess(paths[:64])
+    with torch.inference_mode():
+        caps = cap.caption_batch(sample, generation=gen)
+    steps = sum(len(cap.vocab.encode(c[0].text)) + 1 for c in caps) / len(caps)  # words + <eos>
+    f_enc = sum(f for _, f in encoder_flops(cap.cfg.encoder, pre.image_size))
+    f_dec = decoder_flops(cap, steps, args.beam_size)
+    print(f"FLOPs per image: encoder {f_enc / 1e9:.3f} G, decoder {f_dec / 1e9:.3f} G (mean {steps:.1f} steps x "
+          f"beam {args.beam_size}), total {(f_enc + f_dec) / 1e9:.3f} G")
+
+    # 2. the machine
+    with torch.inference_mode():
+        rate = {p: 2.0 * args.matmul_size ** 3 / timed(matmul_case(args.matmul_size, p, torch.device("cpu")).fn,
+                                                       torch.device("cpu"), repeats=5, warmup=2)[0]
+                for p in ("fp32", "bf16")}
+    t0 = time.perf_counter()
+    n_dec = min(len(paths), 96)
+    for p in paths[:n_dec]:
+        crop(load_image(p, min_side=pre.resize), pre)
+    decode = n_dec / (time.perf_counter() - t0)
+    print(f"matmul {args.matmul_size}^3: fp32 {rate['fp32'] / 1e9:.1f} GFLOP/s, bf16 {rate['bf16'] / 1e9:.1f} GFLOP/s; "
+          f"JPEG decode+resize+crop {decode:.0f} images/s per core")
+
+    # 3. the bound
+    r = rate["bf16" if cap.precision == "bf16" else "fp32"]
+    bound = 1.0 / ((f_enc + f_dec) / r + 1.0 / (cores * decode))
+    print(f"bound: {bound:.0f} images/s (compute alone {r / (f_enc + f_dec):.0f}, decoding alone {cores * decode:.0f})")
+
+    # 4. achieved
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        rc = cli(["caption", *args.images, "--out", f"{tmp}/c.jsonl", "--beam-size", str(args.beam_size),
+                  "--batch-size", str(args.batch_size), "--workers", "2", "--no-progress"])
+        cli_rate = len(paths) / (time.perf_counter() - t0)
+    print(f"batch CLI (exit {rc}): {cli_rate:.1f} images/s = {cli_rate / bound:.1%} of the bound (target >= 40 %)")
+    server = Server(Path(args.checkpoint) if args.checkpoint else None, "--max-batch-size", str(args.batch_size))
+    try:
+        server.wait_ready()
+        photos = [Path(p).read_bytes() for p in paths[:64]]
+        run_load(server, photos, 32, args.saturation, args.beam_size)  # warm-up
+        res = run_load(server, photos, args.requests, args.saturation, args.beam_size)
+    finally:
+        server.stop()
+    print(f"service at saturation ({args.saturation} clients): {res['rps']:.1f} images/s = {res['rps'] / bound:.1%} of "
+          f"the bound, {res['rps'] / cli_rate:.2f} of the batch CLI's rate (target >= 0.9); mean batch "
+          f"{res['avg_batch']:.1f}")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
