@@ -126,7 +126,10 @@ def test_config_round_trip_and_old_configs():
     old = tiny_model_config()
     assert "vqa" not in json.loads(old.to_json())  # caption-only config.json is unchanged
     assert ModelConfig.from_json(old.to_json()).vqa is None
-    d["vqa"] = None  # an explicit null is a caption-only model too
+    d["vqa"] = None  # an explicit null is a caption-only model too ...
+    with pytest.raises(ValueError, match="no VQA head"):  # ... which cannot say it was trained to answer
+        ModelConfig.from_dict(d)
+    d["tasks"] = ["caption"]
     assert ModelConfig.from_dict(d).vqa is None
     d["vqa"] = {"cell": "lstm", "bogus": 1}
     with pytest.raises(ValueError, match="unknown keys in config.vqa"):
