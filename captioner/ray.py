@@ -79,16 +79,20 @@ class _StderrFilter:
 
     def _pump(self, r: int) -> None:
         pending = b""
-        while chunk := os.read(r, 1 << 16):
-            *lines, pending = (pending + chunk).split(b"\n")
-            out = b"".join(line + b"\n" for line in lines if not any(d in line for d in self.drop))
-            if pending and not pending.startswith(b"["):  # a progress bar's partial line goes on at once; a
-                out, pending = out + pending, b""            # C++ log line ('[time E pid]') waits for its end
-            if out:
-                os.write(self.real, out)
-        if pending:
-            os.write(self.real, pending)
-        os.close(r)
+        try:
+            while chunk := os.read(r, 1 << 16):
+                *lines, pending = (pending + chunk).split(b"\n")
+                out = b"".join(line + b"\n" for line in lines if not any(d in line for d in self.drop))
+                if pending and not pending.startswith(b"["):  # a progress bar's partial line goes on at once; a
+                    out, pending = out + pending, b""            # C++ log line ('[time E pid]') waits for its end
+                if out:
+                    os.write(self.real, out)
+            if pending:
+                os.write(self.real, pending)
+        except OSError:  # the real stderr is gone: never leave fd 2 a pipe nobody reads (writers would block)
+            os.dup2(self.real, 2)
+        finally:
+            os.close(r)
 
     def close(self) -> None:
         """Back to the real stderr (at exit): the pipe's last write end closes, the thread drains it and ends."""
