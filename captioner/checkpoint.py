@@ -79,7 +79,8 @@ def read_config(path: str | Path) -> ModelConfig:
         d = json.loads((path / CONFIG).read_text())
         if isinstance(d, dict) and "tasks" not in d:  # saved before config.json said it: metrics.json did
             said = (read_metrics(path) or {}).get("tasks")
-            d["tasks"] = [t for t in said if t != "vqa" or d.get("vqa")] or None if isinstance(said, list) else None
+            if isinstance(said, list):  # a task whose head the config lacks was never true: drop it
+                d["tasks"] = [t for t in said if t != "vqa" or d.get("vqa")] or None
         return ModelConfig.from_dict(d)
     except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path / CONFIG}: {e}") from None
