@@ -60,13 +60,16 @@ class Answer:
         return {"index": self.index, "answer": self.text, "probs": self.probs}
 
 
+ENCODER_BACKENDS = ("torch", "onnxruntime")
+
+
 def default_checkpoint() -> Path:
     return Path(__file__).resolve().parent / "models" / "default"
 
 
 class Captioner:
     def __init__(self, model: CaptionModel, vocab: Vocabulary, precision: str = "auto", path: Path | None = None,
-                 channels_last: bool = True, encode_chunk: int | None = None) -> None:
+                 channels_last: bool = True, encode_chunk: int | None = None, encoder_backend: str = "torch") -> None:
         self.model = model.eval()
         self.memory_format = memory_format(channels_last)  # the encoder's weights and inputs, in one place
         self.model.encoder.to(memory_format=self.memory_format)
@@ -78,21 +81,32 @@ class Captioner:
         # images per encoder call (None: the whole batch). On CPU, 8 at a time keep the first block's activations in
         # cache: 1.3-1.6x per image (bench/encoder.py); a GPU wants the whole batch
         self.encode_chunk = encode_chunk or (8 if self.device.type == "cpu" else None)
+        self.encoder_backend = encoder_backend
+        self._ort_encoder = None
+        if encoder_backend == "onnxruntime":
+            if self.device.type != "cpu":
+                raise ValueError(f'encoder backend "onnxruntime" runs on the CPU; this model is on {self.device}')
+            from .onnx_export import OrtEncoder
+            self._ort_encoder = OrtEncoder(self.model)
+        elif encoder_backend != "torch":
+            raise ValueError(f"encoder backend must be one of {ENCODER_BACKENDS}, not {encoder_backend!r}")
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
                         precision: str = "auto", channels_last: bool = True,
-                        encode_chunk: int | None = None, fold_batch_norm: bool = True) -> "Captioner":
+                        encode_chunk: int | None = None, fold_batch_norm: bool = True,
+                        encoder_backend: str = "torch") -> "Captioner":
         """Load a checkpoint directory (default: the model shipped in the package) on ``device`` (default: CUDA if
         any), in ``precision`` ('auto': bf16 where the hardware has it natively), NHWC convolutions unless told,
         encoding ``encode_chunk`` images per encoder call (default: 8 on CPU, all on GPU), batch norm folded into
-        the convolutions (the loaded model is only run; bench/encoder.py --fold-bn measures it)."""
+        the convolutions (the loaded model is only run; bench/encoder.py --fold-bn measures it), the encoder run by
+        ``encoder_backend`` ('torch', or 'onnxruntime' on CPU: bench/onnxrt.py compares them)."""
         path = Path(path) if path is not None else default_checkpoint()
         dev = default_device() if device in (None, "auto") else torch.device(device)
         model, vocab = load_pretrained(path, dev)
         if fold_batch_norm:
             model.encoder.fold_batch_norm()
-        return cls(model, vocab, precision, path, channels_last, encode_chunk)
+        return cls(model, vocab, precision, path, channels_last, encode_chunk, encoder_backend)
 
     def __repr__(self) -> str:
         c = self.cfg
@@ -114,6 +128,9 @@ class Captioner:
     @torch.no_grad()
     def encode(self, batch: torch.Tensor) -> ImageFeatures:
         """A preprocessed batch (B, 3, S, S) -> its ImageFeatures (float32, on the model's device)."""
+        if self._ort_encoder is not None:
+            chunks = batch.split(self.encode_chunk) if self.encode_chunk else (batch,)
+            return ImageFeatures.cat([self._ort_encoder(c) for c in chunks])
         with autocast(self.device, self.precision):
             x = batch.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             chunks = x.split(self.encode_chunk) if self.encode_chunk else (x,)

@@ -60,6 +60,17 @@ class _Step(nn.Module):
         return (logits, *new_state)
 
 
+def export_encoder(model: CaptionModel, path: Path | None = None):
+    """The encoder (float32, eval mode) as ONNX: pixels (N, 3, S, S) -> fc (N, D), N dynamic. Written to ``path``, or
+    returned as the in-memory ONNXProgram when it is None (the onnxruntime encoder backend builds its session from it)."""
+    S = model.cfg.preprocess.image_size
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
+        return torch.onnx.export(_Encoder(model).eval(), (torch.randn(2, 3, S, S),), path, input_names=["pixels"],
+                                 output_names=["fc"], dynamic_shapes=({0: torch.export.Dim("n", min=1, max=4096)},),
+                                 opset_version=OPSET, dynamo=True, verbose=False, external_data=False)
+
+
 def export_onnx(model: CaptionModel, vocab: Vocabulary, out: str | Path, files: dict[str, str] | None = None) -> Path:
     """Write ``model`` (float32, eval mode) as the ONNX files above into ``out``, atomically, with ``files`` (name ->
     text: the model card, metrics.json) beside them."""
@@ -68,7 +79,7 @@ def export_onnx(model: CaptionModel, vocab: Vocabulary, out: str | Path, files: 
         raise CheckpointError("--format onnx exports FC decoders (inject every/first) of one member: an attention "
                               "step needs the grid and returns maps, an ensemble one state per member")
     model = model.float().eval()
-    S, D = cfg.preprocess.image_size, cfg.encoder.feature_dim
+    D = cfg.encoder.feature_dim
     L, H = cfg.decoder.num_layers, cfg.decoder.hidden_dim
     lstm = cfg.decoder.cell == "lstm"
     states = ["h", "c"] if lstm else ["h"]
@@ -82,9 +93,7 @@ def export_onnx(model: CaptionModel, vocab: Vocabulary, out: str | Path, files: 
         with torch.no_grad(), warnings.catch_warnings():
             # every input's batch axis is the one Dim n: the exporter says it keeps one name for them
             warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
-            torch.onnx.export(_Encoder(model).eval(), (torch.randn(2, 3, S, S),), folder / "encoder.onnx",
-                              input_names=["pixels"], output_names=["fc"], dynamic_shapes=({0: n},),
-                              opset_version=OPSET, dynamo=True, verbose=False, external_data=False)
+            export_encoder(model, folder / "encoder.onnx")
             torch.onnx.export(_Start(model).eval(), (fc,), folder / "decoder_start.onnx", input_names=["fc"],
                               output_names=["image_term", *states], dynamic_shapes=(batch,),
                               opset_version=OPSET, dynamo=True, verbose=False, external_data=False)
@@ -158,3 +167,27 @@ class OnnxModel:
 def greedy_search(folder: str | Path, pixels: np.ndarray, providers: list[str] | None = None) -> list[list[int]]:
     """Reference greedy decoding of an export: OnnxModel(folder).greedy(pixels)."""
     return OnnxModel(folder, providers).greedy(pixels)
+
+
+class OrtEncoder:
+    """A loaded model's encoder run by ONNX Runtime on CPU (``Captioner.from_pretrained(...,
+    encoder_backend="onnxruntime")``, ``pip install ".[onnx]"``): exported in memory once, at load (a few seconds);
+    the caption decoder and the VQA head stay torch's. bench/onnxrt.py measures it against torch."""
+
+    def __init__(self, model: CaptionModel, threads: int | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise ImportError('encoder backend "onnxruntime" needs ONNX Runtime: pip install "captioner[onnx]"') from e
+        if model.cfg.attention:
+            raise ValueError('encoder backend "onnxruntime" exports the pooled features fc only; this model\'s decoder '
+                             "attends over the grid: use the torch backend")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        proto = export_encoder(model.float().eval()).model_proto.SerializeToString()
+        self.session = ort.InferenceSession(proto, opts, providers=["CPUExecutionProvider"])
+
+    def __call__(self, pixels: torch.Tensor) -> ImageFeatures:
+        """pixels (N, 3, S, S) on the CPU -> ImageFeatures with fc (N, D) float32."""
+        fc = self.session.run(None, {"pixels": pixels.float().contiguous().numpy()})[0]
+        return ImageFeatures(torch.from_numpy(fc))

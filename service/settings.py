@@ -32,6 +32,10 @@ class Settings(BaseSettings):
                                          "decoder always gets the whole batch (default: 8 on CPU, where small conv "
                                          "batches stay in cache; all on GPU)")
 
+    encoder_backend: Literal["torch", "onnxruntime"] = Field(
+        "torch", description="what runs the image encoder: torch, or onnxruntime on CPU (pip install "
+                             "\"captioner[onnx]\"; exported in memory at load; bench/onnxrt.py compares them)")
+
     # HTTP
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

@@ -63,13 +63,14 @@ class ServiceState:
         s = self.settings
         t0 = time.perf_counter()
         try:
+            if s.torch_threads:  # before loading: the onnxruntime encoder backend takes torch's thread count
+                torch.set_num_threads(s.torch_threads)
             if self.captioner is None:
                 self.status = "loading"
                 log.info("loading %s on %s (%s)", self.checkpoint, s.device or "auto", s.precision)
                 self.captioner = await asyncio.to_thread(Captioner.from_pretrained, self.checkpoint, s.device,
-                                                         s.precision, s.channels_last, s.encode_batch_size)
-            if s.torch_threads:
-                torch.set_num_threads(s.torch_threads)
+                                                         s.precision, s.channels_last, s.encode_batch_size,
+                                                         encoder_backend=s.encoder_backend)
             self.engine = Engine(self.captioner, on_images=lambda task, n: self.metrics.images.labels(task).inc(n))
             self.batcher = DynamicBatcher(self.engine, s.max_batch_size, s.max_delay_ms, s.max_queue,
                                           s.request_timeout_s, on_batch=self.metrics.on_batch, name="model",

@@ -79,3 +79,51 @@ def test_shipped_model_captions_real_photos_alike_in_onnx_runtime(tmp_path):
     x = cap.preprocess(sorted(SAMPLES.glob("*.jpg")))
     want = [c[0].text for c in cap.caption_batch(x, generation=GenerationConfig(beam_size=1))]
     assert [cap.vocab.decode(t) for t in greedy_search(out, x.numpy())] == want
+
+
+def test_onnxruntime_encoder_backend_gives_torchs_features_and_refuses_what_it_cannot_run(tiny_checkpoint, tmp_path):
+    from captioner.api import ENCODER_BACKENDS
+    from captioner.cli import parsers
+
+    assert parsers.ENCODER_BACKENDS == ENCODER_BACKENDS  # one vocabulary for the API and the command
+    ref = Captioner.from_pretrained(tiny_checkpoint, device="cpu", precision="fp32")
+    cap = Captioner.from_pretrained(tiny_checkpoint, device="cpu", precision="fp32", encoder_backend="onnxruntime",
+                                    encode_chunk=2)
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # chunks of 2, 2 and 1
+    got, want = cap.encode(x), ref.encode(x)
+    assert got.fc.dtype == torch.float32 and got.fc.shape == want.fc.shape
+    torch.testing.assert_close(got.fc, want.fc, rtol=1e-4, atol=1e-4)
+    assert cap.encoder_backend == "onnxruntime" and ref.encoder_backend == "torch"
+    with pytest.raises(ValueError, match="encoder backend must be one of"):
+        Captioner.from_pretrained(tiny_checkpoint, device="cpu", encoder_backend="tensorrt")
+    att = save_pretrained(tiny("gru", "attention", 1), Vocabulary(TINY_WORDS), tmp_path / "att")
+    with pytest.raises(ValueError, match="attends over the grid"):
+        Captioner.from_pretrained(att, device="cpu", encoder_backend="onnxruntime")
+
+
+def test_caption_command_runs_the_encoder_in_onnxruntime_and_refuses_ray(tiny_checkpoint, tmp_path, capsys):
+    import shutil
+
+    for im in sorted(SAMPLES.glob("*.jpg"))[:3]:
+        shutil.copy(im, tmp_path / im.name)
+    outs = {}
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / f"{backend}.json"
+        assert cli(["caption", str(tmp_path), "--checkpoint", str(tiny_checkpoint), "--device", "cpu",
+                    "--encoder-backend", backend, "--out", str(out), "--no-progress"]) == 0
+        outs[backend] = {r["image_id"]: r["caption"] for r in json.loads(out.read_text())}
+    assert len(outs["torch"]) == 3 and outs["onnxruntime"] == outs["torch"]
+    capsys.readouterr()
+    assert cli(["caption", str(tmp_path), "--checkpoint", str(tiny_checkpoint), "--engine", "ray",
+                "--encoder-backend", "onnxruntime", "--out", str(tmp_path / "r.json")]) == 2
+    assert "--engine local" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_shipped_model_beam_captions_equal_with_the_onnxruntime_encoder():
+    images = sorted(SAMPLES.glob("*.jpg"))
+    want = [c[0] for c in Captioner.from_pretrained(device="cpu", precision="fp32").caption(images)]
+    cap = Captioner.from_pretrained(device="cpu", precision="fp32", encoder_backend="onnxruntime")
+    got = [c[0] for c in cap.caption(images)]
+    assert [c.text for c in got] == [c.text for c in want]  # log-probabilities within float rounding
+    np.testing.assert_allclose([c.log_prob for c in got], [c.log_prob for c in want], rtol=1e-5)

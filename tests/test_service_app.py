@@ -95,6 +95,16 @@ def test_service_answers_like_the_python_api(client, tiny_checkpoint):
     assert [g["log_prob"] for g in got] == pytest.approx([c.log_prob for c in ref], abs=1e-4)
 
 
+def test_service_runs_the_encoder_in_onnxruntime_when_told(tiny_checkpoint):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: pip install -e '.[onnx]'")
+    pytest.importorskip("onnxscript", reason="torch.onnx's exporter needs onnxscript: pip install -e '.[onnx]'")
+    ref = Captioner.from_pretrained(tiny_checkpoint, "cpu").caption(JPG, beam_size=3)
+    with client_for(tiny_checkpoint, encoder_backend="onnxruntime") as c:
+        got = post_image(c, beam_size="3").json()["captions"]
+        assert c.app.state.svc.captioner.encoder_backend == "onnxruntime"
+    assert [g["caption"] for g in got] == [c.text for c in ref]
+
+
 def test_sampling_and_greedy(client):
     r = post_image(client, sample="true", num_captions="4", temperature="1.5", top_k="5", beam_size="1")
     assert r.status_code == 200 and len(r.json()["captions"]) == 4

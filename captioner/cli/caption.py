@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib.util
 import json
 import os
 import signal
@@ -142,6 +143,11 @@ def _plan(args) -> Plan:
     except GenerationConfigError as e:
         raise UsageError(str(e)) from None
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if args.encoder_backend == "onnxruntime":
+        if args.engine == "ray":
+            raise UsageError("--encoder-backend onnxruntime runs in the local engine (--engine local)")
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise UsageError('--encoder-backend onnxruntime needs ONNX Runtime: pip install "captioner[onnx]"')
     if args.engine == "ray":  # Ray places the work (and the devices) itself
         if my_shard is not None or world > 1:
             raise UsageError("--engine ray spreads the work over the Ray cluster itself: no --shard, no torchrun")
@@ -159,6 +165,8 @@ def _plan(args) -> Plan:
         device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else None)
     except (ValueError, RuntimeError) as e:
         raise UsageError(str(e)) from None
+    if args.encoder_backend == "onnxruntime" and device.type != "cpu":
+        raise UsageError(f"--encoder-backend onnxruntime runs on the CPU, not {device}: add --device cpu")
     return Plan(fmt, my_shard, world, rank, device, gen)
 
 
@@ -198,7 +206,8 @@ def _open_engine(args, plan: Plan, ckpt: Path) -> Engine:
     from ..api import Captioner
     from .local_engine import LocalEngine
 
-    cap = Captioner.from_pretrained(ckpt, device=plan.device, precision=args.precision)
+    cap = Captioner.from_pretrained(ckpt, device=plan.device, precision=args.precision,
+                                    encoder_backend=args.encoder_backend)
     return LocalEngine(cap, args.batch_size, args.workers, progress=not args.no_progress, desc=plan.tag,
                        position=plan.rank if plan.world > 1 else 0)
 

@@ -30,6 +30,7 @@ def _doc(module: str) -> str:
 # = captioner.runtime.PRECISIONS (a test checks): auto is bf16 where the hardware has it natively, else fp16 on
 # older GPUs, else fp32
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ENCODER_BACKENDS = ("torch", "onnxruntime")  # = captioner.api.ENCODER_BACKENDS (a test checks)
 
 
 class Parser(argparse.ArgumentParser):
@@ -271,6 +272,10 @@ def caption(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--device",
                    help="cpu, cuda, cuda:1 ... (default: CUDA if available; under torchrun cuda:LOCAL_RANK)")
     g.add_argument("--precision", choices=PRECISIONS, default="auto")
+    g.add_argument("--encoder-backend", choices=ENCODER_BACKENDS, default="torch",
+                   help="what runs the image encoder: torch, or onnxruntime (CPU, local engine; pip install "
+                        "\"captioner[onnx]\"; the model is exported in memory at start; captions equal to torch's; "
+                        "bench/onnxrt.py measures both on your machine)")
     g.add_argument("--shard", help="i/n: caption only the i-th of n shards (0-based) into OUT.shard{i}-of-{n}.jsonl; "
                                    "join them with `captioner merge --out OUT` (automatic under torchrun)")
     g.add_argument("--retry-errors", action="store_true", help="on resume, redo images that failed before")
@@ -386,6 +391,8 @@ def serve() -> argparse.ArgumentParser:
       help="keep NCHW convolutions (NHWC is the default: faster on CPU and GPU)")
     a("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     a("--encode-batch-size", type=int, default=None,
-      help="images per encoder call within a batch (default: 4 on CPU, where small convolution batches stay in "
+      help="images per encoder call within a batch (default: 8 on CPU, where small convolution batches stay in "
            "cache, the whole batch on GPU)")
+    a("--encoder-backend", choices=ENCODER_BACKENDS, default=None,
+      help="what runs the image encoder: torch (default), or onnxruntime on CPU (pip install \"captioner[onnx]\")")
     return p
