@@ -16,7 +16,7 @@ from training import train as train_mod
 from training.cider import CiderD
 from training.datasets import pad_captions
 from training.optim import optimizer_step
-from training.scst import ScstLoss, bleu4, reference_corpus, rewards, scst_step, words
+from training.scst import ObjectRecall, ScstLoss, bleu4, reference_corpus, rewards, scst_step, words
 from training.options import ScstOptions
 
 from tests.conftest import tiny_model_config
@@ -93,10 +93,49 @@ def test_loss_moves_a_caption_with_the_sign_of_its_advantage(sign):
     assert (logp() - before) * sign > 0
 
 
+def test_object_recall_is_the_share_of_detected_objects_a_caption_names(tmp_path):
+    from captioner.tokenizer import Vocabulary
+    from test_label import fake_run
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in "abcd":
+        (photos / f"{name}.jpg").write_bytes(b"")
+    (tmp_path / "link").symlink_to(photos)  # the training records name the photos through a link
+    run = fake_run(tmp_path / "labels", [str(photos / f"{n}.jpg") for n in "abc"],
+                   [[("dog", 0.9, 0.1, 0.1, 0.5, 0.9), ("person", 0.8, 0.5, 0.1, 0.9, 0.9), ("cat", 0.3, 0, 0, 1, 1)],
+                    [], [("giraffe", 0.9, 0.2, 0.2, 0.8, 0.8)]])
+    vocab = Vocabulary.build(["a man walks his dog", "two puppies run", "a giraffe eats", "a hot dog"], min_count=1)
+    obj = ObjectRecall(run, [str(tmp_path / "link" / f"{n}.jpg") for n in "abcd"], vocab)
+    assert obj.present == [{"dog", "person"}, set(), {"giraffe"}, set()]  # cat below 0.5; d was never labelled
+    enc = lambda text: vocab.encode(text)  # noqa: E731
+    got = obj([0, 0, 0, 0, 1, 2, 3], [enc("a man walks his dog"), enc("two puppies run"), enc("a hot dog"),
+                                      enc("a giraffe eats"), enc("a dog"), enc("a giraffe eats"), enc("a dog")], 1)
+    assert got.tolist() == [1.0, 0.5, 0.0, 0.0, 0.0, 1.0, 0.0]  # "a hot dog" names no dog
+
+
+def test_object_weight_adds_its_share_of_the_reward():
+    torch.manual_seed(0)
+    cfg = tiny_model_config()
+    model = CaptionModel(cfg).eval()
+    caps = [[torch.tensor([4 + i, 9 + i])] for i in range(4)]
+    refs = reference_corpus(caps)
+    batch = {"features": ImageFeatures(torch.randn(4, cfg.encoder.feature_dim)), "indices": torch.arange(4)}
+    logs = {}
+    for w in (0.0, 2.0):
+        scst = ScstOptions(scst=True, scst_samples=3, scst_object_weight=w)
+        objects = (lambda idx, seqs, k: torch.full((len(seqs),), 0.25)) if w else None  # noqa: E731
+        _, logs[w], _ = scst_step(ScstLoss(model), model, batch, CiderD(refs), refs, scst, cfg.max_length, False,
+                                  torch.Generator().manual_seed(0), torch.device("cpu"), objects)
+    assert logs[2.0]["reward"][0] == pytest.approx(logs[0.0]["reward"][0] + 0.5)
+
+
 def test_scst_needs_a_trained_model(tiny_karpathy, tmp_path):  # noqa: F811
     ann, root = tiny_karpathy
     with pytest.raises(SystemExit, match="--init-from"):
         train_mod.main(_args(ann, root, tmp_path / "x", "--scst"))
+    with pytest.raises(SystemExit, match="--scst-labels"):
+        train_mod.main(_args(ann, root, tmp_path / "x", "--scst", "--init-from", str(tmp_path), "--scst-object-weight", "1"))
 
 
 @pytest.mark.parametrize("baseline,bleu_weight", [("mean", 0.0), ("greedy", 0.0), ("mean", 1.0)])
@@ -144,8 +183,12 @@ def test_scst_command_fine_tunes_and_keeps_vqa_metrics(tiny_karpathy, tmp_path):
                     metrics=m)
     start = {k: v.clone() for k, v in load_pretrained(xe / "best")[0].state_dict().items()}
     out = tmp_path / "scst"
+    from test_label import fake_run  # detected objects for the object reward (the captions name none of them)
+    photos = sorted(str(p) for p in (root / "images").glob("*.jpg"))
+    labels = fake_run(tmp_path / "labels", photos, [[("dog", 0.9, 0.1, 0.1, 0.5, 0.9)]] * len(photos))
     model = train_mod.main(_args(ann, root, out, "--scst", "--init-from", str(xe / "best"), "--freeze-encoder",
-                                 "--epochs", "2", "--scst-baseline", "greedy"))
+                                 "--epochs", "2", "--scst-baseline", "greedy", "--scst-object-weight", "0.5",
+                                 "--scst-labels", str(labels)))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1] and all(r["train_reward"] >= 0 for r in rows)
     saved = json.loads((out / "last" / "metrics.json").read_text())

@@ -331,6 +331,8 @@ class ScstOptions:
     scst_samples: int = 5
     scst_baseline: str = "mean"
     scst_bleu_weight: float = 0.0
+    scst_object_weight: float = 0.0
+    scst_labels: str | None = None
 
     from_args = classmethod(_from)
 
@@ -343,6 +345,12 @@ def add_scst_options(p: argparse.ArgumentParser) -> None:
                               help="reward baseline: mean of the image's other samples, or its greedy caption"),
         "scst_bleu_weight": dict(type=float, default=0.0,
                                  help="reward = CIDEr-D + this x sentence BLEU-4 (0 = CIDEr-D alone)"),
+        "scst_object_weight": dict(type=float, default=0.0,
+                                   help="reward += this x the share of the photo's detected COCO objects that the "
+                                        "caption names (Feng et al. 2019; needs --scst-labels; 0 = off)"),
+        "scst_labels": dict(default=None, metavar="DIR",
+                            help="a `captioner label` run covering the training photos: their detected objects "
+                                 "(score >= 0.5, centre view) for --scst-object-weight"),
     })
 
 

@@ -2,7 +2,8 @@
 
 For each image the model samples k captions; each earns its CIDEr-D against the image's training references
 (document frequencies from all training captions, <eos> counted as a word, as in self-critical.pytorch; plus
-``--scst-bleu-weight`` times its sentence BLEU-4, self-critical.pytorch's bleu_reward_weight), minus a
+``--scst-bleu-weight`` times its sentence BLEU-4, self-critical.pytorch's bleu_reward_weight, and
+``--scst-object-weight`` times the share of the photo's detected objects it names, ObjectRecall), minus a
 baseline: the greedy caption's reward (``--scst-baseline greedy``, Rennie et al.) or the mean reward of the image's
 other k-1 samples (``mean``, Luo 2020), which needs no extra decoding pass. The loss is REINFORCE,
 -(r - b) log p(caption), averaged over tokens.
@@ -12,6 +13,8 @@ the one used at test time, and the no-grad sampling pass and the differentiable 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,12 +22,14 @@ import torch.nn.functional as F
 from captioner.features import ImageFeatures
 from captioner.generation import GenerationConfig
 from captioner.model import CaptionModel
-from captioner.tokenizer import EOS_ID, PAD_ID
+from captioner.tokenizer import EOS_ID, PAD_ID, Vocabulary
 
 from .cider import CiderD
 from .datasets import pad_captions
 from .features import batch_inputs, features_of
+from .label import Labels
 from .options import ScstOptions
+from .pseudo_refs import lexicon, named_classes
 
 
 class ScstLoss(nn.Module):
@@ -77,11 +82,40 @@ def bleu4(refs: list[list[tuple[int, ...]]], indices: list[int], seqs: list[list
     return torch.tensor(per_n[3], dtype=torch.float32)
 
 
+class ObjectRecall:
+    """The object reward of Feng et al. (2019): per training photo the COCO classes a `captioner label` run detected
+    in it (centre view, score >= threshold), and for a caption the share of them it names (pseudo_refs' lexicon:
+    "man" names a person, "puppies" a dog); 0 for a photo with no detection or none labelled. Photos are matched to
+    label rows by real path, so links and relative label paths find them."""
+
+    def __init__(self, labels_dir: str | os.PathLike, paths: list[str], vocab: Vocabulary,
+                 threshold: float = 0.5) -> None:
+        labels = Labels(labels_dir)
+        rows = {os.path.realpath(p): i for i, p in enumerate(labels.paths)}
+        found = (labels.objects(threshold)[1][:, 0] > 0).tolist()  # (N, classes) in the centre view
+        self.present = []
+        for p in paths:
+            r = rows.get(os.path.realpath(p))
+            self.present.append(frozenset(c for c, f in zip(labels.classes, found[r]) if f) if r is not None
+                                else frozenset())
+        self.lexicon, self.vocab = lexicon(labels.classes), vocab
+
+    def __call__(self, indices: list[int], seqs: list[list[int]], per_image: int) -> torch.Tensor:
+        """seqs[j] belongs to image indices[j // per_image] -> (len(seqs),) recall of its objects."""
+        out = []
+        for j, s in enumerate(seqs):
+            want = self.present[indices[j // per_image]]
+            named = named_classes(self.vocab.decode(s).split(), self.lexicon) if want else {}
+            out.append(len(want & named.keys()) / len(want) if want else 0.0)
+        return torch.tensor(out, dtype=torch.float32)
+
+
 def scst_step(step_fn, model: CaptionModel, batch: dict, cider: CiderD, refs, scst: ScstOptions, max_length: int,
-              channels_last: bool, g: torch.Generator, device) -> tuple[torch.Tensor, dict, int]:
+              channels_last: bool, g: torch.Generator, device, objects: ObjectRecall | None = None
+              ) -> tuple[torch.Tensor, dict, int]:
     """One SCST step for the engine (which runs it under autocast): sample scst.scst_samples captions (of at most
-    ``max_length`` words) per image without grad, reward them, and return the REINFORCE loss with the epoch's running
-    sums of loss, reward and baseline."""
+    ``max_length`` words) per image without grad, reward them (plus scst.scst_object_weight x ``objects``' recall),
+    and return the REINFORCE loss with the epoch's running sums of loss, reward and baseline."""
     k = scst.scst_samples
     idx = batch["indices"].tolist()
     x = batch_inputs(batch, device, channels_last)
@@ -93,9 +127,13 @@ def scst_step(step_fn, model: CaptionModel, batch: dict, cider: CiderD, refs, sc
         if scst.scst_baseline == "greedy":
             greedy_gen = GenerationConfig(beam_size=1, max_length=max_length)
             greedy = words(model.generate(features=features, generation=greedy_gen).tokens[:, 0])
-    r = rewards(cider, refs, idx, sampled, k, scst.scst_bleu_weight).view(-1, k)  # (B, k)
+    def reward(seqs: list[list[int]], per_image: int) -> torch.Tensor:
+        r = rewards(cider, refs, idx, seqs, per_image, scst.scst_bleu_weight)
+        return r + scst.scst_object_weight * objects(idx, seqs, per_image) if objects is not None else r
+
+    r = reward(sampled, k).view(-1, k)  # (B, k)
     if scst.scst_baseline == "greedy":
-        base = rewards(cider, refs, idx, greedy, 1, scst.scst_bleu_weight)[:, None]  # (B, 1)
+        base = reward(greedy, 1)[:, None]  # (B, 1)
     else:  # mean of the image's other samples
         base = (r.sum(1, keepdim=True) - r) / (k - 1)
     advantage = (r - base).flatten()

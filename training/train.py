@@ -38,7 +38,7 @@ from .engine import STATE, Objective, build_or_load_model, fit, make_loader, sav
 from .features import FeatureDataset, batch_inputs, cached_features, features_of
 from .optim import amp_settings
 from .options import CaptionData, CaptionTraining, ModelOptions, ScstOptions
-from .scst import ScstLoss, reference_corpus, scst_step
+from .scst import ObjectRecall, ScstLoss, reference_corpus, scst_step
 
 log = logging.getLogger("captioner.train")
 
@@ -183,6 +183,12 @@ class CaptionObjective(Objective):
         if opts.scst.scst:
             self.refs = reference_corpus(self.train_caps)
             self.cider = CiderD(self.refs)
+            sc = opts.scst
+            self.objects = ObjectRecall(sc.scst_labels, [r.path for r in self.train_rec], self.vocab) \
+                if sc.scst_object_weight else None
+            if self.objects is not None and is_main():
+                log.info("object reward: %d of %d training photos have detected objects (%s)",
+                         sum(map(bool, self.objects.present)), len(self.train_rec), sc.scst_labels)
             self.desc, self.log_keys = "scst", ("loss", "reward", "baseline")
         self.cfg, self.schedule = cfg, o.schedule
         self.enc_params = list(model.encoder.parameters())
@@ -238,7 +244,7 @@ class CaptionObjective(Objective):
         data, channels_last, device = self.opts.data, self.opts.optim.channels_last, self.device
         if self.opts.scst.scst:
             return scst_step(self.step_fn, self.model, batch, self.cider, self.refs, self.opts.scst, data.max_length,
-                             channels_last, self.g, device)
+                             channels_last, self.g, device, self.objects)
         idx = batch["indices"].tolist()
         seqs, rep = pick_captions(idx, self.train_caps, data.captions_per_image, self.g)
         inp, tgt = pad_captions(seqs, data.max_length)
@@ -289,6 +295,8 @@ def check_options(m: ModelOptions, scst: ScstOptions, resume: bool) -> None:
             raise SystemExit("--scst fine-tunes a trained model: give --init-from RUN/best (or --resume)")
         if m.image_blind:
             raise SystemExit("--scst and --image-blind do not go together")
+        if scst.scst_object_weight and not scst.scst_labels:
+            raise SystemExit("--scst-object-weight needs --scst-labels: the `captioner label` run of the training photos")
         if scst.scst_samples < (2 if scst.scst_baseline == "mean" else 1):
             raise SystemExit("--scst-samples must be >= 2 with --scst-baseline mean")
     if m.feature_views < 1:
