@@ -30,6 +30,8 @@
 #   8. Real-photo questions (make-vqa from the captions, plus --labels presence/count questions about the COCO-2014
 #      photos) and a fresh VQA head on the same frozen student, with easy-VQA mixed in.
 #   9. The decoder of 7 and the VQA head of 8 joined into one model (recipes/swap_decoder.py), exported in fp16.
+#  10-12. As v6's steps 9-10: joint caption + VQA training with the encoder unfrozen, a fresh caption decoder on the
+#      final frozen encoder, SCST (docs/results.md, "Towards v7", has what each step did).
 #   V6 is the model the encoder starts from: default model v6 (recipes/default-model.sh writes it to
 #   runs/default-model/export; it shipped as captioner/models/default until commit d1c3c44).
 #   DATA=../shared/data V6=runs/default-model/export bash recipes/everyday-photos.sh
@@ -96,4 +98,22 @@ captioner train --task vqa --init-from "$RUN/decoder/best" --fresh-vqa-head --vq
 # 9. one model: the decoder of 7, the encoder and VQA head of 8
 python recipes/swap_decoder.py --base "$RUN/vqa-head/best" --decoder-from "$RUN/decoder/best" --out "$RUN/joined"
 captioner export --checkpoint "$RUN/joined" --out "$RUN/model" --dtype fp16 --version 7 \
+    --name coco-flickr8k-labels-distilled-compact-lstm
+# 10. joint caption + VQA with the encoder unfrozen (as v6's step 9): 2 epochs, 25-34 min each on the 2-core CPU
+captioner train --task joint $( [ -d "$RUN/joint/last" ] && echo --resume || echo --init-from "$RUN/joined" ) \
+    --annotations "$RUN/captions.json" --images / --vqa-dataset v7w easy-vqa --vqa-annotations "$RUN/vqa/questions.json" \
+    --vqa-images / --questions-per-image 10 --epochs 2 --batch-size 32 --lr 5e-4 --encoder-lr 2e-4 --warmup-steps 50 \
+    --seed 0 --output "$RUN/joint"
+# 11. a fresh caption decoder on that encoder, frozen from here on (its VQA head stays right): 6 epochs, ~4 min each
+captioner train $( [ -d "$RUN/decoder-joint/last" ] && echo --resume || echo --init-from "$RUN/joint/best" --fresh-decoder ) \
+    --freeze-encoder --feature-cache "$RUN/cache-joint" --annotations "$RUN/captions.json" --images / --epochs 6 \
+    --batch-size 32 --seed 1 --output "$RUN/decoder-joint"
+# 12. SCST on CIDEr-D + BLEU-4, ~7 min an epoch (best: epoch 0). The docs/results.md ablation compares it with SCST on
+#     the real captions alone and with `--scst-object-weight 0.3 --scst-labels "$RUN/labels"` (the share of the
+#     detector's objects a caption names added to the reward)
+captioner train --scst --scst-bleu-weight 1 \
+    $( [ -d "$RUN/scst/last" ] && echo --resume || echo --init-from "$RUN/decoder-joint/best" ) --freeze-encoder \
+    --feature-cache "$RUN/cache-joint" --annotations "$RUN/captions.json" --images / --epochs 2 --batch-size 32 \
+    --seed 0 --output "$RUN/scst"
+captioner export --checkpoint "$RUN/scst/best" --out "$RUN/model-scst" --dtype fp16 --version 7 \
     --name coco-flickr8k-labels-distilled-compact-lstm
