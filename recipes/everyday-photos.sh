@@ -31,7 +31,7 @@
 #      photos) and a fresh VQA head on the same frozen student, with easy-VQA mixed in.
 #   9. The decoder of 7 and the VQA head of 8 joined into one model (recipes/swap_decoder.py), exported in fp16.
 #  10-12. As v6's steps 9-10: joint caption + VQA training with the encoder unfrozen, a fresh caption decoder on the
-#      final frozen encoder, SCST (docs/results.md, "Towards v7", has what each step did).
+#      final frozen encoder, SCST (docs/results.md, "Towards v7", has what each step did and the ablation).
 #   V6 is the model the encoder starts from: default model v6 (recipes/default-model.sh writes it to
 #   runs/default-model/export; it shipped as captioner/models/default until commit d1c3c44).
 #   DATA=../shared/data V6=runs/default-model/export bash recipes/everyday-photos.sh
