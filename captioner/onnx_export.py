@@ -174,7 +174,7 @@ class OrtEncoder:
     encoder_backend="onnxruntime")``, ``pip install ".[onnx]"``): exported in memory once, at load (a few seconds);
     the caption decoder and the VQA head stay torch's. bench/onnxrt.py measures it against torch."""
 
-    def __init__(self, model: CaptionModel, threads: int | None = None) -> None:
+    def __init__(self, model: CaptionModel) -> None:
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -183,8 +183,8 @@ class OrtEncoder:
             raise ValueError('encoder backend "onnxruntime" exports the pooled features fc only; this model\'s decoder '
                              "attends over the grid: use the torch backend")
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
-        proto = export_encoder(model.float().eval()).model_proto.SerializeToString()
+        opts.intra_op_num_threads = torch.get_num_threads()  # the service's --torch-threads, or torch's default
+        proto = export_encoder(model).model_proto.SerializeToString()  # a loaded model: float32, eval mode
         self.session = ort.InferenceSession(proto, opts, providers=["CPUExecutionProvider"])
 
     def __call__(self, pixels: torch.Tensor) -> ImageFeatures:
