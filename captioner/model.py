@@ -85,6 +85,20 @@ class CaptionModel(nn.Module):
         head.train(self.training)
         return self._assemble(new, self.decoder, head)
 
+    def grow_vocab(self, size: int) -> None:
+        """Grow the word tables in place to ``size`` rows, for a vocabulary extended at its end (Vocabulary.extended).
+        Old rows are kept. New input embeddings (decoder and VQA head) are drawn at the old rows' scale; new output
+        rows get zero weights and a bias 10 below the lowest, so what the model writes and answers about known words
+        does not change until the new words are trained."""
+        if size < self.cfg.vocab_size:
+            raise ValueError(f"grow_vocab: {size} < the current vocab_size {self.cfg.vocab_size}")
+        for dec in getattr(self.decoder, "members", [self.decoder]):
+            dec.embed = _grown_embedding(dec.embed, size)
+            dec.W_hy = _grown_output(dec.W_hy, size)
+        if self.vqa is not None:
+            self.vqa.embed = _grown_embedding(self.vqa.embed, size)
+        self.cfg = replace(self.cfg, vocab_size=size)
+
     def _assemble(self, cfg: ModelConfig, decoder: nn.Module, vqa: nn.Module | None) -> "CaptionModel":
         """A CaptionModel of ``cfg`` made of this model's encoder and the given decoder and VQA head (nothing is built,
         so no random numbers are drawn; no module's training mode is changed)."""
@@ -93,3 +107,23 @@ class CaptionModel(nn.Module):
         model.cfg, model.encoder, model.decoder, model.vqa = cfg, self.encoder, decoder, vqa
         model.training = self.training
         return model
+
+
+@torch.no_grad()
+def _grown_embedding(e: nn.Embedding, n: int) -> nn.Embedding:
+    new = nn.Embedding(n, e.embedding_dim, padding_idx=e.padding_idx).to(e.weight)
+    new.weight.normal_(0.0, e.weight[1:].std().item())  # torch's RNG: seeded runs stay reproducible
+    new.weight[: e.num_embeddings] = e.weight
+    new.weight.requires_grad_(e.weight.requires_grad)
+    return new
+
+
+@torch.no_grad()
+def _grown_output(lin: nn.Linear, n: int) -> nn.Linear:
+    new = nn.Linear(lin.in_features, n).to(lin.weight)
+    new.weight.zero_()
+    new.weight[: lin.out_features] = lin.weight
+    new.bias.fill_(lin.bias.min().item() - 10.0)
+    new.bias[: lin.out_features] = lin.bias
+    new.requires_grad_(lin.weight.requires_grad)
+    return new

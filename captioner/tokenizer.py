@@ -52,6 +52,11 @@ class Vocabulary:
         words = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
         return cls(words, min_count=min_count)
 
+    def extended(self, words: Iterable[str]) -> "Vocabulary":
+        """This vocabulary with ``words`` it lacks appended in order: every old id keeps its meaning."""
+        return Vocabulary(self.itos[len(SPECIALS):] + [w for w in dict.fromkeys(words) if w not in self.stoi],
+                          min_count=self.min_count)
+
     def __len__(self) -> int:
         return len(self.itos)
 

@@ -10,6 +10,7 @@ import torch
 from captioner.checkpoint import load_pretrained, save_pretrained
 from captioner.config import VQAConfig
 from captioner.decoder import DecoderEnsemble, build_decoder
+from captioner.generation import GenerationConfig
 from captioner.model import CaptionModel
 from captioner.tokenizer import Vocabulary
 from captioner.vqa import VQAHead
@@ -102,3 +103,39 @@ def test_with_vqa_head(tmp_path):
     assert again.cfg.vqa.hidden_dim == 12 and again.vqa is not new.vqa and new.cfg.vqa.hidden_dim == 8
     with pytest.raises(ValueError, match="max_choices"):
         model.with_vqa_head(replace(head_cfg, max_choices=1))
+
+
+@pytest.mark.parametrize("members", [1, 2])
+def test_grow_vocab_keeps_what_the_model_says_about_known_words(tmp_path, members):
+    """--init-from on texts with new words (e.g. easy-VQA's "triangle" on a photo-caption vocabulary) grows the word
+    tables: captions (beam and greedy) and answers about known words stay as they were, the new rows are trainable,
+    and the grown model saves and loads with the extended vocabulary."""
+    torch.manual_seed(0)
+    model = CaptionModel(tiny_model_config(members=members) if members > 1 else tiny_model_config())
+    model = model.with_vqa_head(VQAConfig(embed_dim=8, hidden_dim=8, mlp_dim=16, dropout=0.0)).eval()
+    images = torch.rand(3, 3, 32, 32)
+    q, ch, mask = torch.tensor([[5, 6, 7]] * 3), torch.tensor([[[8], [9], [10]]] * 3), torch.ones(3, 3, dtype=torch.bool)
+    before = [model.generate(images, generation=GenerationConfig(beam_size=b)) for b in (1, 3)]
+    answers = model.answer_logits(model.encode(images), q, ch, mask)
+    old = {k: v.clone() for k, v in model.state_dict().items()}
+
+    vocab = Vocabulary(TINY_WORDS).extended(["dog", "triangle", "circle", "triangle"])
+    assert vocab.itos[: 4 + len(TINY_WORDS)] == Vocabulary(TINY_WORDS).itos and vocab.itos[-2:] == ["triangle", "circle"]
+    model.grow_vocab(len(vocab))
+    assert model.cfg.vocab_size == len(vocab) == 4 + len(TINY_WORDS) + 2
+    for k, v in model.state_dict().items():  # old rows untouched, new ones present and different from each other
+        if v.shape != old[k].shape:
+            assert v.size(0) == len(vocab) and torch.equal(v[: old[k].size(0)], old[k]), k
+    for dec in getattr(model.decoder, "members", [model.decoder]):
+        assert dec.embed.weight[-2:].std() > 0 and dec.W_hy.weight.requires_grad
+    assert not torch.equal(model.vqa.embed.weight[-1], model.vqa.embed.weight[-2])
+    after = [model.generate(images, generation=GenerationConfig(beam_size=b)) for b in (1, 3)]
+    for x, y in zip(before, after):
+        assert torch.equal(x.tokens, y.tokens)
+        torch.testing.assert_close(x.log_probs, y.log_probs, atol=1e-4, rtol=0)  # new words take ~e-10 of the mass
+    torch.testing.assert_close(model.answer_logits(model.encode(images), q, ch, mask), answers)
+
+    loaded, voc = load_pretrained(save_pretrained(model, vocab, tmp_path / "grown"))
+    assert voc.itos == vocab.itos and loaded.cfg == model.cfg
+    with pytest.raises(ValueError, match="grow_vocab"):
+        model.grow_vocab(5)

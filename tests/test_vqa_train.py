@@ -213,8 +213,8 @@ def test_init_from_continues_a_trained_model(data, trained, tmp_path):
 
 
 def test_fresh_head_on_a_caption_model_mixing_datasets(data, tmp_path):
-    """--fresh-vqa-head on a caption-only model, encoder frozen, two datasets mixed: the caption decoder and the
-    encoder come out bit for bit as they went in, the model still says it captions (with its caption metrics),
+    """--fresh-vqa-head on a caption-only model, encoder frozen, two datasets mixed: the encoder and the caption
+    decoder (its rows of the words it knew) come out bit for bit as they went in, the model still says it captions (with its caption metrics),
     and the per-type results name each question's dataset."""
     pytest.importorskip("easy_vqa")
     from captioner.checkpoint import save_pretrained
@@ -231,7 +231,10 @@ def test_fresh_head_on_a_caption_model_mixing_datasets(data, tmp_path):
                          "--max-train-questions", "40", "--max-val-questions", "20")) == 0
     before, after = load_file(str(src / "model.safetensors")), load_file(str(out / "last" / "model.safetensors"))
     kept = [k for k in before if k.startswith(("decoder.", "encoder."))]
-    assert kept and all(torch.equal(before[k], after[k]) for k in kept)
+    # the vocabulary grew by the questions' words: the decoder's rows of the words it knew are the ones it had
+    assert kept and all(torch.equal(before[k], after[k][: before[k].size(0)] if before[k].dim() else after[k])
+                        for k in kept)
+    assert after["decoder.W_hy.weight"].size(0) > before["decoder.W_hy.weight"].size(0)
     assert any(k.startswith("vqa.") for k in after)
     m = json.loads((out / "last" / "metrics.json").read_text())
     assert m["tasks"] == ["caption", "vqa"] and m["BLEU-4"] == 0.123 and m["CIDEr-D"] == 0.321
@@ -253,3 +256,28 @@ def test_stop_after_ends_early_on_the_full_schedule(data, tmp_path):
     assert cli(_vqa_args(data, out, "--epochs", "3", "--resume")) == 0
     assert [r["epoch"] for r in _rows(out)] == [0, 1, 2]
     assert _rows(out)[-1]["val_accuracy"] == pytest.approx(_rows(full)[-1]["val_accuracy"])
+
+
+def test_init_from_grows_the_vocabulary_with_new_answer_words(data, trained, tmp_path, caplog):
+    """The same questions with the colours renamed to words the trained model never saw: --init-from extends its
+    vocabulary (old ids kept) instead of reading every new answer as <unk> (which makes the four choices identical,
+    so no training could get above chance), and the head learns the new words."""
+    renamed = {"red": "crimson", "green": "emerald", "blue": "azure", "yellow": "golden"}
+    v7w = json.loads((data / "v7w.json").read_text())
+    for im in v7w["images"]:
+        for qa in im["qa_pairs"]:
+            if qa["type"] == "what":
+                qa["answer"] = renamed[qa["answer"]]
+                qa["multiple_choices"] = [renamed[c] for c in qa["multiple_choices"]]
+    (tmp_path / "renamed.json").write_text(json.dumps(v7w))
+    out = tmp_path / "renamed"
+    args = _vqa_args(data, out, "--epochs", "8", "--init-from", str(trained / "best"), "--seed", "1")
+    args[args.index("--vqa-annotations") + 1] = str(tmp_path / "renamed.json")
+    with caplog.at_level("INFO", logger="captioner.engine"):
+        assert cli(args) == 0
+    old = json.loads((trained / "best" / "vocab.json").read_text())["itos"]
+    new = json.loads((out / "best" / "vocab.json").read_text())["itos"]
+    assert new[: len(old)] == old and set(new[len(old):]) == set(renamed.values())
+    assert "the vocabulary grows by 4 words" in caplog.text
+    best = json.loads((out / "best" / "metrics.json").read_text())
+    assert best["val_accuracy_per_type"]["what"] >= 0.75  # 8 val questions, 4 choices each: chance 0.25

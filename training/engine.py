@@ -35,7 +35,7 @@ from captioner.config import VQAConfig
 from captioner.data import collate
 from captioner.model import CaptionModel
 from captioner.runtime import autocast, resolve_precision
-from captioner.tokenizer import Vocabulary
+from captioner.tokenizer import SPECIALS, Vocabulary
 
 from .distributed import average_buffers, barrier, cleanup, init_distributed, is_main
 from .optim import amp_settings, lr_lambda, optimizer_step
@@ -115,6 +115,7 @@ def build_or_load_model(opts: ModelOptions, out: Path, *, resume: bool, vocab: C
     opts.init_from   that saved model (its config and vocabulary; the model options are ignored) in training mode,
                      with a new caption decoder (``fresh_decoder``: opts.fresh_decoder_config() of its own) and/or a
                      new VQA head (``fresh_vqa_head``: that config), built by CaptionModel.with_decoder/with_vqa_head;
+                     its vocabulary is extended by the words of ``vocab()`` it lacks (CaptionModel.grow_vocab);
     else             a new model: opts.model_config() with the vocabulary ``vocab()`` builds, ``max_length``, the
                      run's name (OUT's) and the VQA head ``vqa``; the --encoder-weights loaded.
     """
@@ -126,6 +127,13 @@ def build_or_load_model(opts: ModelOptions, out: Path, *, resume: bool, vocab: C
             model = model.with_decoder(opts.fresh_decoder_config(model.cfg.decoder))
         if fresh_vqa_head is not None:
             model = model.with_vqa_head(fresh_vqa_head)
+        grown = voc.extended(vocab().itos[len(SPECIALS):])
+        if len(grown) > len(voc):  # else answers like "triangle" would all read <unk>, and tie
+            if is_main():
+                log.info("the vocabulary grows by %d words this run's texts use (%s)", len(grown) - len(voc),
+                         ", ".join(grown.itos[len(voc):len(voc) + 8]) + (", ..." if len(grown) - len(voc) > 8 else ""))
+            model.grow_vocab(len(grown))
+            voc = grown
         model.train()
         if is_main():
             log.info("starting from %s (its config and vocabulary; model flags ignored)", opts.init_from)
