@@ -1,6 +1,6 @@
 """The shipped attention model (captioner/models/attention): complete and small, captions the bundled photos with
-per-word maps that look somewhere, and answers questions exactly as the default model it shares its encoder and
-VQA head with."""
+per-word maps that look somewhere, and answers the web page's question about them (it carries default model v6's
+encoder and VQA head; the default is now v7)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,9 +41,8 @@ def test_captions_with_maps_that_look_somewhere(att):
         assert len({tuple(round(x, 3) for row in m for x in row) for m in c.attention}) > 1  # maps change per word
 
 
-def test_answers_like_the_default_model(att):
-    default = Captioner.from_pretrained(device="cpu", precision="fp32")
+def test_answers_the_web_pages_question_about_its_samples(att):
     q, choices = "Where is this?", ["beach", "snow", "street", "kitchen"]
-    for photo in SAMPLES:
-        a, b = att.answer(photo, q, choices), default.answer(photo, q, choices)
-        assert a.index == b.index and max(abs(x - y) for x, y in zip(a.probs, b.probs)) < 1e-4
+    for photo, right in (("horses-beach.jpg", "beach"), ("pizza-kitchen.jpg", "kitchen")):
+        a = att.answer(ROOT / "service" / "static" / "samples" / photo, q, choices)
+        assert a.text == right and a.probs[a.index] > 0.5, (photo, a)
