@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 import captioner  # noqa: E402,F401  (before torch, as in the `captioner` command: it sets OMP_WAIT_POLICY)
 import torch  # noqa: E402
 from captioner.api import Captioner  # noqa: E402
-from captioner.cli.caption import loader_nice, run  # noqa: E402
+from captioner.cli.caption import run  # noqa: E402
+from captioner.cli.local_engine import loader_nice  # noqa: E402
 from captioner.cli.parsers import caption as get_args_parser  # noqa: E402
 from captioner.inputs import expand_inputs  # noqa: E402
 from captioner.preprocess import load_image  # noqa: E402

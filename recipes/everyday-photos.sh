@@ -33,14 +33,14 @@
 #  10-12. As v6's steps 9-10: joint caption + VQA training with the encoder unfrozen, then a fresh caption decoder and
 #      the VQA head on the final frozen encoder (docs/results.md, "Towards v7", has what each step did and the
 #      ablation). The result, runs/v7/model-v7, is default model v7 (recipes/default-model.sh evaluates and ships it).
-#   V6 is the model the encoder starts from: default model v6 (recipes/default-model.sh writes it to
-#   runs/default-model/export; it shipped as captioner/models/default until commit d1c3c44).
-#   DATA=../shared/data V6=runs/default-model/export bash recipes/everyday-photos.sh
+#   V6 is the model the encoder starts from: default model v6 (recipes/v6-model.sh writes it to runs/default-model/v6;
+#   its weights are also in git: captioner/models/default at commit 3ce4959). recipes/default-model.sh runs both.
+#   DATA=../shared/data V6=runs/default-model/v6 bash recipes/everyday-photos.sh
 set -euo pipefail
 DATA=${DATA:-../shared/data}
 RUN=${RUN:-runs/v7}
 SRC=${SRC:-data}
-V6=${V6:-runs/default-model/export}
+V6=${V6:-runs/default-model/v6}
 mkdir -p "$RUN" "$SRC"
 
 fetch() {  # fetch REPO COMMIT DIR PATHS...: the photos of one repository at one commit, without its history
@@ -109,6 +109,8 @@ captioner train --task joint $( [ -d "$RUN/joint/last" ] && echo --resume || ech
 captioner train $( [ -d "$RUN/decoder-joint/last" ] && echo --resume || echo --init-from "$RUN/joint/best" --fresh-decoder ) \
     --freeze-encoder --feature-cache "$RUN/cache-joint" --annotations "$RUN/captions.json" --images / --epochs 6 \
     --batch-size 32 --seed 1 --output "$RUN/decoder-joint"
+# (The shipped v7 ran steps 8 and 10 before --init-from grew vocabularies: there, the question words missing from the
+#  caption vocabulary read <unk> until step 12. Run now, steps 8 and 10 grow it already, so shapes are learned earlier.)
 # 12. the VQA head of 10, trained on (encoder frozen): --init-from grows the vocabulary by the questions' words the
 #     caption vocabulary lacks ("rectangle", "triangle", "yes", ...; without them easy-VQA's shape answers read <unk>
 #     and tie), 3 epochs, ~5 min each after the features are cached

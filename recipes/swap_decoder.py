@@ -1,6 +1,6 @@
 """One model from two runs on the same frozen encoder and vocabulary: the caption decoder of one, the rest (encoder,
-VQA head) of the other. The caption decoder and the VQA head train apart on one frozen encoder (recipes/default-model.sh
-steps 3-4); this joins them without a training step.
+VQA head) of the other. The caption decoder and the VQA head train apart on one frozen encoder (recipes/everyday-photos.sh,
+steps 7-9); this joins them without a training step.
 
     python recipes/swap_decoder.py --base runs/v7/vqa-head/best --decoder-from runs/v7/decoder/best --out runs/v7/joined
 """

@@ -11,9 +11,8 @@ multiple choice in Visual7W telling format (``read_v7w`` and any Visual7W tool r
     animal    "What animal is in the picture?"   dog, horse, ...
     activity  "What is the dog doing?"           running, ...      (the verb after the subject)
 
-Photos without captions but with detector labels (``--labels``, a captioner label run) get presence, count and
-animal questions from their detections alone, and with ``--pseudo-refs`` the place their pseudo-references agree
-on (detected_candidates).
+Photos without captions but with detector labels (``--labels``, a captioner label run) get presence and count
+questions from their detections alone (detected_candidates).
 
 An answer is kept only where the captions agree: at least --min-support captions say it and none says
 something else of the same kind (another colour for the shirt, another count, another place, another animal). A
@@ -171,7 +170,6 @@ class Photo:
     instances: dict[str, int] | None = None  # COCO category -> count (large enough objects), None = unknown
     tokens: list[list[str]] = field(default_factory=list)
     unsure: set[str] = field(default_factory=set)  # detector labels: categories with boxes of middling score
-    detected: bool = False  # known from detector labels; its captions, if any, are pseudo-references
 
 
 # ----------------------------------------------------------------------------------------------- what captions say
@@ -259,8 +257,8 @@ def photo_candidates(k: int, photo: Photo, min_support: int) -> list[Candidate]:
     mentions = lambda ws: sum(1 for s in sets if s & ws)  # noqa: E731
     out: list[Candidate] = []
 
-    if photo.detected:
-        return detected_candidates(k, photo, min_support)
+    if not photo.captions:  # a photo known only from its detector labels
+        return detected_candidates(k, photo)
     # presence: COCO instances decide where present; else captions (yes needs support, no needs silence)
     for thing, (kind, ws) in THINGS.items():
         if photo.instances is not None and thing in COCO_THINGS.values():
@@ -294,7 +292,11 @@ def photo_candidates(k: int, photo: Photo, min_support: int) -> list[Candidate]:
             said = set().union(*per)
             out.append(Candidate("color", QUESTIONS["color"].format(noun), c, [x for x in COLORS if x not in said], k))
 
-    out += scene_candidates(k, sets, min_support)
+    per = [{p for p, ws in PLACES.items() if s & ws} for s in sets]
+    p = agreed(per, min_support, CONTAINS)
+    if p:
+        said = set().union(*per)
+        out.append(Candidate("scene", QUESTIONS["scene"], p, [x for x in PLACES if x not in said], k))
 
     per = [{a for a, ws in ANIMALS.items() if s & ws} for s in sets]
     a = agreed(per, min_support)
@@ -314,35 +316,18 @@ def photo_candidates(k: int, photo: Photo, min_support: int) -> list[Candidate]:
     return out
 
 
-def scene_candidates(k: int, sets: list[set[str]], min_support: int) -> list[Candidate]:
-    per = [{p for p, ws in PLACES.items() if s & ws} for s in sets]
-    p = agreed(per, min_support, CONTAINS)
-    if not p:
-        return []
-    said = set().union(*per)
-    return [Candidate("scene", QUESTIONS["scene"], p, [x for x in PLACES if x not in said], k)]
-
-
 # plural noun of a count question -> the COCO category it counts, for photos known only from detector labels
 DETECTED_COUNTS = {"people": "person", "dogs": "dog", "cats": "cat", "horses": "horse", "birds": "bird",
                    "cows": "cow", "sheep": "sheep", "elephants": "elephant", "giraffes": "giraffe", "zebras": "zebra",
                    "cars": "car", "bikes": "bicycle", "boats": "boat", "umbrellas": "umbrella"}
 
 
-def detected_candidates(k: int, photo: Photo, min_support: int) -> list[Candidate]:
-    """Questions from a detector's labels (captioner label): presence, "yes" where a box of the category scores
-    >= the threshold, "no" where none scores even the cache's 0.3; a count of 1..4 confident boxes when no box of
-    that category has a middling score (between 0.3 and the threshold); the animal, when one kind is detected
-    and no box of another kind has even a middling score. With pseudo-references (captions of other photos that
-    name these objects, `captioner pseudo-refs`), also the place they agree on: the one thing such captions say
-    about this photo, since they were chosen for its objects (their colours, counts and activities were not)."""
+def detected_candidates(k: int, photo: Photo) -> list[Candidate]:
+    """Presence and count questions from a detector's labels alone (captioner label): "yes" where a box of the
+    category scores >= the threshold, "no" where none scores even the cache's 0.3; a count of 1..4 confident
+    boxes when no box of that category has a middling score (between 0.3 and the threshold)."""
     out = []
     inst = photo.instances or {}
-    animals = {COCO_THINGS[c] for c in inst if COCO_THINGS.get(c) in ANIMALS}
-    if len(animals) == 1 and not {COCO_THINGS.get(c) for c in photo.unsure} & (set(ANIMALS) - animals):
-        a = animals.pop()
-        out.append(Candidate("animal", QUESTIONS["animal"], a, [x for x in ANIMALS if x != a], k))
-    out += scene_candidates(k, [set(t) for t in photo.tokens], min_support)
     for cat, thing in COCO_THINGS.items():
         if cat in photo.unsure:
             continue
@@ -475,10 +460,9 @@ def coco_instances(captions_json: Path) -> dict[int, dict[str, int]] | None:
 
 
 def read_photos(karpathy=(), splits=("train", "val"), coco=(), labels: str | None = None, label_split: str = "train",
-                label_threshold: float = 0.5, label_photos: list[str] | None = None,
-                pseudo_refs: str | None = None) -> list[Photo]:
+                label_threshold: float = 0.5, label_photos: list[str] | None = None) -> list[Photo]:
     """The photos of the --karpathy (ANNOTATIONS, IMAGES) files' ``splits``, of the --coco (CAPTIONS, IMAGES, SPLIT)
-    files, and of a --labels run (as ``label_split``, with their --pseudo-refs captions where there are any)."""
+    files, and of a --labels run (as ``label_split``)."""
     photos: list[Photo] = []
     for ann, images in karpathy or []:
         for split in splits:
@@ -491,13 +475,6 @@ def read_photos(karpathy=(), splits=("train", "val"), coco=(), labels: str | Non
                                 None if inst is None or r.image_id not in inst else inst[r.image_id]))
     if labels:
         photos += labelled_photos(labels, label_split, label_threshold, label_photos)
-        if pseudo_refs:
-            refs = {os.path.abspath(r.path): r.captions for r in read_dataset("karpathy", pseudo_refs, "/", "train")}
-            for p in photos:
-                if p.detected:
-                    p.captions = refs.get(os.path.abspath(p.path), [])
-    elif pseudo_refs:
-        raise DatasetError("--pseudo-refs adds place questions to the photos of --labels: give --labels RUN too")
     if not photos:
         raise DatasetError("no photos: give --karpathy ANNOTATIONS IMAGES, --coco CAPTIONS IMAGES SPLIT and/or "
                            "--labels RUN")
@@ -522,8 +499,7 @@ def labelled_photos(run: str, split: str, threshold: float, only: list[str] | No
         sure = {labels.classes[c]: int(n) for c, n in enumerate(counts[i, 0].tolist()) if n}
         unsure = {labels.classes[c] for c, (n, m) in enumerate(zip(counts[i, 0].tolist(), low[i, 0].tolist()))
                   if m > n}
-        out.append(Photo(os.path.abspath(path), f"label:{Path(path).stem}", split, [], sure, unsure=unsure,
-                         detected=True))
+        out.append(Photo(os.path.abspath(path), f"label:{Path(path).stem}", split, [], sure, unsure=unsure))
     return out
 
 
@@ -540,7 +516,7 @@ def relative_to(photos: list[Photo], root: str | None) -> Path:
 def main(args: argparse.Namespace) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     photos = read_photos(args.karpathy, args.splits, args.coco, args.labels, args.label_split, args.label_threshold,
-                         args.label_photos, args.pseudo_refs)
+                         args.label_photos)
     root = relative_to(photos, args.image_root)
     ids = Counter(str(p.image_id) for p in photos)
     if any(n > 1 for n in ids.values()):  # two sources with the same ids: keep the qa_ids unique

@@ -225,8 +225,6 @@ def make_vqa(add_help: bool = True) -> argparse.ArgumentParser:
                                                    "detections for photos without captions")
     p.add_argument("--label-photos", nargs="+", metavar="INPUT", help="only these photos of --labels (default all)")
     p.add_argument("--label-split", default="train", help="the split the --labels questions get")
-    p.add_argument("--pseudo-refs", metavar="JSON", help="`captioner pseudo-refs` output for --labels photos: adds "
-                   "the place their pseudo-references agree on (\"Where is this?\")")
     p.add_argument("--label-threshold", type=float, default=0.5, help="detector score that counts an object")
     p.add_argument("--image-root", help="filenames are written relative to this folder (default: the deepest "
                                         "folder above every image); give it as --vqa-images when training")
