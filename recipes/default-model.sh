@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Reproduces captioner/models/default (version 7, the everyday-world model): one compact VGG-style encoder (112 px,
 # as v6) shared by an LSTM caption decoder that has read COCO's language and a multiple-choice VQA head that counts.
-#   1. recipes/v6-model.sh: default model v6 (Flickr8k; 4 h on a 2-core CPU). v7's encoder starts from v6's.
-#   2. recipes/everyday-photos.sh: 15,689 photos (Flickr8k, coco-mini, 6,228 COCO-2014 photos and 2,300 ImageNet
+#   1. recipes/v6-model.sh: default model v6 (Flickr8k; ~4.5 h on a 2-core CPU). v7's encoder starts from v6's.
+#   2. recipes/everyday-photos.sh: 15,689 photos (Flickr8k, coco-mini, 6,056 COCO-2014 photos and 2,300 ImageNet
 #      photos from three public repositories at fixed commits) labelled once by a COCO detector and EfficientNet-Lite3,
 #      the encoder distilled on them, pseudo-references from the COCO sentence pool, questions from captions and
-#      detections, joint caption + VQA training, a fresh decoder and the VQA head on the final encoder (~6 h on the
+#      detections, joint caption + VQA training, a fresh decoder and the VQA head on the final encoder (~4 h on the
 #      2-core CPU; the COCO test ids are dropped before anything opens a photo).
-#   3. The fair image-blind baseline: a VQA model trained with v = 0 on the same real-photo questions (~10 min).
+#   3. The fair image-blind baseline: a VQA model trained with v = 0 on the same real-photo questions (~5 min).
 #   4. The fp16 weights evaluated exactly as they ship (beam 3): captions on coco-mini val (COCO's language) and on
 #      Flickr8k val, answers on the real-photo val questions (with the blind model beside them) and on easy-VQA test;
 #      then shipped with those metrics.

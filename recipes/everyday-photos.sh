@@ -15,7 +15,7 @@
 #      now the teacher's features and classes and the detector's objects and counts on the very views the teacher
 #      saw; its four prediction heads start fitted by ridge regression to its v. Flickr8k val and coco-mini val are
 #      held out (agreement is measured on them). 4 epochs at half v6's peak learning rate, ~12 min an epoch on the
-#      2-core CPU beside other work. (A wider 128-px student from scratch, 11 epochs, 2 h, stayed below it on every
+#      2-core CPU beside other work. (A wider 128-px student from scratch, 11 epochs, 2.4 h, stayed below it on every
 #      held-out measure and, with the same decoder recipe, 10 points of Flickr8k CIDEr-D below v6.)
 #   4. `captioner pseudo-refs`: each unlabeled COCO-2014 photo with a detected object gets the 5 captions of the COCO
 #      sentence pool that best name its objects (text only; the pool's captions of coco-mini val photos, our COCO
@@ -31,8 +31,8 @@
 #      photos) and a fresh VQA head on the same frozen student, with easy-VQA mixed in.
 #   9. The decoder of 7 and the VQA head of 8 joined into one model (recipes/swap_decoder.py), exported in fp16.
 #  10-12. As v6's steps 9-10: joint caption + VQA training with the encoder unfrozen, then a fresh caption decoder and
-#      the VQA head on the final frozen encoder (docs/results.md, "Towards v7", has what each step did and the
-#      ablation). The result, runs/v7/model-v7, is default model v7 (recipes/default-model.sh evaluates and ships it).
+#      the VQA head on the final frozen encoder (docs/results.md, "Default model v7: the everyday world", has what each step did and the
+#      ablation). The result, $RUN/model-v7, is default model v7 (recipes/default-model.sh evaluates and ships it).
 #   V6 is the model the encoder starts from: default model v6 (recipes/v6-model.sh writes it to runs/default-model/v6;
 #   its weights are also in git: captioner/models/default at commit 3ce4959). recipes/default-model.sh runs both.
 #   DATA=../shared/data V6=runs/default-model/v6 bash recipes/everyday-photos.sh
@@ -113,13 +113,13 @@ captioner train $( [ -d "$RUN/decoder-joint/last" ] && echo --resume || echo --i
 #  caption vocabulary read <unk> until step 12. Run now, steps 8 and 10 grow it already, so shapes are learned earlier.)
 # 12. the VQA head of 10, trained on (encoder frozen): --init-from grows the vocabulary by the questions' words the
 #     caption vocabulary lacks ("rectangle", "triangle", "yes", ...; without them easy-VQA's shape answers read <unk>
-#     and tie), 3 epochs, ~5 min each after the features are cached
+#     and tie), 3 epochs, ~2 min each after the features are cached (~4 min)
 captioner train --task vqa $( [ -d "$RUN/vqa-final/last" ] && echo --resume || echo --init-from "$RUN/decoder-joint/best" ) \
     --freeze-encoder --feature-cache "$RUN/cache-joint" --vqa-dataset v7w easy-vqa --vqa-annotations "$RUN/vqa/questions.json" \
     --vqa-images / --questions-per-image 10 --epochs 3 --lr 1e-3 --warmup-steps 50 --seed 0 --output "$RUN/vqa-final"
 captioner export --checkpoint "$RUN/vqa-final/best" --out "$RUN/model-v7" --dtype fp16 --version 7 \
     --name coco-flickr8k-labels-distilled-compact-lstm
-# Not shipped (docs/results.md, "Towards v7", has the ablation): SCST on CIDEr-D + BLEU-4 after step 11 raised coco-mini
+# Not shipped (docs/results.md, "Default model v7: the everyday world", has the ablation): SCST on CIDEr-D + BLEU-4 after step 11 raised coco-mini
 # CIDEr-D by 2 points and cost 40 % of the distinct captions:
 #   captioner train --scst --scst-bleu-weight 1 --init-from "$RUN/decoder-joint/best" --freeze-encoder \
 #       --feature-cache "$RUN/cache-joint" --annotations "$RUN/captions.json" --images / --epochs 2 --batch-size 32 \

@@ -1,6 +1,7 @@
 """One model from two runs on the same frozen encoder and vocabulary: the caption decoder of one, the rest (encoder,
 VQA head) of the other. The caption decoder and the VQA head train apart on one frozen encoder (recipes/everyday-photos.sh,
-steps 7-9); this joins them without a training step.
+steps 7-9); this joins them without a training step. The base's vocabulary may extend the decoder's (a VQA run's
+--init-from grows it by the questions' words): the decoder then gets those words' rows, never emitted until trained.
 
     python recipes/swap_decoder.py --base runs/v7/vqa-head/best --decoder-from runs/v7/decoder/best --out runs/v7/joined
 """
@@ -23,8 +24,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     base, vocab = load_pretrained(a.base)
     donor, donor_vocab = load_pretrained(a.decoder_from)
-    if list(vocab.itos) != list(donor_vocab.itos):
-        raise SystemExit("the two models have different vocabularies: the decoder's word ids would not match")
+    if list(vocab.itos[: len(donor_vocab)]) != list(donor_vocab.itos):
+        raise SystemExit("the decoder's vocabulary is not the base's (nor its start): its word ids would not match")
+    if len(vocab) > len(donor_vocab):  # the base's --init-from grew it by its questions' words: grow the donor alike
+        donor.grow_vocab(len(vocab))
     if base.cfg.to_dict()["decoder"] != donor.cfg.to_dict()["decoder"]:
         raise SystemExit(f"decoder configs differ: {base.cfg.to_dict()['decoder']} vs {donor.cfg.to_dict()['decoder']}")
     b, d = base.encoder.state_dict(), donor.encoder.state_dict()

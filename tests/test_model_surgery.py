@@ -3,6 +3,7 @@ agree (what --fresh-decoder, --fresh-vqa-head and `captioner export --add-decode
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from captioner.model import CaptionModel
 from captioner.tokenizer import Vocabulary
 from captioner.vqa import VQAHead
 from tests.conftest import TINY_WORDS, tiny_model_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _model(**decoder) -> CaptionModel:
@@ -139,3 +142,31 @@ def test_grow_vocab_keeps_what_the_model_says_about_known_words(tmp_path, member
     assert voc.itos == vocab.itos and loaded.cfg == model.cfg
     with pytest.raises(ValueError, match="grow_vocab"):
         model.grow_vocab(5)
+
+
+def test_swap_decoder_joins_a_decoder_to_a_base_whose_vocabulary_grew(tmp_path):
+    """recipes/swap_decoder.py (everyday-photos.sh step 9): the VQA run's --init-from grew the base's vocabulary by
+    its questions' words; the donor's decoder, trained on the shorter vocabulary, is grown alike and writes what it
+    wrote. A vocabulary that is not an extension of the donor's is refused."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("swap_decoder", ROOT / "recipes" / "swap_decoder.py")
+    swap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(swap)
+    donor = _model().with_vqa_head(VQAConfig(embed_dim=8, hidden_dim=8, mlp_dim=16, dropout=0.0)).eval()
+    save_pretrained(donor, Vocabulary(TINY_WORDS), tmp_path / "donor")
+    base, _ = load_pretrained(tmp_path / "donor")
+    torch.manual_seed(1)
+    base = base.with_decoder(base.cfg.decoder)  # another decoder, to be replaced
+    grown = Vocabulary(TINY_WORDS).extended(["triangle", "rectangle"])
+    base.grow_vocab(len(grown))
+    save_pretrained(base, grown, tmp_path / "base")
+    assert swap.main(["--base", str(tmp_path / "base"), "--decoder-from", str(tmp_path / "donor"),
+                      "--out", str(tmp_path / "out")]) == 0
+    out, voc = load_pretrained(tmp_path / "out")
+    images = torch.rand(2, 3, 32, 32)
+    assert voc.itos == grown.itos and torch.equal(out.generate(images).tokens, donor.generate(images).tokens)
+    save_pretrained(base, Vocabulary(["zebra", *TINY_WORDS[1:]]).extended(["x", "y"]), tmp_path / "other")
+    with pytest.raises(SystemExit, match="vocabulary"):
+        swap.main(["--base", str(tmp_path / "other"), "--decoder-from", str(tmp_path / "donor"), "--out",
+                   str(tmp_path / "x")])
