@@ -123,17 +123,17 @@ def build_or_load_model(opts: ModelOptions, out: Path, *, resume: bool, vocab: C
         return load_pretrained(out / "last", "cpu")
     if opts.init_from:
         model, voc = load_pretrained(opts.init_from, "cpu")
-        if fresh_decoder:
-            model = model.with_decoder(opts.fresh_decoder_config(model.cfg.decoder))
-        if fresh_vqa_head is not None:
-            model = model.with_vqa_head(fresh_vqa_head)
         grown = voc.extended(vocab().itos[len(SPECIALS):])
         if len(grown) > len(voc):  # else answers like "triangle" would all read <unk>, and tie
             if is_main():
                 log.info("the vocabulary grows by %d words this run's texts use (%s)", len(grown) - len(voc),
                          ", ".join(grown.itos[len(voc):len(voc) + 8]) + (", ..." if len(grown) - len(voc) > 8 else ""))
-            model.grow_vocab(len(grown))
+            model.grow_vocab(len(grown))  # first, so that a fresh decoder or head is built at the new size
             voc = grown
+        if fresh_decoder:
+            model = model.with_decoder(opts.fresh_decoder_config(model.cfg.decoder))
+        if fresh_vqa_head is not None:
+            model = model.with_vqa_head(fresh_vqa_head)
         model.train()
         if is_main():
             log.info("starting from %s (its config and vocabulary; model flags ignored)", opts.init_from)
