@@ -35,7 +35,7 @@ from captioner.config import VQAConfig
 from captioner.data import collate
 from captioner.model import CaptionModel
 from captioner.runtime import autocast, resolve_precision
-from captioner.tokenizer import SPECIALS, Vocabulary
+from captioner.tokenizer import Vocabulary
 
 from .distributed import average_buffers, barrier, cleanup, init_distributed, is_main
 from .optim import amp_settings, lr_lambda, optimizer_step
@@ -123,7 +123,7 @@ def build_or_load_model(opts: ModelOptions, out: Path, *, resume: bool, vocab: C
         return load_pretrained(out / "last", "cpu")
     if opts.init_from:
         model, voc = load_pretrained(opts.init_from, "cpu")
-        grown = voc.extended(vocab().itos[len(SPECIALS):])
+        grown = voc.extended(vocab().itos)  # words it has (the specials too) are skipped
         if len(grown) > len(voc):  # else answers like "triangle" would all read <unk>, and tie
             if is_main():
                 log.info("the vocabulary grows by %d words this run's texts use (%s)", len(grown) - len(voc),
