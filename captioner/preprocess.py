@@ -26,11 +26,14 @@ def _eval(im: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
     return normalize_batch(np.array(crop(im, cfg))[None], cfg)[0]  # a copy: torch wants a writable array
 
 
-def normalize_batch(pixels, cfg: PreprocessConfig) -> torch.Tensor:
+def normalize_batch(pixels, cfg: PreprocessConfig,
+                    memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """The tensor half of eval_transform for a batch of pixels.crop outputs, uint8 (B, S, S, 3) (a numpy array
-    or tensor) -> float (B, 3, S, S). The same float operations as ToTensor + Normalize, so the same bits: a
-    pipeline may ship the 4x smaller uint8 crops between machines and normalise next to the model."""
-    x = torch.as_tensor(pixels).permute(0, 3, 1, 2).contiguous().to(torch.get_default_dtype()).div(255)
+    or tensor) -> float (B, 3, S, S) in ``memory_format``. The same float operations as ToTensor + Normalize, so
+    the same bits: a pipeline may ship the 4x smaller uint8 crops between machines (or threads) and normalise
+    next to the model, in one batched op."""
+    x = torch.as_tensor(pixels).permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
+    x = x.to(torch.get_default_dtype()).div(255)
     mean = torch.as_tensor(cfg.mean, dtype=x.dtype).view(1, -1, 1, 1)
     std = torch.as_tensor(cfg.std, dtype=x.dtype).view(1, -1, 1, 1)
     return x.sub_(mean).div_(std)

@@ -9,8 +9,10 @@
         ...
         await batcher.submit(item, arrival=arrival)
 
-``fn(list[item]) -> list[value]`` runs in one worker thread, so the event loop never blocks on the model and
-batches reach the device one at a time. A value that is an Exception instance fails only its own item.
+``fn(list[item]) -> list[value]`` runs in a worker thread, so the event loop never blocks on the model; with
+``workers=1`` (the default) batches reach the device one at a time, with ``workers=n`` up to n batches run at once,
+each in its own thread. A batch starts forming only when a worker is free, so items that arrive while every worker
+is busy join the next batch. A value that is an Exception instance fails only its own item.
 
 When ``fn`` raises, the batch is split in halves and each half runs again, down to single items, so only the
 item(s) that raise alone fail (BatchFailedError) and every other item gets its normal value: one poisoned request
@@ -121,9 +123,11 @@ class DynamicBatcher(Generic[T, R]):
         on_batch: Callable[[BatchStats], None] | None = None,
         name: str = "batcher",
         idle_start: bool = False,
+        workers: int = 1,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 1:
-            raise ValueError("max_batch_size and max_queue must be >= 1")
+        if max_batch_size < 1 or max_queue < 1 or workers < 1:
+            raise ValueError("max_batch_size, max_queue and workers must be >= 1")
+        self.workers = workers
         self.fn = fn
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay_ms / 1000
@@ -148,8 +152,7 @@ class DynamicBatcher(Generic[T, R]):
         if self._worker is not None:
             raise RuntimeError("batcher already started")
         self._not_empty = asyncio.Event()
-        # one thread: batches reach the device one after another, in order
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-worker")
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=f"{self.name}-worker")
         self._worker = asyncio.create_task(self._run(), name=f"{self.name}-loop")
         self._accepting = True
 
@@ -247,7 +250,10 @@ class DynamicBatcher(Generic[T, R]):
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         stopping = False
+        free = asyncio.Semaphore(self.workers)
+        running: set[asyncio.Task] = set()
         while not stopping:
+            await free.acquire()  # a worker is free before the batch forms: items queue up meanwhile
             batch: list[_Item] = []
             deadline = None  # until the first admitted item: wait as long as it takes
             while len(batch) < self.max_batch_size:
@@ -265,8 +271,14 @@ class DynamicBatcher(Generic[T, R]):
                 if deadline is None:
                     deadline = loop.time() + self.max_delay
             self._forming = 0
-            if batch:
-                await self._run_batch(batch)
+            if not batch:
+                free.release()
+                continue
+            task = asyncio.create_task(self._run_batch(batch))
+            running.add(task)
+            task.add_done_callback(lambda t: (running.discard(t), free.release()))
+        if running:
+            await asyncio.wait(running)
         log.debug("%s: worker stopped", self.name)
 
     async def _run_batch(self, batch: list[_Item]) -> None:
@@ -277,11 +289,11 @@ class DynamicBatcher(Generic[T, R]):
             self._report(BatchStats(0, [], 0.0, False, dropped))
             return
         waits = [start - it.enqueued for it in live]
-        self.in_flight = len(live)
+        self.in_flight += len(live)
         try:
             failed, isolated = await self._call(live, start, len(live))
         finally:
-            self.in_flight = 0
+            self.in_flight -= len(live)
         elapsed = time.perf_counter() - start
         self._report(BatchStats(len(live), waits, elapsed, failed, dropped, isolated))
 

@@ -1,7 +1,7 @@
 """The batch function the service hands to the generic batcher: caption and VQA jobs in one batch share one
 encoder pass, then captions run batched per generation setting and questions run batched through the VQA head.
 
-    jobs (mixed CaptionJob / VQAJob) --stack--> (B, 3, S, S) --encode--> ImageFeatures f (fc (B, D) [+ att])
+    jobs (mixed CaptionJob / VQAJob) --normalize_batch--> (B, 3, S, S) --encode--> ImageFeatures f (fc (B, D) [+ att])
         caption jobs grouped by GenerationConfig --caption_batch(features=f[idx])--> n-best captions
         VQA jobs                                 --answer_batch(f[idx], questions, choices)--> answers
 """
@@ -11,11 +11,12 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from captioner.api import Captioner
 from captioner.features import ImageFeatures
 from captioner.generation import GenerationConfig
+from captioner.preprocess import normalize_batch
 from captioner.vqa import VQAInputError
 
 log = logging.getLogger("service.engine")
@@ -27,13 +28,13 @@ class VQAUnsupported(Exception):
 
 @dataclass
 class CaptionJob:
-    pixels: torch.Tensor  # (3, S, S) preprocessed
+    pixels: np.ndarray  # (S, S, 3) uint8, resized and cropped (service.images.load_upload)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 @dataclass
 class VQAJob:
-    pixels: torch.Tensor  # (3, S, S) preprocessed
+    pixels: np.ndarray  # (S, S, 3) uint8, resized and cropped (service.images.load_upload)
     question: str
     choices: list[str]
 
@@ -44,7 +45,8 @@ class Engine:
         self.on_images = on_images  # callback(task, n) for the images-processed counter
 
     def __call__(self, jobs: list[CaptionJob | VQAJob]) -> list:
-        x = torch.stack([j.pixels for j in jobs]).contiguous(memory_format=self.captioner.memory_format)  # (B,3,S,S)
+        x = normalize_batch(np.stack([j.pixels for j in jobs]), self.captioner.cfg.preprocess,
+                            self.captioner.memory_format)  # (B, 3, S, S)
         features = self.captioner.encode(x)  # every image encoded once, shared by captions and VQA
         out: list = [None] * len(jobs)
 

@@ -1,4 +1,4 @@
-"""Uploaded bytes -> the model's input tensor, with the limits and messages the API promises.
+"""Uploaded bytes -> the model's input pixels, with the limits and messages the API promises.
 
 Runs in a worker thread (decoding a large JPEG takes milliseconds to seconds). Never fetches URLs: the only
 input is the bytes the client sent.
@@ -13,12 +13,12 @@ import io
 import threading
 import warnings
 
-import torch
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from captioner.config import PreprocessConfig
-from captioner.pixels import check_has_data, decode_rgb, decoded_bytes
-from captioner.preprocess import MAX_ASPECT_RATIO, ImageError, check_shape, draft, to_tensor
+from captioner.pixels import check_has_data, crop, decode_rgb, decoded_bytes
+from captioner.preprocess import MAX_ASPECT_RATIO, ImageError, check_shape, draft
 
 # formats PIL decodes safely from memory; others (EPS needs Ghostscript, PDF, ...) are refused
 ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
@@ -53,12 +53,17 @@ def decode_base64(text: object, max_bytes: int) -> bytes:
         raise ImageRejected(422, f"image is not valid base64 ({e})") from None
 
 
-def load_upload(data: bytes, cfg: PreprocessConfig, transform, max_bytes: int, max_pixels: int,
+def load_upload(data: bytes, cfg: PreprocessConfig, max_bytes: int, max_pixels: int,
                 max_aspect: float = MAX_ASPECT_RATIO, budget: "ByteBudget | None" = None,
-                timeout: float | None = None) -> torch.Tensor:
-    """Bytes -> normalised (3, S, S) float tensor; raises ImageRejected with the status and reason. Every limit
-    is checked from the header, before a pixel is decoded; the decode then waits (up to ``timeout`` s) for its
-    decoded bytes to fit in ``budget``, which bounds the memory of many large images at once."""
+                timeout: float | None = None) -> np.ndarray:
+    """Bytes -> the resized, center-cropped uint8 pixels (S, S, 3) (pixels.crop); the engine normalises a whole
+    batch of them next to the model (preprocess.normalize_batch: the same bits as eval_transform). Torch stays
+    out of these threads: a tensor op in a thread other than the model's starts its own OpenMP team, which
+    costs ~6x the op on an idle machine and spins against the model's threads on a busy one.
+
+    Raises ImageRejected with the status and reason. Every limit is checked from the header, before a pixel is
+    decoded; the decode then waits (up to ``timeout`` s) for its decoded bytes to fit in ``budget``, which bounds
+    the memory of many large images at once."""
     if not data:
         raise ImageRejected(422, "image is empty")
     if len(data) > max_bytes:
@@ -97,7 +102,7 @@ def load_upload(data: bytes, cfg: PreprocessConfig, transform, max_bytes: int, m
                 raise ImageRejected(422, f"corrupt or truncated {im.format} image ({e})") from None
             finally:
                 im.close()  # the full-size decoded pixels go while the budget is held: its release may trim memory
-            return to_tensor(rgb, cfg, transform)
+            return np.array(crop(rgb, cfg))  # a copy: torch wants a writable array
 
 
 class ByteBudget:

@@ -25,7 +25,7 @@ class Metrics:
         self.request_seconds = Histogram("captioner_request_duration_seconds", "HTTP request wall time",
                                          ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("captioner_queue_depth", "requests waiting for a batch", registry=r)
-        self.in_flight = Gauge("captioner_batch_in_flight", "requests in the batch now on the device", registry=r)
+        self.in_flight = Gauge("captioner_batch_in_flight", "requests in the batches now running", registry=r)
         buckets = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if b < max_batch_size}
                          | {max_batch_size})
         self.batch_size = Histogram("captioner_batch_size", "requests per model batch",

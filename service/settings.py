@@ -26,7 +26,8 @@ class Settings(BaseSettings):
         "auto", description="auto: bf16 where the CPU/GPU has it natively, fp16 on older GPUs, else fp32")
     warmup: bool = Field(True, description="run batches through the model before /readyz reports ready")
     channels_last: bool = Field(True, description="NHWC convolutions (faster on CPU oneDNN and GPU tensor cores)")
-    torch_threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads (default: torch's)")
+    torch_threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads of each model worker "
+                                                                      "(default: torch's, split among the workers)")
     encode_batch_size: int | None = Field(
         None, ge=1, le=1024, description="images per encoder call within a batch (Captioner's encode_chunk); the "
                                          "decoder always gets the whole batch (default: 8 on CPU, where small conv "
@@ -50,6 +51,9 @@ class Settings(BaseSettings):
 
     # dynamic batching
     max_batch_size: int = Field(32, ge=1, le=1024)
+    model_workers: int | None = Field(
+        None, ge=1, le=64, description="batches the model runs at once, each in its own thread (default: 2 on a CPU "
+                                       "with 2 or more torch threads, which are then split between them; 1 on GPU)")
     max_delay_ms: float = Field(5.0, ge=0, le=10_000,
                                 description="after a batch's first request, wait at most this long for requests already "
                                             "received (still uploading/decoding); a lone request runs at once")

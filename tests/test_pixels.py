@@ -15,7 +15,7 @@ from PIL import Image
 from captioner.config import PreprocessConfig
 from captioner.data import ImageDataset
 from captioner.pixels import ImageError, load_image
-from captioner.preprocess import eval_transform, to_tensor
+from captioner.preprocess import eval_transform, normalize_batch, to_tensor
 
 PRE = PreprocessConfig(image_size=32, resize=36)
 
@@ -51,14 +51,13 @@ def test_exif_orientation_is_applied_in_every_path(tmp_path):
     ds = ImageDataset([str(phone)], eval_transform(PRE), PRE.resize)  # batch CLI, training, evaluation
     assert _close(ds[0]["image"], want)
     from service.images import load_upload  # the service
-    assert _close(load_upload(phone.read_bytes(), PRE, eval_transform(PRE), 1 << 24, 1 << 26), want)
+    assert _close(normalize_batch(load_upload(phone.read_bytes(), PRE, 1 << 24, 1 << 26)[None], PRE)[0], want)
     pytest.importorskip("ray")
     import pyarrow as pa
 
     from captioner.ray import _decode  # Ray's decode task
     out = _decode(pa.table({"path": [str(phone)]}), PRE, 0)
     pixels = np.frombuffer(out.column("image")[0].as_py(), np.uint8).copy().reshape(1, 32, 32, 3)
-    from captioner.preprocess import normalize_batch
     assert _close(normalize_batch(pixels, PRE)[0], want)
 
 
@@ -98,7 +97,7 @@ def test_a_jpeg_without_its_data_is_refused_everywhere(tmp_path):
     assert not item["ok"] and "truncated JPEG" in item["error"]
     from service.images import ImageRejected, load_upload
     with pytest.raises(ImageRejected) as e:
-        load_upload(bad.read_bytes(), PRE, eval_transform(PRE), 1 << 24, 1 << 26)
+        load_upload(bad.read_bytes(), PRE, 1 << 24, 1 << 26)
     assert e.value.status == 422 and "truncated JPEG" in e.value.message
     # a flat JPEG, as compressible as JPEG gets, is still a photo
     flat = io.BytesIO()

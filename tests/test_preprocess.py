@@ -10,7 +10,7 @@ from PIL import Image
 
 from captioner.data import ImageDataset
 from captioner.config import PreprocessConfig
-from captioner.preprocess import ImageError, eval_transform, load_image, to_tensor
+from captioner.preprocess import ImageError, eval_transform, load_image, normalize_batch, to_tensor
 from service.images import load_upload
 from training.datasets import CaptionDataset, ImageRecord
 
@@ -62,7 +62,9 @@ def test_every_path_into_the_model_sees_the_same_pixels(jpeg):
     tf = eval_transform(CFG)
     others = {
         "api bytes": to_tensor(data, CFG),
-        "service": load_upload(data, CFG, tf, max_bytes=10**7, max_pixels=10**7),
+        # the service: uint8 crops from its decode threads, normalised as a batch next to the model
+        "service": normalize_batch(np.stack([load_upload(data, CFG, max_bytes=10**7, max_pixels=10**7)] * 2),
+                                   CFG, torch.channels_last)[1],
         "training": CaptionDataset([ImageRecord(image_id=1, path=str(jpeg), captions=[])], CFG)[0]["image"],
         "cli": ImageDataset([str(jpeg)], tf, CFG.resize, warn=False)[0]["image"],  # as captioner.cli.caption builds it
     }

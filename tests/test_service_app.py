@@ -67,6 +67,54 @@ def test_health_ready_models_metrics_docs_and_page(client):
         assert client.get(asset).status_code == 200, asset
 
 
+def test_model_workers_for_the_device():
+    import torch
+
+    from service.state import model_parallelism
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert model_parallelism(Settings(), cpu, 2) == (2, 1)  # two batches at once, a core each
+    assert model_parallelism(Settings(), cpu, 16) == (2, 8)
+    assert model_parallelism(Settings(), cpu, 1) == (1, 1)
+    assert model_parallelism(Settings(), gpu, 16) == (1, 16)  # a GPU runs one batch at a time
+    assert model_parallelism(Settings(model_workers=3), cpu, 16) == (3, 5)
+    assert model_parallelism(Settings(torch_threads=4), cpu, 16) == (2, 4)  # threads per worker, as given
+    assert model_parallelism(Settings(torch_threads=1), cpu, 16) == (1, 1)
+
+
+def test_a_service_in_process_runs_its_model_workers_and_gives_torch_threads_back(tiny_checkpoint):
+    import torch
+
+    from service.state import model_parallelism
+
+    before = torch.get_num_threads()
+    workers, threads = model_parallelism(Settings(), torch.device("cpu"), before)
+    cap, running, peak, seen = Captioner.from_pretrained(tiny_checkpoint, "cpu"), [0], [0], set()
+    encode, lock = cap.encode, threading.Lock()
+
+    def counted(x):
+        with lock:
+            seen.add(torch.get_num_threads())  # in the model worker's thread: torch's count is per thread
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.3)
+        with lock:
+            running[0] -= 1
+        return encode(x)
+
+    cap.encode = counted
+    with client_for(tiny_checkpoint, cap, max_batch_size=2, warmup=False) as c:
+        assert c.get("/v1/models").json()["models"][0]["batching"]["model_workers"] == workers
+        rs = in_threads(lambda i: post_image(c), 6)
+        assert [r.status_code for r in rs] == [200] * 6
+    assert peak[0] == workers and seen == {threads}  # batches side by side, never more than the workers
+    after: list[int] = []  # a thread started now takes torch's process-wide count: the one before the service
+    t = threading.Thread(target=lambda: after.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert after == [before]
+
+
 def test_caption_multipart(client):
     r = post_image(client, beam_size="4", num_captions="3")
     assert r.status_code == 200, r.text
@@ -253,7 +301,9 @@ def test_queue_overflow_is_503_with_retry_after(tiny_checkpoint):
 
 def test_timeout_is_504_and_the_queued_work_is_dropped(tiny_checkpoint):
     cap, calls = slowed(tiny_checkpoint, 0.6)
-    with client_for(tiny_checkpoint, cap, max_batch_size=1, max_delay_ms=0, request_timeout_s=0.3, warmup=False) as c:
+    # one model worker: the second request queues behind the first
+    with client_for(tiny_checkpoint, cap, max_batch_size=1, model_workers=1, max_delay_ms=0, request_timeout_s=0.3,
+                    warmup=False) as c:
         rs = in_threads(lambda i: (time.sleep(0.05 * i), post_image(c))[1], 2)
         assert [r.status_code for r in rs] == [504, 504], [r.text for r in rs]
         time.sleep(0.8)  # the first batch finishes; the second request's work must not start
@@ -337,13 +387,14 @@ def test_shutdown_answers_accepted_requests_and_refuses_new_ones(tiny_checkpoint
 
 
 def test_engine_micro_batched_nhwc_encoder_matches_the_plain_path(tiny_checkpoint):
+    import numpy as np
     import torch
 
     from captioner.generation import GenerationConfig
     from service.engine import CaptionJob, Engine
 
     size = 32
-    jobs = [CaptionJob(torch.randn(3, size, size, generator=torch.Generator().manual_seed(i)),
+    jobs = [CaptionJob(np.random.default_rng(i).integers(0, 256, (size, size, 3), np.uint8),
                        GenerationConfig(beam_size=2))
             for i in range(5)]
     nchw = Captioner.from_pretrained(tiny_checkpoint, "cpu", "fp32", channels_last=False)

@@ -355,3 +355,73 @@ def test_idle_start_waits_for_announced_items_only_while_they_are_coming():
     assert fn.batches == [[1, 2, 3]]  # the batch waited for the announced items...
     assert dt < 1.0, dt  # ...and stopped waiting once the last one had withdrawn, long before max_delay
     assert all(r.batch_size == 3 for r in rs[:3])
+
+
+# ------------------------------------------------------------------ several model workers
+
+def test_two_workers_run_two_batches_at_once():
+    def needs_company(timeout):
+        barrier = threading.Barrier(2, timeout=timeout)
+
+        def fn(items):
+            barrier.wait()  # returns only when another batch is running at the same moment
+            return [x * 10 for x in items]
+        return fn
+
+    async def main(workers, timeout):
+        b = DynamicBatcher(needs_company(timeout), max_batch_size=2, max_delay_ms=0, workers=workers)
+        await b.start()
+        results = await asyncio.gather(*(b.submit(i) for i in range(4)), return_exceptions=True)
+        await b.stop()
+        return results
+
+    assert [r.value for r in run(main(2, 5))] == [0, 10, 20, 30]
+    assert all(isinstance(r, BatchFailedError) for r in run(main(1, 0.2)))  # one worker: nobody to meet
+
+
+def test_a_batch_forms_only_when_a_worker_is_free():
+    fn, active, peak, lock = Recorder(sleep=0.3), [0], [0], threading.Lock()
+
+    def counted(items):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            return fn(items)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    async def main():
+        b = DynamicBatcher(counted, max_batch_size=4, max_delay_ms=0, workers=2)
+        await b.start()
+        first = [asyncio.ensure_future(b.submit(0))]
+        await asyncio.sleep(0.05)
+        first.append(asyncio.ensure_future(b.submit(1)))
+        await asyncio.sleep(0.05)
+        in_flight = b.in_flight  # both workers busy with a batch of one
+        later = [asyncio.ensure_future(b.submit(i)) for i in range(2, 8)]  # arrive while both are busy
+        results = await asyncio.gather(*first, *later)
+        await b.stop()
+        return in_flight, results
+
+    in_flight, results = run(main())
+    assert [r.value for r in results] == [i * 10 for i in range(8)]
+    assert in_flight == 2 and peak[0] == 2
+    # the six late items waited for a free worker, so they formed full batches instead of six batches of one
+    assert [len(x) for x in fn.batches] == [1, 1, 4, 2]
+    assert len(fn.threads) == 2
+
+
+def test_stop_answers_the_items_of_every_running_batch():
+    fn = Recorder(sleep=0.2)
+
+    async def main():
+        b = DynamicBatcher(fn, max_batch_size=2, max_delay_ms=0, workers=2)
+        await b.start()
+        futures = [asyncio.ensure_future(b.submit(i)) for i in range(6)]
+        await asyncio.sleep(0.05)  # two batches running, two items queued
+        await b.stop()
+        return [r.value for r in await asyncio.gather(*futures)]  # none refused: all were accepted before stop
+
+    assert run(main()) == [i * 10 for i in range(6)]

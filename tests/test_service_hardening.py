@@ -220,8 +220,9 @@ def test_a_client_that_disconnects_while_queued_costs_no_model_work(tiny_checkpo
     from test_service_app import slowed
 
     cap, calls = slowed(tiny_checkpoint, 0.6)
-    app = create_app(Settings(checkpoint=tiny_checkpoint, device="cpu", max_batch_size=1, max_delay_ms=0,
-                              warmup=False), captioner=cap)
+    # one model worker: the later requests queue behind the first
+    app = create_app(Settings(checkpoint=tiny_checkpoint, device="cpu", max_batch_size=1, model_workers=1,
+                              max_delay_ms=0, warmup=False), captioner=cap)
     with serve_in_thread(app) as url:
         t0 = time.monotonic()
         while httpx.get(f"{url}/readyz").status_code != 200 and time.monotonic() - t0 < 30:

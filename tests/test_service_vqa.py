@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import base64
 
+import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("fastapi", reason="service extra not installed (pip install -e '.[serve]')")
 
@@ -14,6 +14,7 @@ from _service_util import jpeg_bytes, tiny_vqa_checkpoint, wait_ready  # noqa: E
 from captioner.api import Captioner  # noqa: E402
 from service.app import create_app  # noqa: E402
 from captioner.generation import GenerationConfig  # noqa: E402
+from captioner.preprocess import normalize_batch  # noqa: E402
 from service.engine import CaptionJob, Engine, VQAJob  # noqa: E402
 from service.deps import validate_vqa  # noqa: E402
 from service.settings import Settings  # noqa: E402
@@ -149,7 +150,7 @@ def test_mixed_batch_shares_one_encoder_pass(vqa_checkpoint):
     cap = Captioner.from_pretrained(vqa_checkpoint, "cpu")
     counting = Counting(cap)
     size = cap.cfg.preprocess.image_size
-    px = [torch.randn(3, size, size, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    px = [np.random.default_rng(i).integers(0, 256, (size, size, 3), np.uint8) for i in range(6)]
     jobs = [
         CaptionJob(px[0], GenerationConfig(beam_size=3)),
         VQAJob(px[1], "what is it", ["a dog", "a cat"]),
@@ -166,7 +167,7 @@ def test_mixed_batch_shares_one_encoder_pass(vqa_checkpoint):
     assert len(out[0]) == 1 and len(out[2]) == 2 and len(out[5]) == 2
     assert len(out[1].probs) == 2 and len(out[4].probs) == 5
     # the batched results equal one-at-a-time results
-    v = cap.encode(torch.stack(px))
+    v = cap.encode(normalize_batch(np.stack(px), cap.cfg.preprocess))
     alone = cap.caption_batch(features=v[3:4], beam_size=3)[0]
     assert [c.text for c in out[3]] == [c.text for c in alone]
     a = cap.answer_batch(v[4:5], ["which one"], [["red", "two people", "water", "grass", "a ball"]])[0]
@@ -179,7 +180,7 @@ def test_model_side_vqa_error_fails_only_that_job(vqa_checkpoint):
 
     cap = Captioner.from_pretrained(vqa_checkpoint, "cpu")
     size = cap.cfg.preprocess.image_size
-    x = torch.zeros(3, size, size)
+    x = np.zeros((size, size, 3), np.uint8)
     too_long = "word " * 400  # over VQAConfig.max_chars: the model's own check raises
     out = Engine(cap)([VQAJob(x, "what", ["a", "b"]), VQAJob(x, too_long, ["a", "b"]), CaptionJob(x)])
     assert len(out[0].probs) == 2 and isinstance(out[1], VQAInputError) and out[2][0].text is not None

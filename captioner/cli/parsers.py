@@ -362,6 +362,9 @@ def serve() -> argparse.ArgumentParser:
     a("--port", type=int, default=None, help="port (default 8000; 0 = any free port)")
     a("--max-batch-size", type=int, default=None, help="most requests per model batch (default 32)")
     a("--max-delay-ms", type=float, default=None, help="wait at most this long after a batch's first request (default 5)")
+    a("--model-workers", type=int, default=None,
+      help="batches the model runs at once, each in its own thread (default: 2 on a CPU with 2 or more torch threads, "
+           "which are split between them; 1 on GPU)")
     a("--max-queue", type=int, default=None, help="queued requests beyond this get 503 (default 256)")
     a("--request-timeout", dest="request_timeout_s", type=float, default=None,
       help="seconds before a request gets 504 and its work is dropped (default 30)")
@@ -389,7 +392,8 @@ def serve() -> argparse.ArgumentParser:
     a("--no-warmup", dest="warmup", action="store_false", default=None, help="skip the warm-up batches")
     a("--no-channels-last", dest="channels_last", action="store_false", default=None,
       help="keep NCHW convolutions (NHWC is the default: faster on CPU and GPU)")
-    a("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    a("--torch-threads", type=int, default=None,
+      help="torch intra-op threads of each model worker (default: torch's choice, split among the workers)")
     a("--encode-batch-size", type=int, default=None,
       help="images per encoder call within a batch (default: 8 on CPU, where small convolution batches stay in "
            "cache, the whole batch on GPU)")

@@ -181,12 +181,12 @@ def remaining(svc: ServiceState, received: float) -> float:
 
 
 async def decode(svc: ServiceState, data: bytes, received: float):
-    """Bytes -> (3, S, S) tensor in the decode threads, within the request's time budget (504 past it);
+    """Bytes -> uint8 pixels (S, S, 3) in the decode threads, within the request's time budget (504 past it);
     ImageRejected carries the 413/415/422 reason."""
     s, cap = svc.settings, svc.captioner
     loop = asyncio.get_running_loop()
     budget = remaining(svc, received)
-    work = loop.run_in_executor(svc.decode_pool, load_upload, data, cap.cfg.preprocess, cap.transform,
+    work = loop.run_in_executor(svc.decode_pool, load_upload, data, cap.cfg.preprocess,
                                 s.max_upload_bytes, s.max_image_pixels, s.max_aspect_ratio, svc.decode_budget, budget)
     try:
         return await asyncio.wait_for(work, budget)

@@ -47,7 +47,8 @@ def describe(svc) -> dict:
                    "max_upload_bytes": svc.settings.max_upload_bytes,
                    "max_image_pixels": svc.settings.max_image_pixels},
         "batching": {"max_batch_size": svc.settings.max_batch_size, "max_delay_ms": svc.settings.max_delay_ms,
-                     "encode_batch_size": cap.encode_chunk, "channels_last": svc.settings.channels_last},
+                     "encode_batch_size": cap.encode_chunk, "channels_last": svc.settings.channels_last,
+                     "model_workers": svc.model_workers},
     }
 
 
