@@ -1,6 +1,7 @@
 """Batch-captioning CLI throughput vs the raw batched model, measured side by side in one run.
 
     python bench/batch_cli.py [--checkpoint DIR] [--batch-size 32] [--beam-size 3] [--workers 0,1,2]
+    python bench/batch_cli.py --checkpoint captioner/models/default --workers 2 --model-workers 1,2 --copies 2 --repeat 3
 
 raw   = Captioner.caption_batch on the same images already decoded and preprocessed into memory (same batch size,
         beam size, precision, device): the ceiling for the CLI.
@@ -103,6 +104,9 @@ def main() -> int:
     p.add_argument("--copies", type=int, default=1,
                    help="caption K symlinked copies of the image folders (amortises the CLI's start-up)")
     p.add_argument("--threads", type=int, default=0, help="torch threads of the main process (0 = torch's default)")
+    p.add_argument("--model-workers", default="auto",
+                   help="comma-separated --model-workers values to compare (auto = the CLI's own choice: 2 on a CPU "
+                        "with 2 or more threads, 1 on GPU)")
     p.add_argument("--loader-nice", default="auto",
                    help="comma-separated CAPTIONER_LOADER_NICE values to compare (auto = the CLI's own choice: "
                         "19 on CPU, 0 with an accelerator)")
@@ -148,49 +152,53 @@ def main() -> int:
 
     # each CLI run is paired with a raw run right before it, so slow drifts in machine load cancel in the ratio
     nices = [None if x == "auto" else int(x) for x in args.loader_nice.split(",")]
+    model_workers = args.model_workers.split(",")
     rows = []
     for rep in range(args.repeat):
         # the loader's priority means nothing without loader workers: one run for --workers 0
-        for w, nice in [(int(x), v) for x in args.workers.split(",") for v in (nices if int(x) else [None])]:
+        for w, nice, mw in [(int(x), v, m) for x in args.workers.split(",") for v in (nices if int(x) else [None])
+                            for m in model_workers]:
             if nice is None:
                 os.environ.pop("CAPTIONER_LOADER_NICE", None)
             else:
                 os.environ["CAPTIONER_LOADER_NICE"] = str(nice)
             nice_shown = f"{loader_nice(cap.device) if w else '-'}"
             raw, raw_cpu, raw_texts = raw_throughput(cap, batches, gen)
-            out = tmp / f"cli-w{w}-n{nice_shown}-{rep}.jsonl"
+            out = tmp / f"cli-w{w}-n{nice_shown}-m{mw}-{rep}.jsonl"
             cli_args = get_args_parser().parse_args([*inputs, "--out", str(out), "--checkpoint", str(ckpt),
                                                      "--batch-size", str(args.batch_size), "--beam-size",
                                                      str(args.beam_size), "--precision", args.precision,
-                                                     "--device", args.device, "--workers", str(w), "--no-progress"])
+                                                     "--device", args.device, "--workers", str(w), "--no-progress",
+                                                     *(["--model-workers", mw] if mw != "auto" else [])])
             t0, c0, m0 = time.perf_counter(), cpu_seconds(), cpu_seconds(children=False)
             res = run(cli_args)
             wall, cli_cpu, main_cpu = time.perf_counter() - t0, (cpu_seconds() - c0) / n, (cpu_seconds(False) - m0) / n
             recs = read_records(str(out)).records
             same = sum(r.get("captions", [{}])[0].get("caption") == t for r, t in zip(recs, raw_texts))
-            rows.append((w, nice_shown, raw, n / wall, res.summary.images_per_s, raw_cpu, cli_cpu, main_cpu, same,
+            rows.append((w, nice_shown, mw, raw, n / wall, res.summary.images_per_s, raw_cpu, cli_cpu, main_cpu, same,
                          res.exit_code))
-            print(f"  run {rep + 1}, {w} workers (loader nice {nice_shown}): raw {raw:.1f} images/s, "
+            print(f"  run {rep + 1}, {w} workers (loader nice {nice_shown}), model workers {mw}: raw {raw:.1f} images/s, "
                   f"CLI {n / wall:.1f} images/s", flush=True)
 
-    print(f"\n{'workers':>7} | {'nice':>4} | {'raw img/s':>9} | {'CLI end-to-end img/s':>20} | "
+    print(f"\n{'workers':>7} | {'nice':>4} | {'model w':>7} | {'raw img/s':>9} | {'CLI end-to-end img/s':>20} | "
           f"{'CLI loop img/s':>14} | {'ratio (e2e/raw)':>15} | {'CPU ms/img raw':>14} | {'CPU ms/img CLI':>14} | "
           f"{'of which main':>13} | {'CPU ratio':>9} | captions = raw")
-    for w, nice, raw, e2e, loop, raw_cpu, cli_cpu, main_cpu, same, code in rows:
-        print(f"{w:>7} | {nice:>4} | {raw:>9.1f} | {e2e:>20.1f} | {loop:>14.1f} | {e2e / raw:>15.2f} | "
+    for w, nice, mw, raw, e2e, loop, raw_cpu, cli_cpu, main_cpu, same, code in rows:
+        print(f"{w:>7} | {nice:>4} | {mw:>7} | {raw:>9.1f} | {e2e:>20.1f} | {loop:>14.1f} | {e2e / raw:>15.2f} | "
               f"{raw_cpu * 1e3:>14.1f} | {cli_cpu * 1e3:>14.1f} | {main_cpu * 1e3:>13.1f} | "
               f"{raw_cpu / cli_cpu:>9.2f} | {same}/{n}"
               + ("" if code == 0 else f"  (exit {code})"))
-    for nice in dict.fromkeys(r[1] for r in rows if r[0] == 2):
-        two = [r[3] / r[2] for r in rows if r[0] == 2 and r[1] == nice]
+    for nice, mw in dict.fromkeys((r[1], r[2]) for r in rows if r[0] == 2):
+        two = [r[4] / r[3] for r in rows if r[0] == 2 and r[1] == nice and r[2] == mw]
         ratio = statistics.median(two)
         what = "median ratio" if len(two) > 1 else "ratio"
-        print(f"\n{what} with 2 workers, loader nice {nice}: {ratio:.2f} "
+        print(f"\n{what} with 2 workers, loader nice {nice}, model workers {mw}: {ratio:.2f} "
               f"(target >= 0.85: {'met' if ratio >= 0.85 else 'NOT met'})")
     print("note: timings on a shared machine are noisy; compare the ratios, which are measured side by side.\n"
           "CPU ratio = raw CPU time per image / CLI CPU time per image (main process + loader workers): what the\n"
           "wall-clock ratio tends to when the cores are saturated, and much less sensitive to other jobs' load.\n"
-          "of which main = the CLI's main process (model, collation, writing); the rest is the loader workers.")
+          "of which main = the CLI's main process (model, collation, writing); the rest is the loader workers.\n"
+          "raw runs one batch at a time on all threads: with 2 model workers the CLI can pass it.")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

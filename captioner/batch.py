@@ -8,9 +8,13 @@ evaluate` and training's validation all caption through it, so they decode and c
 """
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import torch
 
 if TYPE_CHECKING:
     from .api import Caption, Captioner
@@ -41,25 +45,59 @@ def progress_bar(total: int | None, progress: bool = True, **options):
 
 def caption_batches(cap: Captioner, batches: Iterable[dict], generation: GenerationConfig, *,
                     encode: Callable[[dict], ImageFeatures] | None = None, progress: bool = True,
-                    total: int | None = None, **bar) -> Iterator[Captioned]:
+                    total: int | None = None, workers: int = 1, threads: int | None = None,
+                    **bar) -> Iterator[Captioned]:
     """Caption each batch's readable images with ``cap.caption_batch``. ``encode`` turns a batch into the features
     to caption (default: ``cap`` encodes its "images"); a batch with no readable image is yielded without
-    captioning. The bar counts images (``total`` defaults to the loader's dataset size); ``bar``: tqdm options.
-    Callers choose grad mode and threads: the loop only iterates."""
+    captioning. ``workers`` > 1 captions that many batches at once, each in its own thread with ``threads`` torch
+    threads (runtime.model_workers says why on CPU), still yielded in order. The bar counts images (``total``
+    defaults to the loader's dataset size); ``bar``: tqdm options. Callers choose grad mode (the workers take the
+    caller's) and threads: the loop only iterates."""
     if total is None and hasattr(batches, "dataset"):
         total = len(batches.dataset)
+
+    def run(b: dict) -> Captioned:
+        idx, errors = b["indices"].tolist(), list(b.get("errors", ()))
+        features = encode(b) if encode is not None and idx else None
+        if not idx:
+            captions = []
+        elif features is None:
+            captions = cap.caption_batch(b["images"], generation=generation)
+        else:
+            captions = cap.caption_batch(features=features, generation=generation)
+        return Captioned(idx, captions, errors, features)
+
     pbar = progress_bar(total, progress, **bar)
     try:
-        for b in batches:
-            idx, errors = b["indices"].tolist(), list(b.get("errors", ()))
-            features = encode(b) if encode is not None and idx else None
-            if not idx:
-                captions = []
-            elif features is None:
-                captions = cap.caption_batch(b["images"], generation=generation)
-            else:
-                captions = cap.caption_batch(features=features, generation=generation)
-            pbar.update(len(idx) + len(errors))
-            yield Captioned(idx, captions, errors, features)
+        if workers == 1:
+            for b in batches:
+                c = run(b)
+                pbar.update(len(c.indices) + len(c.errors))
+                yield c
+            return
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+        def run_in_worker(b: dict) -> Captioned:
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                return run(b)
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="caption",
+                                initializer=torch.set_num_threads if threads else None,
+                                initargs=(threads,) if threads else ()) as pool:
+            running: deque = deque()
+            try:
+                for b in batches:
+                    running.append(pool.submit(run_in_worker, b))
+                    if len(running) == workers:
+                        c = running.popleft().result()
+                        pbar.update(len(c.indices) + len(c.errors))
+                        yield c
+                while running:
+                    c = running.popleft().result()
+                    pbar.update(len(c.indices) + len(c.errors))
+                    yield c
+            finally:
+                for f in running:  # stopped early: batches not started are dropped, running ones finish
+                    f.cancel()
     finally:
         pbar.close()

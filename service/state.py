@@ -17,7 +17,7 @@ import torch
 
 from captioner.api import Captioner, default_checkpoint
 from captioner.checkpoint import CheckpointError
-from captioner.runtime import default_device
+from captioner.runtime import default_device, model_workers
 
 from .batcher import DynamicBatcher
 from .images import ByteBudget
@@ -29,14 +29,10 @@ log = logging.getLogger("service")
 
 
 def model_parallelism(s: Settings, device: torch.device, cpu_threads: int) -> tuple[int, int]:
-    """(batches the model runs at once, torch threads of each), from the settings or for the device. On a CPU with
-    2 or more threads: two batches, each with half of them. Beam search is mostly serial (Python and small matmuls),
-    so while one batch decodes, one core of its team idles, and the other batch's encoder fills it; both also
-    escape OpenMP's barriers, which wait for any thread the HTTP or decode threads have pre-empted. Measured at
-    saturation on the 2-core AMD EPYC (bench/bound.py): 1.2-1.3x the images/s of one batch on 2 threads, a lone
-    request as fast. A GPU runs one batch at a time."""
-    workers = s.model_workers or (2 if device.type == "cpu" and (s.torch_threads or cpu_threads) >= 2 else 1)
-    return workers, s.torch_threads or max(1, cpu_threads // workers)
+    """(batches the model runs at once, torch threads of each): the settings, else runtime.model_workers."""
+    if s.torch_threads:  # threads of each worker, as given
+        return model_workers(device, s.torch_threads, s.model_workers)[0], s.torch_threads
+    return model_workers(device, cpu_threads, s.model_workers)
 
 
 class ServiceState:

@@ -79,3 +79,48 @@ def test_caption_batches_gives_what_the_api_gives(tiny_checkpoint, make_images, 
     empty = {"indices": torch.zeros(0, dtype=torch.long), "images": torch.zeros(0, 3, 32, 32), "errors": [(0, "x")]}
     (b,) = caption_batches(cap, [empty], gen, encode=encode, progress=False)
     assert (b.indices, b.captions, b.errors, b.features) == ([], [], [(0, "x")], None) and len(seen) == 2
+
+
+def test_caption_batches_with_two_workers_runs_two_batches_at_once_and_keeps_the_order(tiny_checkpoint, make_images,
+                                                                                        tmp_path):
+    import threading
+
+    paths = [str(p) for p in make_images(7)]
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    paths.insert(3, str(tmp_path / "bad.jpg"))
+    cap = Captioner.from_pretrained(tiny_checkpoint, device="cpu")
+    gen = GenerationConfig(beam_size=2)
+    ds = ImageDataset(paths, eval_transform(cap.cfg.preprocess), cap.cfg.preprocess.resize, warn=False)
+    one = list(caption_batches(cap, DataLoader(ds, batch_size=2, collate_fn=collate), gen, progress=False))
+
+    meet, seen = threading.Barrier(2, timeout=10), []
+
+    def encode(batch):
+        seen.append((torch.get_num_threads(), torch.is_inference_mode_enabled()))
+        if batch["indices"][0] in (0, 2):  # the first two batches return only when both run at the same moment
+            meet.wait()
+        return cap.encode(batch["images"])
+
+    with torch.inference_mode():
+        two = list(caption_batches(cap, DataLoader(ds, batch_size=2, collate_fn=collate), gen, encode=encode,
+                                   progress=False, workers=2, threads=1))
+    assert [b.indices for b in two] == [b.indices for b in one] == [[0, 1], [2], [4, 5], [6, 7]]
+    assert [b.errors for b in two] == [b.errors for b in one] and two[1].errors[0][0] == 3
+    assert [[c.text for c in cs] for b in two for cs in b.captions] == \
+        [[c.text for c in cs] for b in one for cs in b.captions]
+    assert set(seen) == {(1, True)}  # each worker: the threads asked for, the caller's inference mode
+
+
+def test_caption_command_writes_the_same_with_one_or_two_model_workers(tiny_checkpoint, make_images, tmp_path):
+    from captioner.cli import main
+
+    paths = [str(p) for p in make_images(9)]
+    outs = []
+    for n in (1, 2):
+        out = tmp_path / f"w{n}.jsonl"
+        assert main(["caption", *paths, "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--batch-size", "2",
+                     "--workers", "0", "--model-workers", str(n), "--no-progress", "--device", "cpu"]) == 0
+        outs.append(out.read_text())
+    assert outs[0] == outs[1] and len(outs[0].splitlines()) == 9
+    assert main(["caption", *paths, "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "x.jsonl"),
+                 "--model-workers", "0"]) == 2

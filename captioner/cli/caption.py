@@ -96,6 +96,8 @@ def _validate(args) -> None:
         raise UsageError("--batch-size must be >= 1")
     if args.workers is not None and args.workers < 0:
         raise UsageError("--workers must be >= 0")
+    if args.model_workers is not None and args.model_workers < 1:
+        raise UsageError("--model-workers must be >= 1")
     nice = os.environ.get("CAPTIONER_LOADER_NICE")
     if nice is not None and not (nice.strip().isdigit() and int(nice) <= 19):
         raise UsageError(f"CAPTIONER_LOADER_NICE must be 0..19 (how far loader workers lower their priority), "
@@ -208,8 +210,8 @@ def _open_engine(args, plan: Plan, ckpt: Path) -> Engine:
 
     cap = Captioner.from_pretrained(ckpt, device=plan.device, precision=args.precision,
                                     encoder_backend=args.encoder_backend)
-    return LocalEngine(cap, args.batch_size, args.workers, progress=not args.no_progress, desc=plan.tag,
-                       position=plan.rank if plan.world > 1 else 0)
+    return LocalEngine(cap, args.batch_size, args.workers, args.model_workers, progress=not args.no_progress,
+                       desc=plan.tag, position=plan.rank if plan.world > 1 else 0)
 
 
 def _caption(args, plan: Plan, ckpt: Path, engine: Engine) -> RunResult:

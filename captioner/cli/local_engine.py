@@ -1,5 +1,6 @@
-"""``captioner caption``'s local engine: DataLoader workers read, decode and preprocess batch k+1 (pinned memory on
-CUDA) while the model captions batch k in this process (captioner.batch.caption_batches)."""
+"""``captioner caption``'s local engine: DataLoader workers read, decode and preprocess the next batches (pinned
+memory on CUDA) while the model captions batch k in this process (captioner.batch.caption_batches; on CPU two
+batches at once, each on half the cores: runtime.model_workers)."""
 from __future__ import annotations
 
 import contextlib
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader
 from ..batch import caption_batches
 from ..data import ImageDataset, collate
 from ..preprocess import eval_transform
+from ..runtime import model_workers
 from .engine import StopFlag, Summary, attention_crop, record
 from .writers import RecordWriter
 
@@ -79,6 +81,7 @@ class LocalEngine:
     cap: Captioner
     batch_size: int
     workers: int  # loader worker processes (0: decode in this process)
+    model_workers: int | None = None  # batches captioned at once (None: runtime.model_workers for the device)
     progress: bool = True
     desc: str = "captioning"  # the bar's label (a shard names itself)
     position: int = 0  # the bar's line (torchrun ranks share a terminal)
@@ -103,9 +106,10 @@ class LocalEngine:
                         else None, prefetch_factor=4 if self.workers else None)
         crop = attention_crop(cap.cfg, generation)
         t0 = time.perf_counter()
+        workers, threads = model_workers(cap.device, torch.get_num_threads(), self.model_workers)
         batches = caption_batches(cap, _fetch(dl, self.workers == 0), generation, progress=self.progress,
                                   total=len(todo), desc=self.desc, position=self.position, file=sys.stderr,
-                                  smoothing=0.1)
+                                  smoothing=0.1, workers=workers, threads=threads if workers > 1 else None)
         try:
             with RecordWriter(output) as writer, torch.inference_mode(), contextlib.closing(batches):
                 for b in batches:

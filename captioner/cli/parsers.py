@@ -269,6 +269,10 @@ def caption(add_help: bool = True) -> argparse.ArgumentParser:
                         "default: the CPU cores per process, at most 8); on a CPU-only run they yield the cores to "
                         "the model (nice 19; the environment variable CAPTIONER_LOADER_NICE=0..19 overrides); "
                         "--engine ray: decode tasks running at once (default: as many as free CPUs allow)")
+    g.add_argument("--model-workers", type=int, default=None,
+                   help="local engine: batches the model captions at once, each in its own thread (default: 2 on a "
+                        "CPU with 2 or more torch threads, which are split between them; 1 on GPU); the output is "
+                        "the same, in the same order")
     g.add_argument("--device",
                    help="cpu, cuda, cuda:1 ... (default: CUDA if available; under torchrun cuda:LOCAL_RANK)")
     g.add_argument("--precision", choices=PRECISIONS, default="auto")
