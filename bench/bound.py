@@ -3,6 +3,7 @@ run (issue 35).
 
     python bench/bound.py                                  # the shipped model, coco-mini photos, beam 3
     python bench/bound.py --checkpoint runs/x/best --images DIR --beam-size 5
+    python bench/bound.py --model-workers 1,auto --repeat 3     # one worker against the default, side by side
 
 1. FLOPs per image: the encoder's from its config (bench/encoder.py's count: convs + FC), the decoder's at this
    model's mean caption length on the photos and the beam size (W_ih·v once; per step and beam W_xh·x, W_hh·h, W_hy·h).
@@ -16,11 +17,13 @@ run (issue 35).
    from bench/serve.py's raw HTTP driver, warm-up excluded). The service is compared with the CLI after start-up,
    per second and per CPU-second: the load generator shares this machine's cores with the server it measures (a
    real service's clients run elsewhere), so images per CPU-second of the server process against those of the CLI
-   and its loader workers is the per-core comparison.
+   and its loader workers is the per-core comparison. --model-workers a,b runs the CLI and the service with each
+   value in turn, --repeat rounds of them, and prints the medians.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -53,6 +56,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--copies", type=int, default=2, help="the batch CLI captions this many copies of the photos")
     p.add_argument("--requests", type=int, default=1024, help="service requests at saturation")
     p.add_argument("--saturation", type=int, default=64, help="concurrent clients")
+    p.add_argument("--model-workers", default="auto",
+                   help="comma-separated --model-workers values for the CLI and the service (auto: their default)")
+    p.add_argument("--repeat", type=int, default=1, help="rounds of step 4")
     return p
 
 
@@ -104,38 +110,58 @@ def main(args: argparse.Namespace) -> None:
     print(f"bound: {bound:.0f} images/s (compute alone {r / (f_enc + f_dec):.0f}, decoding alone {cores * decode:.0f})")
 
     # 4. achieved
-    def run_cli(inputs: list[str], tmp: str) -> tuple[float, float]:
+    def run_cli(inputs: list[str], tmp: str, mw: list[str]) -> tuple[float, float]:
         t0, c0 = time.perf_counter(), cpu_seconds()
         rc = cli(["caption", *inputs, "--out", f"{tmp}/c.jsonl", "--beam-size", str(args.beam_size),
-                  "--batch-size", str(args.batch_size), "--workers", "2", "--no-progress"])
+                  "--batch-size", str(args.batch_size), "--workers", "2", "--no-progress", "--restart", *mw])
         if rc:
             sys.exit(f"captioner caption exited {rc}")
         return time.perf_counter() - t0, cpu_seconds() - c0
 
+    def run_service(mw: list[str]) -> dict:
+        server = Server(Path(args.checkpoint) if args.checkpoint else None, "--max-batch-size", str(args.batch_size),
+                        *mw)
+        try:
+            server.wait_ready()
+            photos = [Path(p).read_bytes() for p in paths[:64]]
+            run_load(server, photos, 2 * args.saturation, args.saturation, args.beam_size)  # warm-up
+            return run_load(server, photos, args.requests, args.saturation, args.beam_size)
+        finally:
+            server.stop()
+
+    rows: dict[str, list[tuple[float, ...]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         inputs = symlinked_copies(paths, Path(tmp) / "copies", args.copies)
         n = len(inputs)
-        wall, cpu = run_cli(inputs, tmp)
-        wall1, cpu1 = run_cli(paths[:args.batch_size], tmp)  # start-up and one batch
-    cli_rate, steady = n / wall, (n - args.batch_size) / (wall - wall1)
-    cli_per_cpu = (n - args.batch_size) / (cpu - cpu1)
-    print(f"batch CLI, {n} images: {cli_rate:.1f} images/s end to end = {cli_rate / bound:.1%} of the bound (target "
-          f">= 40 %); after start-up ({wall1:.1f} s with one batch) {steady:.1f} images/s, {cli_per_cpu:.1f} images "
-          f"per CPU-second ({(cpu - cpu1) / (wall - wall1):.2f} CPUs busy)")
-    server = Server(Path(args.checkpoint) if args.checkpoint else None, "--max-batch-size", str(args.batch_size))
-    try:
-        server.wait_ready()
-        photos = [Path(p).read_bytes() for p in paths[:64]]
-        run_load(server, photos, 2 * args.saturation, args.saturation, args.beam_size)  # warm-up
-        res = run_load(server, photos, args.requests, args.saturation, args.beam_size)
-    finally:
-        server.stop()
-    per_cpu = 1.0 / res["server_cpu_per_image"]
-    print(f"service at saturation ({args.saturation} connections, {args.requests} requests): {res['rps']:.1f} images/s "
-          f"= {res['rps'] / bound:.1%} of the bound, {res['rps'] / steady:.2f} of the batch CLI's after start-up "
-          f"(target >= 0.9); mean batch {res['avg_batch']:.1f}")
-    print(f"  per CPU-second: the server used {res['server_cpu']:.2f} CPUs (the load generator {res['client_cpu']:.2f}), "
-          f"{per_cpu:.1f} images per CPU-second = {per_cpu / cli_per_cpu:.2f} of the batch CLI's")
+        for rnd in range(args.repeat):
+            for value in args.model_workers.split(","):
+                mw = [] if value == "auto" else ["--model-workers", value]
+                wall, cpu = run_cli(inputs, tmp, mw)
+                wall1, cpu1 = run_cli(paths[:args.batch_size], tmp, mw)  # start-up and one batch
+                cli_rate, steady = n / wall, (n - args.batch_size) / (wall - wall1)
+                cli_per_cpu = (n - args.batch_size) / (cpu - cpu1)
+                print(f"[round {rnd + 1}, model workers {value}] batch CLI, {n} images: {cli_rate:.1f} images/s end to "
+                      f"end = {cli_rate / bound:.1%} of the bound (target >= 40 %); after start-up ({wall1:.1f} s with "
+                      f"one batch) {steady:.1f} images/s, {cli_per_cpu:.1f} images per CPU-second "
+                      f"({(cpu - cpu1) / (wall - wall1):.2f} CPUs busy)")
+                res = run_service(mw)
+                per_cpu = 1.0 / res["server_cpu_per_image"]
+                print(f"[round {rnd + 1}, model workers {value}] service at saturation ({args.saturation} connections, "
+                      f"{args.requests} requests): {res['rps']:.1f} images/s = {res['rps'] / bound:.1%} of the bound, "
+                      f"{res['rps'] / steady:.2f} of the batch CLI's after start-up (target >= 0.9); mean batch "
+                      f"{res['avg_batch']:.1f}")
+                print(f"  per CPU-second: the server used {res['server_cpu']:.2f} CPUs (the load generator "
+                      f"{res['client_cpu']:.2f}), {per_cpu:.1f} images per CPU-second = {per_cpu / cli_per_cpu:.2f} of "
+                      "the batch CLI's", flush=True)
+                rows.setdefault(value, []).append((cli_rate, steady, res["rps"], res["rps"] / steady,
+                                                   per_cpu / cli_per_cpu))
+    if args.repeat > 1 or len(rows) > 1:
+        print(f"\nmedians over {args.repeat} round(s): model workers | CLI end to end | CLI after start-up | service | "
+              "service / CLI | per CPU-second")
+        for value, rs in rows.items():
+            m = [statistics.median(col) for col in zip(*rs)]
+            print(f"  {value:>5} | {m[0]:.1f} images/s ({m[0] / bound:.0%} of the bound) | {m[1]:.1f} | {m[2]:.1f} | "
+                  f"{m[3]:.2f} | {m[4]:.2f}")
 
 
 if __name__ == "__main__":
