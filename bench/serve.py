@@ -1,5 +1,6 @@
-"""The REST service under load: `captioner serve` as a subprocess on 127.0.0.1, driven by N concurrent httpx clients
-posting real photos from ../shared/data/coco-mini, next to the same model run in-process on the same photos.
+"""The REST service under load: `captioner serve` as a subprocess on 127.0.0.1, driven by N concurrent keep-alive
+connections (drive(): a raw HTTP/1.1 load generator) posting real photos from ../shared/data/coco-mini, next to the
+same model run in-process on the same photos.
 
     python bench/serve.py                         # random-weight compact model (2,500 words), built in a temp dir
     python bench/serve.py --checkpoint DIR        # a real checkpoint
@@ -85,12 +86,15 @@ def load_model(ckpt: Path, device: str):
 
 
 def forward(engine, photos: list[bytes], beam: int) -> None:
-    """Decode + preprocess each photo (what a request handler does), then run them as one batch."""
+    """Decode, resize and crop each photo (what a request's decode thread does), then run them as one batch."""
+    import numpy as np
+
     from captioner.generation import GenerationConfig
+    from captioner.pixels import crop, load_image
     from service.engine import CaptionJob
 
-    cap, gen = engine.captioner, GenerationConfig(beam_size=beam)
-    engine([CaptionJob(cap.preprocess([p])[0], gen) for p in photos])
+    pre, gen = engine.captioner.cfg.preprocess, GenerationConfig(beam_size=beam)
+    engine([CaptionJob(np.array(crop(load_image(p, min_side=pre.resize), pre)), gen) for p in photos])
 
 
 def raw_throughput(engine, photos: list[bytes], batch_size: int, beam: int, passes: int = 2) -> float:
