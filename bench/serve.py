@@ -268,7 +268,7 @@ def run_load(server: Server, photos, n, concurrency, beam) -> dict:
     b1, i1, s1 = server.metrics()
     return {"rps": n / wall, "lat": lat, "avg_batch": (i1 - i0) / max(b1 - b0, 1), "client_cpu": client_cpu / wall,
             "server_cpu": server_cpu / wall, "server_cpu_per_image": server_cpu / n,
-            "model_ms_per_image": 1e3 * (s1 - s0) / max(i1 - i0, 1)}
+            "model_ms_per_image": 1e3 * (s1 - s0) / max(i1 - i0, 1)}  # batch time per image: model workers overlap
 
 
 def pct(xs: list[float], q: float) -> float:

@@ -8,6 +8,7 @@ evaluate` and training's validation all caption through it, so they decode and c
 """
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+
+from .runtime import set_thread_torch_threads
 
 if TYPE_CHECKING:
     from .api import Caption, Captioner
@@ -49,10 +52,10 @@ def caption_batches(cap: Captioner, batches: Iterable[dict], generation: Generat
                     **bar) -> Iterator[Captioned]:
     """Caption each batch's readable images with ``cap.caption_batch``. ``encode`` turns a batch into the features
     to caption (default: ``cap`` encodes its "images"); a batch with no readable image is yielded without
-    captioning. ``workers`` > 1 captions that many batches at once, each in its own thread with ``threads`` torch
-    threads (runtime.model_workers says why on CPU), still yielded in order. The bar counts images (``total``
-    defaults to the loader's dataset size); ``bar``: tqdm options. Callers choose grad mode (the workers take the
-    caller's) and threads: the loop only iterates."""
+    captioning. ``workers`` > 1 captions that many batches at once after the first, each in its own thread with
+    ``threads`` torch threads (runtime.model_workers says why on CPU), still yielded in order. The bar counts
+    images (``total`` defaults to the loader's dataset size); ``bar``: tqdm options. Callers choose grad mode (the
+    workers take the caller's) and threads: the loop only iterates."""
     if total is None and hasattr(batches, "dataset"):
         total = len(batches.dataset)
 
@@ -68,12 +71,15 @@ def caption_batches(cap: Captioner, batches: Iterable[dict], generation: Generat
         return Captioned(idx, captions, errors, features)
 
     pbar = progress_bar(total, progress, **bar)
+    batches = iter(batches)
     try:
+        # with workers, the first batch still runs here alone on all the caller's threads: the first result comes
+        # as soon as with one worker (the CLI's time to its first written batch), the rest overlap
+        for b in batches if workers == 1 else itertools.islice(batches, 1):
+            c = run(b)
+            pbar.update(len(c.indices) + len(c.errors))
+            yield c
         if workers == 1:
-            for b in batches:
-                c = run(b)
-                pbar.update(len(c.indices) + len(c.errors))
-                yield c
             return
         inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
@@ -82,7 +88,7 @@ def caption_batches(cap: Captioner, batches: Iterable[dict], generation: Generat
                 return run(b)
 
         with ThreadPoolExecutor(workers, thread_name_prefix="caption",
-                                initializer=torch.set_num_threads if threads else None,
+                                initializer=set_thread_torch_threads if threads else None,
                                 initargs=(threads,) if threads else ()) as pool:
             running: deque = deque()
             try:

@@ -45,9 +45,18 @@ def model_workers(device: torch.device, threads: int, workers: int | None = None
     other batch's encoder fills it; both also escape OpenMP's barriers, which wait for any thread that decoding or
     HTTP work has pre-empted. On the 2-core AMD EPYC, side by side: the batch CLI 1.04-1.21x images/s per pair
     with identical captions (bench/batch_cli.py), the service at saturation 70.3 against 64.4 images/s, medians of
-    3 rounds (bench/bound.py), a lone request as fast. A GPU runs one batch at a time. Torch's thread count is per thread: set it before the workers' threads start."""
+    3 rounds (bench/bound.py), a lone request as fast. A GPU runs one batch at a time. Torch's thread count is per
+    thread: each worker sets its own (set_thread_torch_threads)."""
     workers = workers or (2 if device.type == "cpu" and threads >= 2 else 1)
     return workers, max(1, threads // workers)
+
+
+def set_thread_torch_threads(n: int) -> None:
+    """This thread's torch intra-op threads, kept whatever other threads set later (a thread pool's initializer).
+    Torch sets a thread up from the process-wide count at its first parallel op, which a set_num_threads elsewhere
+    may have changed by then; asking for the count first does that set-up now, so the set below sticks."""
+    torch.get_num_threads()
+    torch.set_num_threads(n)
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:

@@ -124,10 +124,12 @@ class DynamicBatcher(Generic[T, R]):
         name: str = "batcher",
         idle_start: bool = False,
         workers: int = 1,
+        initializer: Callable[[], None] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or workers < 1:
             raise ValueError("max_batch_size, max_queue and workers must be >= 1")
         self.workers = workers
+        self.initializer = initializer  # run once in each worker thread (e.g. its torch thread count)
         self.fn = fn
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay_ms / 1000
@@ -142,7 +144,7 @@ class DynamicBatcher(Generic[T, R]):
         self._worker: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._accepting = False
-        self.in_flight = 0  # items in the batch now running
+        self.in_flight = 0  # items in the batches now running
         self._stop_queued = False
         self._forming = 0  # items taken for the next batch, waiting for it to fill or for max_delay
 
@@ -152,7 +154,8 @@ class DynamicBatcher(Generic[T, R]):
         if self._worker is not None:
             raise RuntimeError("batcher already started")
         self._not_empty = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=f"{self.name}-worker")
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=f"{self.name}-worker",
+                                            initializer=self.initializer)
         self._worker = asyncio.create_task(self._run(), name=f"{self.name}-loop")
         self._accepting = True
 
@@ -276,7 +279,8 @@ class DynamicBatcher(Generic[T, R]):
                 continue
             task = asyncio.create_task(self._run_batch(batch))
             running.add(task)
-            task.add_done_callback(lambda t: (running.discard(t), free.release()))
+            task.add_done_callback(lambda t, batch=batch: (running.discard(t), free.release(),
+                                                           self._settle(t, batch)))
         if running:
             await asyncio.wait(running)
         log.debug("%s: worker stopped", self.name)
@@ -338,6 +342,18 @@ class DynamicBatcher(Generic[T, R]):
             else:
                 it.future.set_result(Result(value, start - it.enqueued, elapsed, batch_size))
         return False, 0
+
+    def _settle(self, task: asyncio.Task, batch: list[_Item]) -> None:
+        """A batch task that ended by something _call does not catch (it catches Exception): say so, and fail its
+        items that are still waiting instead of leaving them to their timeout."""
+        error = None if task.cancelled() else task.exception()
+        if task.cancelled() or error is not None:
+            error_id = uuid.uuid4().hex[:12]
+            log.error("%s: a batch of %d ended abnormally, error id %s", self.name, len(batch), error_id,
+                      exc_info=error)
+            for it in batch:
+                if not it.future.done():
+                    it.future.set_exception(BatchFailedError(error_id, error or asyncio.CancelledError()))
 
     def _report(self, stats: BatchStats) -> None:
         if self.on_batch:

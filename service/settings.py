@@ -26,8 +26,8 @@ class Settings(BaseSettings):
         "auto", description="auto: bf16 where the CPU/GPU has it natively, fp16 on older GPUs, else fp32")
     warmup: bool = Field(True, description="run batches through the model before /readyz reports ready")
     channels_last: bool = Field(True, description="NHWC convolutions (faster on CPU oneDNN and GPU tensor cores)")
-    torch_threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads of each model worker "
-                                                                      "(default: torch's, split among the workers)")
+    torch_threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads in all (default: "
+                                                                      "torch's), split among the model workers")
     encode_batch_size: int | None = Field(
         None, ge=1, le=1024, description="images per encoder call within a batch (Captioner's encode_chunk); the "
                                          "decoder always gets the whole batch (default: 8 on CPU, where small conv "

@@ -6,6 +6,7 @@ Loading and warm-up run in the background after the server starts listening, so 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ import torch
 
 from captioner.api import Captioner, default_checkpoint
 from captioner.checkpoint import CheckpointError
-from captioner.runtime import default_device, model_workers
+from captioner.runtime import default_device, model_workers, set_thread_torch_threads
 
 from .batcher import DynamicBatcher
 from .images import ByteBudget
@@ -26,13 +27,6 @@ from .metrics import Metrics
 from .settings import Settings
 
 log = logging.getLogger("service")
-
-
-def model_parallelism(s: Settings, device: torch.device, cpu_threads: int) -> tuple[int, int]:
-    """(batches the model runs at once, torch threads of each): the settings, else runtime.model_workers."""
-    if s.torch_threads:  # threads of each worker, as given
-        return model_workers(device, s.torch_threads, s.model_workers)[0], s.torch_threads
-    return model_workers(device, cpu_threads, s.model_workers)
 
 
 class ServiceState:
@@ -76,10 +70,9 @@ class ServiceState:
         try:
             device = self.captioner.device if self.captioner is not None else \
                 default_device() if s.device in (None, "auto") else torch.device(s.device)
-            self.model_workers, threads = model_parallelism(s, device, self._torch_threads)
-            # before loading: the onnxruntime encoder backend takes torch's thread count; the model workers' threads
-            # are started later and take it too
-            torch.set_num_threads(threads)
+            self.model_workers, threads = model_workers(device, s.torch_threads or self._torch_threads,
+                                                        s.model_workers)
+            torch.set_num_threads(threads)  # before loading: the onnxruntime encoder backend takes torch's count
             if self.captioner is None:
                 self.status = "loading"
                 log.info("loading %s on %s (%s)", self.checkpoint, s.device or "auto", s.precision)
@@ -89,7 +82,8 @@ class ServiceState:
             self.engine = Engine(self.captioner, on_images=lambda task, n: self.metrics.images.labels(task).inc(n))
             self.batcher = DynamicBatcher(self.engine, s.max_batch_size, s.max_delay_ms, s.max_queue,
                                           s.request_timeout_s, on_batch=self.metrics.on_batch, name="model",
-                                          idle_start=True, workers=self.model_workers)
+                                          idle_start=True, workers=self.model_workers,
+                                          initializer=functools.partial(set_thread_torch_threads, threads))
             self.metrics.bind_queue(self.batcher.qsize, lambda: self.batcher.in_flight)
             if s.warmup:
                 self.status = "warming up"

@@ -96,8 +96,9 @@ def test_caption_batches_with_two_workers_runs_two_batches_at_once_and_keeps_the
     meet, seen = threading.Barrier(2, timeout=10), []
 
     def encode(batch):
-        seen.append((torch.get_num_threads(), torch.is_inference_mode_enabled()))
-        if batch["indices"][0] in (0, 2):  # the first two batches return only when both run at the same moment
+        first = int(batch["indices"][0])
+        seen.append((first, torch.get_num_threads(), torch.is_inference_mode_enabled()))
+        if first in (2, 4):  # the two batches after the first return only when both run at the same moment
             meet.wait()
         return cap.encode(batch["images"])
 
@@ -108,7 +109,10 @@ def test_caption_batches_with_two_workers_runs_two_batches_at_once_and_keeps_the
     assert [b.errors for b in two] == [b.errors for b in one] and two[1].errors[0][0] == 3
     assert [[c.text for c in cs] for b in two for cs in b.captions] == \
         [[c.text for c in cs] for b in one for cs in b.captions]
-    assert set(seen) == {(1, True)}  # each worker: the threads asked for, the caller's inference mode
+    # the first batch alone on the caller's threads (its result comes as soon as with one worker); then the
+    # workers, each with the threads asked for and the caller's inference mode
+    assert seen[0] == (0, torch.get_num_threads(), True)
+    assert {(t, mode) for first, t, mode in seen[1:]} == {(1, True)} and len(seen) == 4
 
 
 def test_caption_command_writes_the_same_with_one_or_two_model_workers(tiny_checkpoint, make_images, tmp_path):
@@ -122,5 +126,46 @@ def test_caption_command_writes_the_same_with_one_or_two_model_workers(tiny_chec
                      "--workers", "0", "--model-workers", str(n), "--no-progress", "--device", "cpu"]) == 0
         outs.append(out.read_text())
     assert outs[0] == outs[1] and len(outs[0].splitlines()) == 9
-    assert main(["caption", *paths, "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "x.jsonl"),
-                 "--model-workers", "0"]) == 2
+    for bad in (["--model-workers", "0"], ["--model-workers", "2", "--engine", "ray"],
+                ["--model-workers", "2", "--sample"]):
+        assert main(["caption", *paths, "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "x.jsonl"),
+                     *bad]) == 2, bad
+    # sampling runs on one model worker (the default picks it): the same --seed gives the same captions
+    sampled = []
+    for k in range(2):
+        out = tmp_path / f"s{k}.jsonl"
+        assert main(["caption", *paths, "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--batch-size", "2",
+                     "--workers", "0", "--sample", "--seed", "7", "--no-progress", "--device", "cpu"]) == 0
+        sampled.append(out.read_text())
+    assert sampled[0] == sampled[1]
+
+
+def test_model_workers_keep_their_torch_threads_whatever_the_caller_sets_later(tiny_checkpoint, make_images):
+    import threading
+
+    cap = Captioner.from_pretrained(tiny_checkpoint, device="cpu")
+    ds = ImageDataset([str(p) for p in make_images(3)], eval_transform(cap.cfg.preprocess), cap.cfg.preprocess.resize)
+    flipped, seen = threading.Event(), {}
+
+    def encode(batch):
+        first = int(batch["indices"][0])
+        if first == 1:  # the caller changes torch's count after this worker started, before its first torch op
+            flipped.wait(10)
+        seen[first] = torch.get_num_threads()
+        return cap.encode(batch["images"])
+
+    def loader():
+        for b in DataLoader(ds, batch_size=1, collate_fn=collate):
+            if int(b["indices"][0]) == 2:
+                torch.set_num_threads(1)  # as captioner.cli.local_engine._fetch does around in-process preprocessing
+                flipped.set()
+            yield b
+
+    n = torch.get_num_threads()
+    try:
+        got = list(caption_batches(cap, loader(), GenerationConfig(), encode=encode, progress=False, workers=2,
+                                   threads=3))
+    finally:
+        torch.set_num_threads(n)
+    assert [b.indices for b in got] == [[0], [1], [2]]
+    assert seen[1] == seen[2] == 3

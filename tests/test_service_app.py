@@ -70,25 +70,22 @@ def test_health_ready_models_metrics_docs_and_page(client):
 def test_model_workers_for_the_device():
     import torch
 
-    from service.state import model_parallelism
+    from captioner.runtime import model_workers
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert model_parallelism(Settings(), cpu, 2) == (2, 1)  # two batches at once, a core each
-    assert model_parallelism(Settings(), cpu, 16) == (2, 8)
-    assert model_parallelism(Settings(), cpu, 1) == (1, 1)
-    assert model_parallelism(Settings(), gpu, 16) == (1, 16)  # a GPU runs one batch at a time
-    assert model_parallelism(Settings(model_workers=3), cpu, 16) == (3, 5)
-    assert model_parallelism(Settings(torch_threads=4), cpu, 16) == (2, 4)  # threads per worker, as given
-    assert model_parallelism(Settings(torch_threads=1), cpu, 16) == (1, 1)
+    assert model_workers(cpu, 2) == (2, 1)  # two batches at once, a core each
+    assert model_workers(cpu, 16) == (2, 8)
+    assert model_workers(cpu, 1) == (1, 1)
+    assert model_workers(gpu, 16) == (1, 16)  # a GPU runs one batch at a time
+    assert model_workers(cpu, 16, 3) == (3, 5)
+    assert model_workers(cpu, 16, 1) == (1, 16)
 
 
 def test_a_service_in_process_runs_its_model_workers_and_gives_torch_threads_back(tiny_checkpoint):
     import torch
 
-    from service.state import model_parallelism
-
     before = torch.get_num_threads()
-    workers, threads = model_parallelism(Settings(), torch.device("cpu"), before)
+    workers, threads = 2, 1  # --torch-threads is the total, split among the workers
     cap, running, peak, seen = Captioner.from_pretrained(tiny_checkpoint, "cpu"), [0], [0], set()
     encode, lock = cap.encode, threading.Lock()
 
@@ -103,7 +100,7 @@ def test_a_service_in_process_runs_its_model_workers_and_gives_torch_threads_bac
         return encode(x)
 
     cap.encode = counted
-    with client_for(tiny_checkpoint, cap, max_batch_size=2, warmup=False) as c:
+    with client_for(tiny_checkpoint, cap, max_batch_size=2, model_workers=2, torch_threads=2, warmup=False) as c:
         assert c.get("/v1/models").json()["models"][0]["batching"]["model_workers"] == workers
         rs = in_threads(lambda i: post_image(c), 6)
         assert [r.status_code for r in rs] == [200] * 6

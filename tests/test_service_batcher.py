@@ -425,3 +425,28 @@ def test_stop_answers_the_items_of_every_running_batch():
         return [r.value for r in await asyncio.gather(*futures)]  # none refused: all were accepted before stop
 
     assert run(main()) == [i * 10 for i in range(6)]
+
+
+def test_a_batch_ended_by_a_base_exception_fails_its_items_and_the_batcher_goes_on(caplog):
+    class Odd(BaseException):  # not an Exception: _call does not catch it
+        pass
+
+    def fn(items):
+        if "odd" in items:
+            raise Odd("not an Exception")
+        return [x * 10 for x in items]
+
+    async def main():
+        b = DynamicBatcher(fn, max_batch_size=2, max_delay_ms=0, workers=2, timeout_s=30)
+        await b.start()
+        t0 = time.perf_counter()
+        first = await asyncio.gather(b.submit("odd"), return_exceptions=True)
+        waited = time.perf_counter() - t0
+        later = await b.submit(4)
+        await b.stop()
+        return first, waited, later
+
+    with caplog.at_level(logging.ERROR):
+        (first,), waited, later = run(main())
+    assert isinstance(first, BatchFailedError) and waited < 5  # failed at once, not at its 30 s timeout
+    assert "ended abnormally" in caplog.text and later.value == 40

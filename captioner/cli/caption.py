@@ -145,6 +145,11 @@ def _plan(args) -> Plan:
     except GenerationConfigError as e:
         raise UsageError(str(e)) from None
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if args.model_workers is not None and args.engine == "ray":
+        raise UsageError("--model-workers is the local engine's (--engine local); Ray's actors: --concurrency")
+    if args.model_workers is not None and args.model_workers > 1 and gen.sample:
+        raise UsageError("--sample runs on one model worker: the workers would draw from one random generator in "
+                         "turn, and --seed would no longer give the same captions")
     if args.encoder_backend == "onnxruntime":
         if args.engine == "ray":
             raise UsageError("--encoder-backend onnxruntime runs in the local engine (--engine local)")

@@ -106,7 +106,10 @@ class LocalEngine:
                         else None, prefetch_factor=4 if self.workers else None)
         crop = attention_crop(cap.cfg, generation)
         t0 = time.perf_counter()
-        workers, threads = model_workers(cap.device, torch.get_num_threads(), self.model_workers)
+        # sampling draws from torch's one generator: two workers would take turns in any order, and --seed would no
+        # longer give the same captions
+        workers, threads = model_workers(cap.device, torch.get_num_threads(),
+                                         1 if generation.sample else self.model_workers)
         batches = caption_batches(cap, _fetch(dl, self.workers == 0), generation, progress=self.progress,
                                   total=len(todo), desc=self.desc, position=self.position, file=sys.stderr,
                                   smoothing=0.1, workers=workers, threads=threads if workers > 1 else None)

@@ -271,8 +271,8 @@ def caption(add_help: bool = True) -> argparse.ArgumentParser:
                         "--engine ray: decode tasks running at once (default: as many as free CPUs allow)")
     g.add_argument("--model-workers", type=int, default=None,
                    help="local engine: batches the model captions at once, each in its own thread (default: 2 on a "
-                        "CPU with 2 or more torch threads, which are split between them; 1 on GPU); the output is "
-                        "the same, in the same order")
+                        "CPU with 2 or more torch threads, which are split between them; 1 on GPU and with --sample); "
+                        "the output is the same, in the same order")
     g.add_argument("--device",
                    help="cpu, cuda, cuda:1 ... (default: CUDA if available; under torchrun cuda:LOCAL_RANK)")
     g.add_argument("--precision", choices=PRECISIONS, default="auto")
@@ -397,7 +397,7 @@ def serve() -> argparse.ArgumentParser:
     a("--no-channels-last", dest="channels_last", action="store_false", default=None,
       help="keep NCHW convolutions (NHWC is the default: faster on CPU and GPU)")
     a("--torch-threads", type=int, default=None,
-      help="torch intra-op threads of each model worker (default: torch's choice, split among the workers)")
+      help="torch intra-op threads in all (default: torch's choice), split among the model workers")
     a("--encode-batch-size", type=int, default=None,
       help="images per encoder call within a batch (default: 8 on CPU, where small convolution batches stay in "
            "cache, the whole batch on GPU)")
