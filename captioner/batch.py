@@ -70,15 +70,11 @@ def caption_batches(cap: Captioner, batches: Iterable[dict], generation: Generat
             captions = cap.caption_batch(features=features, generation=generation)
         return Captioned(idx, captions, errors, features)
 
-    pbar = progress_bar(total, progress, **bar)
-    batches = iter(batches)
-    try:
+    def captioned(batches: Iterator[dict]) -> Iterator[Captioned]:
         # with workers, the first batch still runs here alone on all the caller's threads: the first result comes
         # as soon as with one worker (the CLI's time to its first written batch), the rest overlap
         for b in batches if workers == 1 else itertools.islice(batches, 1):
-            c = run(b)
-            pbar.update(len(c.indices) + len(c.errors))
-            yield c
+            yield run(b)
         if workers == 1:
             return
         inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
@@ -95,15 +91,19 @@ def caption_batches(cap: Captioner, batches: Iterable[dict], generation: Generat
                 for b in batches:
                     running.append(pool.submit(run_in_worker, b))
                     if len(running) == workers:
-                        c = running.popleft().result()
-                        pbar.update(len(c.indices) + len(c.errors))
-                        yield c
+                        yield running.popleft().result()
                 while running:
-                    c = running.popleft().result()
-                    pbar.update(len(c.indices) + len(c.errors))
-                    yield c
+                    yield running.popleft().result()
             finally:
                 for f in running:  # stopped early: batches not started are dropped, running ones finish
                     f.cancel()
+
+    pbar = progress_bar(total, progress, **bar)
+    results = captioned(iter(batches))
+    try:
+        for c in results:
+            pbar.update(len(c.indices) + len(c.errors))
+            yield c
     finally:
+        results.close()
         pbar.close()

@@ -45,8 +45,8 @@ def model_workers(device: torch.device, threads: int, workers: int | None = None
     other batch's encoder fills it; both also escape OpenMP's barriers, which wait for any thread that decoding or
     HTTP work has pre-empted. On the 2-core AMD EPYC, side by side: the batch CLI 1.00-1.11x images/s per pair
     with identical captions (bench/batch_cli.py), the service at saturation 71.0 against 54.1 images/s in one run
-    and 70.3 against 64.4 in another, medians of 3 rounds (bench/bound.py), a lone request as fast. A GPU runs one batch at a time. Torch's thread count is per
-    thread: each worker sets its own (set_thread_torch_threads)."""
+    and 70.3 against 64.4 in another, medians of 3 rounds (bench/bound.py), a lone request as fast. A GPU runs one
+    batch at a time. Torch's thread count is per thread: each worker sets its own (set_thread_torch_threads)."""
     workers = workers or (2 if device.type == "cpu" and threads >= 2 else 1)
     return workers, max(1, threads // workers)
 

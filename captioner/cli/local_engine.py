@@ -112,7 +112,7 @@ class LocalEngine:
                                          1 if generation.sample else self.model_workers)
         batches = caption_batches(cap, _fetch(dl, self.workers == 0), generation, progress=self.progress,
                                   total=len(todo), desc=self.desc, position=self.position, file=sys.stderr,
-                                  smoothing=0.1, workers=workers, threads=threads if workers > 1 else None)
+                                  smoothing=0.1, workers=workers, threads=threads)
         try:
             with RecordWriter(output) as writer, torch.inference_mode(), contextlib.closing(batches):
                 for b in batches:
