@@ -25,18 +25,14 @@ from .state import ServiceState
 
 
 # async, so FastAPI runs them on the event loop (a sync dependency runs in a worker thread; the batcher's counters
-# and events are the loop's own, and the hand-off to that thread and back cost every request CPU the model needed)
-async def _service(request: Request) -> ServiceState:
-    return service(request)
-
-
-async def _captioning(svc: Annotated[ServiceState, Depends(_service)]) -> ServiceState:
+# and events are the loop's own)
+async def _captioning(svc: Annotated[ServiceState, Depends(service)]) -> ServiceState:
     if not svc.captioner.can_caption:
         raise HTTPException(501, "this model has no trained caption decoder (VQA-only checkpoint)")
     return svc
 
 
-async def _answering(svc: Annotated[ServiceState, Depends(_service)]) -> ServiceState:
+async def _answering(svc: Annotated[ServiceState, Depends(service)]) -> ServiceState:
     if not svc.captioner.can_answer:
         raise VQAUnsupported("this model has no VQA head")
     return svc
@@ -46,7 +42,7 @@ CaptionService = Annotated[ServiceState, Depends(_captioning)]
 VQAService = Annotated[ServiceState, Depends(_answering)]
 
 
-async def _announce(svc: Annotated[ServiceState, Depends(_service)]):
+async def _announce(svc: Annotated[ServiceState, Depends(service)]):
     """The request counts as 'on its way' while it uploads and decodes, so a forming batch may wait for it;
     submitting it (or failing first) ends that."""
     with svc.batcher.announce() as arrival:
@@ -62,7 +58,7 @@ class CaptionRequest:
     generation: GenerationConfig
 
 
-async def _caption_input(request: Request, svc: Annotated[ServiceState, Depends(_service)]) -> CaptionRequest:
+async def _caption_input(request: Request, svc: Annotated[ServiceState, Depends(service)]) -> CaptionRequest:
     inp = await read_input(request, svc)
     if inp.json:
         check_json_types(inp.fields)
@@ -100,7 +96,7 @@ def validate_vqa(question: object, choices: object, cfg: VQAConfig | None = None
         raise InputError(422, loc, str(e), e.kind) from None
 
 
-async def _vqa_input(request: Request, svc: Annotated[ServiceState, Depends(_service)]) -> VQARequest:
+async def _vqa_input(request: Request, svc: Annotated[ServiceState, Depends(service)]) -> VQARequest:
     inp = await read_input(request, svc, list_fields=("choices",))
     unknown = sorted(set(inp.fields) - {"question"})
     if unknown:

@@ -27,8 +27,9 @@ MAX_FORM_FIELDS = 64
 MAX_FIELD_BYTES = 64 * 1024  # one form field other than the image (questions and choices are far shorter)
 
 
-def service(request: Request) -> ServiceState:
-    """The running service, or 503 while the model loads / after shutdown began."""
+async def service(request: Request) -> ServiceState:
+    """The running service, or 503 while the model loads / after shutdown began. Async, so FastAPI runs it on the
+    event loop: a plain-def dependency runs in its thread pool, a hand-off there and back for every request."""
     svc: ServiceState = request.app.state.svc
     if not svc.ready:
         if svc.status == "error":

@@ -58,7 +58,7 @@ def describe(svc) -> dict:
                        **error_responses(401, 503),
                        404: {"model": ErrorBody, "description": "the model directory has no README.md card"}})
 async def model_card(request: Request):
-    svc = service(request)
+    svc = await service(request)
     card = Path(svc.captioner.path or "") / CARD
     if not svc.captioner.path or not card.is_file():
         return JSONResponse({"detail": "this model has no card (README.md)"}, status_code=404)
@@ -67,4 +67,4 @@ async def model_card(request: Request):
 
 @router.get("/v1/models", summary="The served model", responses=error_responses(401, 503))
 async def list_models(request: Request) -> dict:
-    return {"models": [describe(service(request))]}
+    return {"models": [describe(await service(request))]}
