@@ -22,6 +22,7 @@ beam:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from captioner.runtime import autocast
+from captioner.runtime import autocast, cast_weights
 from captioner.config import ModelConfig, preset
 from captioner.decoder import Decoder
 from captioner.decoding import Hypotheses, beam_search, greedy_search
@@ -195,7 +196,9 @@ def main(args: argparse.Namespace) -> int:
               f"{a.cfg.attention_dim}, gate {a.cfg.attention_gate}")
     ok = True
     for prec in precisions:
-        with autocast(device, prec):
+        # inference mode, as `captioner caption` and `captioner evaluate` run: autocast's weight-cast cache is off in
+        # it, so a low precision's float32 weights are cast again at every call
+        with torch.inference_mode(), autocast(device, prec):
             ok &= bench_precision(prec, decoder, v, vocab, args.beam, max_length, args.repeats, device, args.clock,
                                   att)
     return 0 if ok else 1
@@ -203,7 +206,8 @@ def main(args: argparse.Namespace) -> int:
 
 def bench_precision(prec: str, decoder: Decoder, v: ImageFeatures, vocab: Vocabulary, beam: int, max_length: int,
                     repeats: int, device: torch.device, clock: str, att=None) -> bool:
-    """Time batched beam, per-image beam and batched greedy; True when every top caption agrees."""
+    """Time batched beam, per-image beam and batched greedy (and in a low precision, batched beam with the weights
+    stored in it); True when every top caption agrees."""
     n, gen = len(v), GenerationConfig(beam_size=beam)
     paths = {
         "batched": lambda: beam_search(decoder, v, gen, max_length),
@@ -215,6 +219,10 @@ def bench_precision(prec: str, decoder: Decoder, v: ImageFeatures, vocab: Vocabu
         paths["member"] = lambda: beam_search(members[0], v, gen, max_length)
     if att is not None:
         paths["attention"] = lambda: beam_search(att[0], att[1], gen, max_length)
+    if prec != "fp32":  # the weights stored in the precision's dtype, as Captioner.from_pretrained loads them
+        stored = copy.deepcopy(decoder)
+        cast_weights(stored, prec)
+        paths["stored"] = lambda: beam_search(stored, v, gen, max_length)
     res = interleaved(paths, device, repeats, clock=clock)
     (t_batch, times_b, hyp_b), (t_loop, times_l, hyp_l), (t_greedy, times_g, _) = list(res.values())[:3]
 
@@ -245,6 +253,14 @@ def bench_precision(prec: str, decoder: Decoder, v: ImageFeatures, vocab: Vocabu
               f"{32 * beam * per_row / 2**20:.1f} MiB for batch 32 x beam {beam} (FC: W_ih v, "
               f"{32 * beam * fc_row / 2**20:.2f} MiB), plus {32 * beam * max_length} "
               f"x {ann.shape[1]} floats of recorded maps when asked for")
+    if prec != "fp32":
+        t_stored, times_s, hyp_s = res["stored"]
+        row(f"beam {beam}, batched, {prec} weights", t_stored, times_s)
+        same_s = sum(torch.equal(a, b) for a, b in zip(hyp_s.tokens, hyp_b.tokens))
+        print(f"  weights stored in {prec} / float32 weights cast by autocast: {t_batch / t_stored:.2f}x images/s; "
+              f"identical n-best token lists {same_s}/{n}, log-probs equal: {torch.equal(hyp_s.log_probs, hyp_b.log_probs)}")
+    else:
+        same_s = n
     speedup = t_loop / t_batch
     print(f"  speedup batched / per-image: {speedup:.1f}x  (target >= 10x: {'met' if speedup >= 10 else 'NOT met'})")
 
@@ -275,7 +291,7 @@ def bench_precision(prec: str, decoder: Decoder, v: ImageFeatures, vocab: Vocabu
                   f"    batched {lp_b[i]:.5f} (rescored {ra:.5f}) {vocab.decode(a)!r}\n"
                   f"    single  {lp_l[i]:.5f} (rescored {rb:.5f}) {vocab.decode(b)!r}\n    -> {kind}")
     print(f"  example caption: {vocab.decode(top_b[0])!r} (logp {lp_b[0]:.2f})")
-    return same == n or all_ties
+    return (same == n or all_ties) and same_s == n
 
 
 if __name__ == "__main__":

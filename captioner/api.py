@@ -12,7 +12,7 @@ from .features import ImageFeatures
 from .generation import GenerationConfig, with_options
 from .model import CaptionModel
 from .preprocess import ImageInput, eval_transform, to_tensor
-from .runtime import autocast, default_device, memory_format, resolve_precision
+from .runtime import autocast, cast_weights, default_device, memory_format, resolve_precision
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, Vocabulary
 from .vqa import VQAInputError, VQAUnavailableError, encode_batch
 
@@ -99,14 +99,19 @@ class Captioner:
         """Load a checkpoint directory (default: the model shipped in the package) on ``device`` (default: CUDA if
         any), in ``precision`` ('auto': bf16 where the hardware has it natively), NHWC convolutions unless told,
         encoding ``encode_chunk`` images per encoder call (default: 8 on CPU, all on GPU), batch norm folded into
-        the convolutions (the loaded model is only run; bench/encoder.py --fold-bn measures it), the encoder run by
-        ``encoder_backend`` ('torch', or 'onnxruntime' on CPU: bench/onnxrt.py compares them)."""
+        the convolutions and the Linear and Conv2d weights stored in the precision's dtype (the loaded model is only
+        run; bench/encoder.py --fold-bn and bench/decode.py measure them), the encoder run by ``encoder_backend``
+        ('torch', or 'onnxruntime' on CPU: bench/onnxrt.py compares them)."""
         path = Path(path) if path is not None else default_checkpoint()
         dev = default_device() if device in (None, "auto") else torch.device(device)
         model, vocab = load_pretrained(path, dev)
         if fold_batch_norm:
             model.encoder.fold_batch_norm()
-        return cls(model, vocab, precision, path, channels_last, encode_chunk, encoder_backend)
+        cap = cls(model, vocab, precision, path, channels_last, encode_chunk, encoder_backend)
+        cast_weights(model.decoder, cap.precision)
+        if encoder_backend == "torch":
+            cast_weights(model.encoder, cap.precision)
+        return cap
 
     def __repr__(self) -> str:
         c = self.cfg

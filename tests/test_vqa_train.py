@@ -119,7 +119,8 @@ def test_evaluate_with_baselines(data, trained, tmp_path, capsys):
     out = tmp_path / "res.json"
     assert cli(["evaluate", "--task", "vqa", "--checkpoint", str(trained / "best"), "--dataset", "v7w",
                 "--annotations", str(data / "v7w.json"), "--images", str(data / "images"), "--split", "val",
-                "--blind-checkpoint", str(blind / "best"), "--workers", "0", "--out", str(out)]) == 0
+                "--blind-checkpoint", str(blind / "best"), "--workers", "0", "--out", str(out),
+                "--precision", "fp32"]) == 0  # as trained (--amp off): 'auto' is bf16 on a CPU with native bf16
     printed = capsys.readouterr().out
     assert "chance" in printed and "blind model" in printed
     m = json.loads(out.with_suffix(".metrics.json").read_text())
