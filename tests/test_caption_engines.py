@@ -169,3 +169,25 @@ def test_model_workers_keep_their_torch_threads_whatever_the_caller_sets_later(t
         torch.set_num_threads(n)
     assert [b.indices for b in got] == [[0], [1], [2]]
     assert seen[1] == seen[2] == 3
+
+
+def test_the_local_engine_writes_a_small_first_batch_then_full_ones(tiny_checkpoint, make_images, tmp_path,
+                                                                   one_thread):
+    """The first records come after FIRST_BATCH images (one encoder chunk), not a whole --batch-size: the time to
+    the first output is that of a few images. Every image is captioned once, in input order."""
+    import json
+
+    from captioner.cli.local_engine import FIRST_BATCH, LocalEngine, first_small_batches
+    from captioner.inputs import Item
+
+    assert first_small_batches(30, 16) == [list(range(8)), list(range(8, 24)), list(range(24, 30))]
+    assert first_small_batches(5, 16) == [list(range(5))] and first_small_batches(0, 16) == []
+    assert first_small_batches(9, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]  # a smaller --batch-size is kept
+    paths = make_images(FIRST_BATCH + 12)
+    todo = [(i, Item(str(p))) for i, p in enumerate(paths)]
+    engine = LocalEngine(Captioner.from_pretrained(tiny_checkpoint, device="cpu"), batch_size=16, workers=1,
+                         model_workers=1, progress=False)
+    s = engine.run(todo, str(tmp_path / "out.jsonl"), GenerationConfig(beam_size=2))
+    assert (s.first_done, s.done, s.failed) == (FIRST_BATCH, len(paths), 0)
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in records] == list(range(len(paths)))

@@ -76,6 +76,16 @@ def _fetch(loader: DataLoader, in_process: bool) -> Iterator[dict]:
         yield b
 
 
+FIRST_BATCH = 8  # images in the first batch: the first records come out after one encoder chunk, not a full batch
+
+
+def first_small_batches(n: int, batch_size: int, first: int = FIRST_BATCH) -> list[list[int]]:
+    """A DataLoader's batch_sampler over n images: ``first`` of them, then ``batch_size`` at a time. The time to
+    the first written batch is then that of a few images, whatever the batch size."""
+    starts = [0, *range(min(first, batch_size), n, batch_size)]
+    return [list(range(a, b)) for a, b in zip(starts, [*starts[1:], n]) if a < b]
+
+
 @dataclass
 class LocalEngine:
     cap: Captioner
@@ -100,8 +110,8 @@ class LocalEngine:
         cap = self.cap
         ds = ImageDataset([it.path for _, it in todo], eval_transform(cap.cfg.preprocess), cap.cfg.preprocess.resize,
                           warn=False)  # failures become error records (and the first few lines on stderr)
-        dl = DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.workers, collate_fn=collate,
-                        pin_memory=cap.device.type == "cuda",
+        dl = DataLoader(ds, batch_sampler=first_small_batches(len(ds), self.batch_size), num_workers=self.workers,
+                        collate_fn=collate, pin_memory=cap.device.type == "cuda",
                         worker_init_fn=functools.partial(_worker_init, loader_nice(cap.device)) if self.workers
                         else None, prefetch_factor=4 if self.workers else None)
         crop = attention_crop(cap.cfg, generation)
