@@ -19,6 +19,7 @@ import torch
 
 from captioner.api import Captioner
 from captioner.generation import GenerationConfig
+from captioner.runtime import autocast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchenv import check_clock, describe, interleaved  # noqa: E402
@@ -32,6 +33,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="cpu")
     p.add_argument("--repeats", type=int, default=7, help="timing rounds")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: both paths under autocast with the weights stored in bf16, as Captioner loads them")
     return p
 
 
@@ -43,15 +46,15 @@ def main(args: argparse.Namespace) -> None:
     dev = torch.device("cpu")
     check_clock(args.clock, dev)
     print(describe(dev, args.clock))
-    cap = Captioner.from_pretrained(args.checkpoint, device="cpu", precision="fp32")
+    cap = Captioner.from_pretrained(args.checkpoint, device="cpu", precision=args.precision)
     S = cap.cfg.preprocess.image_size
     print(f"model {cap.cfg.name} v{cap.cfg.version}, {S} px, batch {args.batch_size}, beam {args.beam_size}, "
-          f"encoder chunks of {cap.encode_chunk}, fp32 NHWC, BN folded")
+          f"encoder chunks of {cap.encode_chunk}, {cap.precision} NHWC, BN folded")
     x = torch.randn(args.batch_size, 3, S, S, generator=torch.Generator().manual_seed(0))
     beam = GenerationConfig(beam_size=args.beam_size)
     model, encode, step = cap.model, cap.model.encode, cap.model.decoder.step
 
-    with torch.no_grad():
+    with torch.no_grad(), autocast(dev, cap.precision):
         want_fc = cap.encode(x).fc
         feats = cap.encode(x)
         want = model.generate(features=feats, generation=beam).tokens
@@ -87,7 +90,7 @@ def main(args: argparse.Namespace) -> None:
                 model.decoder.step = step
         return go
 
-    with torch.no_grad():
+    with torch.no_grad(), autocast(dev, cap.precision):
         res = interleaved({"encoder eager": run_encoder(encode), "encoder compiled": run_encoder(compiled_encode),
                            "beam eager": run_beam(step), "beam compiled step": run_beam(compiled_step)},
                           dev, repeats=args.repeats, clock=args.clock)
