@@ -177,12 +177,19 @@ def test_the_local_engine_writes_a_small_first_batch_then_full_ones(tiny_checkpo
     the first output is that of a few images. Every image is captioned once, in input order."""
     import json
 
-    from captioner.cli.local_engine import FIRST_BATCH, LocalEngine, first_small_batches
+    from captioner.cli.local_engine import FIRST_BATCH, FirstSmallBatches, LocalEngine
     from captioner.inputs import Item
 
-    assert first_small_batches(30, 16) == [list(range(8)), list(range(8, 24)), list(range(24, 30))]
-    assert first_small_batches(5, 16) == [list(range(5))] and first_small_batches(0, 16) == []
-    assert first_small_batches(9, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]  # a smaller --batch-size is kept
+    def batches(n, batch_size):
+        sampler = FirstSmallBatches(n, batch_size)
+        got = [list(b) for b in sampler]
+        assert len(sampler) == len(got) and sum(got, []) == list(range(n))
+        return got
+
+    assert batches(30, 16) == [list(range(8)), list(range(8, 24)), list(range(24, 30))]
+    assert batches(5, 16) == [list(range(5))] and batches(0, 16) == [] and batches(8, 16) == [list(range(8))]
+    assert batches(9, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]  # a smaller --batch-size is kept
+    assert len(FirstSmallBatches(10**9, 32)) == 1 + (10**9 - 8 + 31) // 32  # lazy: nothing per image up front
     paths = make_images(FIRST_BATCH + 12)
     todo = [(i, Item(str(p))) for i, p in enumerate(paths)]
     engine = LocalEngine(Captioner.from_pretrained(tiny_checkpoint, device="cpu"), batch_size=16, workers=1,

@@ -79,11 +79,23 @@ def _fetch(loader: DataLoader, in_process: bool) -> Iterator[dict]:
 FIRST_BATCH = 8  # images in the first batch: the first records come out after one encoder chunk, not a full batch
 
 
-def first_small_batches(n: int, batch_size: int, first: int = FIRST_BATCH) -> list[list[int]]:
-    """A DataLoader's batch_sampler over n images: ``first`` of them, then ``batch_size`` at a time. The time to
-    the first written batch is then that of a few images, whatever the batch size."""
-    starts = [0, *range(min(first, batch_size), n, batch_size)]
-    return [list(range(a, b)) for a, b in zip(starts, [*starts[1:], n]) if a < b]
+class FirstSmallBatches:
+    """A DataLoader's batch_sampler over n images: ``first`` of them, then ``batch_size`` at a time, each a range
+    made when the loader asks for it (a run of millions holds no index lists). The time to the first written batch
+    is then that of a few images, whatever the batch size."""
+
+    def __init__(self, n: int, batch_size: int, first: int = FIRST_BATCH) -> None:
+        self.n, self.batch_size = n, batch_size
+        self.rest = range(min(first, batch_size, n), n, batch_size)  # where the batches after the first start
+
+    def __iter__(self) -> Iterator[range]:
+        if self.n:
+            yield range(self.rest.start)
+        for a in self.rest:
+            yield range(a, min(a + self.batch_size, self.n))
+
+    def __len__(self) -> int:
+        return (self.n > 0) + len(self.rest)
 
 
 @dataclass
@@ -110,7 +122,7 @@ class LocalEngine:
         cap = self.cap
         ds = ImageDataset([it.path for _, it in todo], eval_transform(cap.cfg.preprocess), cap.cfg.preprocess.resize,
                           warn=False)  # failures become error records (and the first few lines on stderr)
-        dl = DataLoader(ds, batch_sampler=first_small_batches(len(ds), self.batch_size), num_workers=self.workers,
+        dl = DataLoader(ds, batch_sampler=FirstSmallBatches(len(ds), self.batch_size), num_workers=self.workers,
                         collate_fn=collate, pin_memory=cap.device.type == "cuda",
                         worker_init_fn=functools.partial(_worker_init, loader_nice(cap.device)) if self.workers
                         else None, prefetch_factor=4 if self.workers else None)
