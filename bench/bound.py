@@ -12,8 +12,8 @@ run (issue 35).
 3. The bound: both run on the same cores, so an image costs FLOPs / (matmul rate of the precision the model runs in)
    + cores / (cores x decode rate) machine-seconds; bound = 1 / that.
 4. Achieved, each as a fraction of the bound: `captioner caption` on --copies symlinked copies of the photos (2 loader
-   workers), end to end and after its start-up (a second run on one batch gives the start-up's wall and CPU time,
-   subtracted), and the service at saturation (`captioner serve`, --saturation concurrent keep-alive connections
+   workers), end to end and after its start-up (a second run on --batch-size photos gives the start-up's wall and
+   CPU time, subtracted), and the service at saturation (`captioner serve`, --saturation concurrent keep-alive connections
    from bench/serve.py's raw HTTP driver, warm-up excluded). The service is compared with the CLI after start-up,
    per second and per CPU-second: the load generator shares this machine's cores with the server it measures (a
    real service's clients run elsewhere), so images per CPU-second of the server process against those of the CLI
@@ -137,12 +137,12 @@ def main(args: argparse.Namespace) -> None:
             for value in args.model_workers.split(","):
                 mw = [] if value == "auto" else ["--model-workers", value]
                 wall, cpu = run_cli(inputs, tmp, mw)
-                wall1, cpu1 = run_cli(paths[:args.batch_size], tmp, mw)  # start-up and one batch
+                wall1, cpu1 = run_cli(paths[:args.batch_size], tmp, mw)  # start-up and --batch-size photos
                 cli_rate, steady = n / wall, (n - args.batch_size) / (wall - wall1)
                 cli_per_cpu = (n - args.batch_size) / (cpu - cpu1)
                 print(f"[round {rnd + 1}, model workers {value}] batch CLI, {n} images: {cli_rate:.1f} images/s end to "
-                      f"end = {cli_rate / bound:.1%} of the bound (target >= 40 %); after start-up ({wall1:.1f} s with "
-                      f"one batch) {steady:.1f} images/s, {cli_per_cpu:.1f} images per CPU-second "
+                      f"end = {cli_rate / bound:.1%} of the bound (target >= 40 %); after start-up ({wall1:.1f} s for the first "
+                      f"{args.batch_size} photos) {steady:.1f} images/s, {cli_per_cpu:.1f} images per CPU-second "
                       f"({(cpu - cpu1) / (wall - wall1):.2f} CPUs busy)")
                 res = run_service(mw)
                 per_cpu = 1.0 / res["server_cpu_per_image"]

@@ -34,7 +34,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--clock", choices=["wall", "cpu"], default="cpu")
     p.add_argument("--repeats", type=int, default=7, help="timing rounds")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: both paths under autocast with the weights stored in bf16, as Captioner loads them")
+                   help="bf16: both paths under autocast, the decoder's weights stored in bf16, as Captioner loads them")
     return p
 
 

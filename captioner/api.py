@@ -99,9 +99,9 @@ class Captioner:
         """Load a checkpoint directory (default: the model shipped in the package) on ``device`` (default: CUDA if
         any), in ``precision`` ('auto': bf16 where the hardware has it natively), NHWC convolutions unless told,
         encoding ``encode_chunk`` images per encoder call (default: 8 on CPU, all on GPU), batch norm folded into
-        the convolutions and the Linear and Conv2d weights stored in the precision's dtype (the loaded model is only
-        run; bench/encoder.py --fold-bn and bench/decode.py measure them), the encoder run by ``encoder_backend``
-        ('torch', or 'onnxruntime' on CPU: bench/onnxrt.py compares them)."""
+        the convolutions and the caption decoder's Linear weights stored in the precision's dtype (the loaded model
+        is only run, under this Captioner's autocast; bench/encoder.py --fold-bn and bench/decode.py measure them),
+        the encoder run by ``encoder_backend`` ('torch', or 'onnxruntime' on CPU: bench/onnxrt.py compares them)."""
         path = Path(path) if path is not None else default_checkpoint()
         dev = default_device() if device in (None, "auto") else torch.device(device)
         model, vocab = load_pretrained(path, dev)
@@ -109,8 +109,6 @@ class Captioner:
             model.encoder.fold_batch_norm()
         cap = cls(model, vocab, precision, path, channels_last, encode_chunk, encoder_backend)
         cast_weights(model.decoder, cap.precision)
-        if encoder_backend == "torch":
-            cast_weights(model.encoder, cap.precision)
         return cap
 
     def __repr__(self) -> str:

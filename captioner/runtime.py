@@ -5,7 +5,9 @@ Precisions, the same names everywhere (API, `captioner caption/evaluate/serve --
     auto   bf16 where the hardware has native bf16 (CPUs with AVX-512 BF16 or AMX, GPUs from Ampere on), fp16 on
            older GPUs, fp32 otherwise
     fp32   no autocast;   bf16 / fp16   autocast to that type
-Softmax, log-probabilities and beam scores are computed in fp32 under any of them (captioner.decoding).
+Softmax, log-probabilities and beam scores are computed in fp32 under any of them (captioner.decoding). A model
+loaded by Captioner.from_pretrained in bf16/fp16 holds its caption decoder's Linear weights in that dtype
+(cast_weights): run it through the Captioner, which enters the autocast, or load it with precision="fp32".
 """
 from __future__ import annotations
 
@@ -102,16 +104,16 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 
 
 def cast_weights(module: torch.nn.Module, precision: str) -> None:
-    """Store the weights of ``module``'s Linear and Conv2d layers in ``precision``'s dtype, in place, for a model
-    that is only run, under autocast(precision). Autocast casts each float32 weight again at every call in
-    inference mode, where its cast cache is off: beam search cast W_hy (vocabulary x hidden) at every step
-    (bench/decode.py in bf16 on CPU: 1.05-1.08x with the weights stored). These are the values autocast would
-    compute, so outputs are bit-identical; fp32 changes nothing."""
+    """Store the weights of ``module``'s Linear layers in ``precision``'s dtype, in place, for a module that is only
+    run, under autocast(precision) (run without it, or in another precision, it fails on mixed dtypes). Autocast
+    casts each float32 weight again at every call in inference mode, where its cast cache is off: beam search cast
+    W_hy (vocabulary x hidden) at every step (bench/decode.py in bf16 on CPU: 0.98-1.08x with the decoder's weights
+    stored). These are the values autocast would compute, so outputs are bit-identical; fp32 changes nothing."""
     if precision == "fp32":
         return
     for m in module.modules():
-        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-            m.to(DTYPES[precision])  # keeps each weight's memory format (NHWC convolutions stay NHWC)
+        if isinstance(m, torch.nn.Linear):
+            m.to(DTYPES[precision])
 
 
 def autocast(device: torch.device, precision: str):

@@ -76,7 +76,7 @@ def _fetch(loader: DataLoader, in_process: bool) -> Iterator[dict]:
         yield b
 
 
-FIRST_BATCH = 8  # images in the first batch: the first records come out after one encoder chunk, not a full batch
+FIRST_BATCH = 8  # images in the first batch (one encoder chunk on CPU): the first records come out sooner
 
 
 class FirstSmallBatches:
@@ -86,7 +86,7 @@ class FirstSmallBatches:
 
     def __init__(self, n: int, batch_size: int, first: int = FIRST_BATCH) -> None:
         self.n, self.batch_size = n, batch_size
-        self.rest = range(min(first, batch_size, n), n, batch_size)  # where the batches after the first start
+        self.rest = range(min(max(1, first), batch_size, n), n, batch_size)  # where the later batches start
 
     def __iter__(self) -> Iterator[range]:
         if self.n:
